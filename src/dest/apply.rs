@@ -1,0 +1,173 @@
+//! Decompression workers: each decompresses a Pages frame with its own
+//! context, checks the raw checksum, and copies the pages into the region's
+//! shared mapping.
+//!
+//! Ordering: the dispatcher never hands out two frames that touch the same
+//! page within a round ([`RoundMap`]), and waits for every frame of a round
+//! to be applied before it reads past the round's RoundEnd. So two workers
+//! never write the same page at once, and an older copy of a page can never
+//! land after a newer one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::staging::RegionFile;
+use crate::codec::Decompressor;
+use crate::protocol::PagesHeader;
+
+/// One frame to apply.
+pub struct ApplyJob {
+    pub header: PagesHeader,
+    pub payload: Vec<u8>,
+}
+
+/// Region files shared with the workers.
+pub struct Regions {
+    pub files: Vec<RegionFile>,
+    pub page_size: u64,
+}
+
+// SAFETY: workers write through raw pointers into disjoint page ranges of
+// the mappings (guaranteed by RoundMap and the round barrier); the files and
+// mappings themselves are only read.
+unsafe impl Sync for Regions {}
+// SAFETY: as above; MmapRaw and File are Send.
+unsafe impl Send for Regions {}
+
+/// Start `threads` workers. Each reports `Ok(())` or an error message per
+/// job on `done`, and returns payload buffers on `free`.
+pub fn spawn_workers(
+    threads: usize,
+    regions: Arc<Regions>,
+    jobs: Receiver<ApplyJob>,
+    done: Sender<Result<(), String>>,
+    free: Sender<Vec<u8>>,
+    busy_ns: Arc<Vec<AtomicU64>>,
+) -> Vec<JoinHandle<()>> {
+    (0..threads)
+        .map(|index| {
+            let (regions, jobs, done, free, busy_ns) = (
+                regions.clone(),
+                jobs.clone(),
+                done.clone(),
+                free.clone(),
+                busy_ns.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("decompress-{index}"))
+                .spawn(move || {
+                    let mut d = match Decompressor::new() {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = done.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let mut raw = Vec::new();
+                    for job in jobs.iter() {
+                        let t = Instant::now();
+                        let r = apply(&regions, &mut d, &job, &mut raw);
+                        busy_ns[index].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                        let _ = free.try_send(job.payload);
+                        if done.send(r).is_err() {
+                            break;
+                        }
+                    }
+                })
+                .expect("spawn decompression thread")
+        })
+        .collect()
+}
+
+fn apply(
+    regions: &Regions,
+    d: &mut Decompressor,
+    job: &ApplyJob,
+    raw: &mut Vec<u8>,
+) -> Result<(), String> {
+    let h = &job.header;
+    raw.resize(h.raw_len as usize, 0);
+    d.decompress(h.codec, &job.payload[h.data_offset..], raw)
+        .map_err(|e| format!("region {} round {}: {e}", h.region, h.round))?;
+    if xxhash_rust::xxh3::xxh3_64(raw) != h.raw_xxh3 {
+        return Err(format!(
+            "checksum mismatch in a batch of region {} (page {}): data corrupted",
+            h.region, h.runs[0].first
+        ));
+    }
+    let rf = &regions.files[h.region as usize];
+    let ps = regions.page_size as usize;
+    let mut off = 0;
+    for run in &h.runs {
+        let len = run.count as usize * ps;
+        let at = run.first as usize * ps;
+        // The dispatcher checked that the run lies inside the region.
+        debug_assert!(at + len <= rf.len() as usize);
+        // SAFETY: [at, at+len) lies inside the mapping (checked by the
+        // dispatcher against the region's page count), and no other thread
+        // writes these pages now (RoundMap + round barrier).
+        unsafe {
+            std::ptr::copy_nonoverlapping(raw[off..].as_ptr(), rf.ptr().add(at), len);
+        }
+        off += len;
+    }
+    Ok(())
+}
+
+/// Pages touched in the current round, to refuse a page sent twice in one
+/// round (which would let two workers race on it).
+#[derive(Default)]
+pub struct RoundMap {
+    chunks: HashMap<(u32, u64), Box<[u64; 64]>>,
+}
+
+/// Pages per chunk of the map.
+const CHUNK_PAGES: u64 = 64 * 64;
+
+impl RoundMap {
+    /// Mark pages [first, first+count) of `region`; false if any was
+    /// already marked this round.
+    pub fn mark(&mut self, region: u32, first: u64, count: u32) -> bool {
+        for page in first..first + count as u64 {
+            let chunk = self
+                .chunks
+                .entry((region, page / CHUNK_PAGES))
+                .or_insert_with(|| Box::new([0u64; 64]));
+            let bit = page % CHUNK_PAGES;
+            let word = &mut chunk[(bit / 64) as usize];
+            let mask = 1u64 << (bit % 64);
+            if *word & mask != 0 {
+                return false;
+            }
+            *word |= mask;
+        }
+        true
+    }
+
+    /// Start a new round.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_map_refuses_repeats() {
+        let mut m = RoundMap::default();
+        assert!(m.mark(0, 10, 5));
+        assert!(m.mark(1, 10, 5));
+        assert!(m.mark(0, 15, 5000));
+        assert!(!m.mark(0, 14, 1));
+        assert!(!m.mark(0, 4000, 1));
+        m.clear();
+        assert!(m.mark(0, 14, 1));
+    }
+}

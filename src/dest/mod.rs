@@ -1,0 +1,594 @@
+//! The destination side: accept one migration, decompress it with a pool of
+//! workers into memory-mapped region files, check the totals, and commit the
+//! image atomically. On any failure the staging directory is removed and
+//! the source is told why in an Error frame.
+
+mod apply;
+mod staging;
+
+use std::io::{self, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver as Rx, Sender};
+
+use crate::protocol::{
+    self, error_code, AckInfo, Control, Hello, Kind, ReadError, RegionEntry, Run, Totals,
+    Welcome, WireCodec,
+};
+use crate::stats::{self, RecvReport};
+use apply::{ApplyJob, Regions, RoundMap};
+pub use staging::StagingError;
+use staging::Staging;
+
+/// Everything `procmig recv` needs, validated.
+#[derive(Debug, Clone)]
+pub struct RecvConfig {
+    /// `[ADDR:]PORT`; the address defaults to 0.0.0.0.
+    pub listen: String,
+    pub out: PathBuf,
+    pub decompress_threads: usize,
+    /// Replace an existing output.
+    pub force: bool,
+    pub progress: bool,
+}
+
+/// QEMU's default decompress-threads.
+pub const DEFAULT_DECOMPRESS_THREADS: usize = 2;
+
+/// Silence on the connection longer than this ends the migration.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Most bytes of virtual address space an image may describe (the x86-64
+/// user address space); the region files are sparse.
+const MAX_TOTAL: u64 = 1 << 47;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// `--listen` is not `[ADDR:]PORT`.
+    #[error("invalid listen address {0:?} (expected PORT or ADDR:PORT)")]
+    BadListen(String),
+    /// Binding failed (port in use, no permission).
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: io::Error },
+    #[error(transparent)]
+    Staging(#[from] StagingError),
+    /// Accepting a connection failed.
+    #[error("accept failed: {0}")]
+    Accept(io::Error),
+    /// The stream broke or carried something invalid.
+    #[error("bad stream from {peer}: {reason}")]
+    Stream { peer: String, reason: String },
+    /// The source reported an error or cancelled.
+    #[error("source aborted the migration: {0}")]
+    Aborted(String),
+    /// SIGINT or SIGTERM.
+    #[error("cancelled by signal")]
+    Cancelled,
+}
+
+/// A bound receiver, ready to accept one migration.
+pub struct Listener {
+    cfg: RecvConfig,
+    listener: TcpListener,
+    staging: Staging,
+}
+
+fn parse_listen(s: &str) -> Result<String, RecvError> {
+    if s.parse::<u16>().is_ok() {
+        return Ok(format!("0.0.0.0:{s}"));
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    if let Some((host, port)) = s.rsplit_once(':') {
+        if port.parse::<u16>().is_ok() && !host.is_empty() {
+            return Ok(s.to_string());
+        }
+    }
+    Err(RecvError::BadListen(s.to_string()))
+}
+
+impl Listener {
+    /// Check the output path, create the staging directory, and bind.
+    pub fn bind(cfg: RecvConfig) -> Result<Listener, RecvError> {
+        let addr = parse_listen(&cfg.listen)?;
+        let staging = Staging::create(&cfg.out, cfg.force)?;
+        let listener = TcpListener::bind(&addr).map_err(|source| RecvError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        Ok(Listener {
+            cfg,
+            listener,
+            staging,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accept one connection and receive the migration into the image.
+    pub fn run(self, cancel: &Arc<AtomicBool>) -> Result<RecvReport, RecvError> {
+        let r = self.run_inner(cancel);
+        if r.is_err() && cancel.load(Ordering::Relaxed) {
+            return Err(RecvError::Cancelled);
+        }
+        r
+    }
+
+    fn run_inner(self, cancel: &Arc<AtomicBool>) -> Result<RecvReport, RecvError> {
+        self.listener
+            .set_nonblocking(true)
+            .map_err(RecvError::Accept)?;
+        let (sock, peer) = loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(RecvError::Cancelled);
+            }
+            match self.listener.accept() {
+                Ok(c) => break c,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(RecvError::Accept(e)),
+            }
+        };
+        drop(self.listener);
+        sock.set_nonblocking(false).map_err(RecvError::Accept)?;
+        let _ = sock.set_nodelay(true);
+        sock.set_read_timeout(Some(IDLE_TIMEOUT)).ok();
+        let _watch = crate::cancel::ShutdownOnCancel::new(cancel.clone(), &sock);
+        let mut session = Session {
+            cfg: &self.cfg,
+            peer: peer.to_string(),
+            sock,
+            cancel,
+        };
+        match session.receive(self.staging) {
+            Ok(report) => Ok(report),
+            Err(e) => {
+                // Tell the source why, unless it is the one that failed.
+                if !matches!(e, RecvError::Aborted(_)) {
+                    let _ = session.sock.set_write_timeout(Some(Duration::from_secs(2)));
+                    let _ = protocol::write_control(
+                        &mut session.sock,
+                        &Control::Error {
+                            code: error_code::FAILED,
+                            message: e.to_string(),
+                        },
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+struct Session<'a> {
+    cfg: &'a RecvConfig,
+    peer: String,
+    sock: TcpStream,
+    cancel: &'a AtomicBool,
+}
+
+/// Read-side counters.
+#[derive(Default)]
+struct Got {
+    normal_pages: u64,
+    zero_pages: u64,
+    page_frames: u64,
+    zero_frames: u64,
+    bytes: u64,
+}
+
+impl Session<'_> {
+    fn bad(&self, reason: impl Into<String>) -> RecvError {
+        RecvError::Stream {
+            peer: self.peer.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn read_err(&self, e: ReadError) -> RecvError {
+        match e {
+            ReadError::Io(e)
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+            {
+                self.bad(format!("no data for {} s", IDLE_TIMEOUT.as_secs()))
+            }
+            e => self.bad(e.to_string()),
+        }
+    }
+
+    fn handshake(&mut self, r: &mut impl io::Read) -> Result<Hello, RecvError> {
+        let hello = match protocol::read_control(r) {
+            Ok(Control::Hello(h)) => h,
+            Ok(other) => return Err(self.bad(format!("expected Hello, got {:?}", other.kind()))),
+            Err(ReadError::Decode(e)) => {
+                return Err(self.bad(format!("not a procmig stream ({e})")))
+            }
+            Err(e) => return Err(self.read_err(e)),
+        };
+        if hello.version < protocol::MIN_VERSION || hello.min_version > protocol::VERSION {
+            let message = format!(
+                "source speaks protocol versions {}..={}, this receiver {}..={}",
+                hello.min_version,
+                hello.version,
+                protocol::MIN_VERSION,
+                protocol::VERSION
+            );
+            let _ = protocol::write_control(
+                &mut self.sock,
+                &Control::Error {
+                    code: error_code::VERSION,
+                    message: message.clone(),
+                },
+            );
+            return Err(self.bad(message));
+        }
+        let ps = hello.page_size;
+        if !ps.is_power_of_two() || !(4096..=protocol::MAX_PAGE_SIZE).contains(&ps) {
+            return Err(self.bad(format!("unsupported page size {ps}")));
+        }
+        WireCodec::from_u8(hello.codec).map_err(|e| self.bad(e.to_string()))?;
+        protocol::write_control(
+            &mut self.sock,
+            &Control::Welcome(Welcome {
+                version: protocol::VERSION.min(hello.version),
+                capabilities: protocol::CAPABILITIES,
+                decompress_threads: self.cfg.decompress_threads as u16,
+            }),
+        )
+        .map_err(|e| self.bad(e.to_string()))?;
+        Ok(hello)
+    }
+
+    fn check_table(&self, table: &[RegionEntry], ps: u64) -> Result<(), RecvError> {
+        let mut prev = 0u64;
+        let mut total = 0u64;
+        for (i, r) in table.iter().enumerate() {
+            if r.start % ps != 0 || r.end % ps != 0 || r.start >= r.end || r.start < prev {
+                return Err(self.bad(format!(
+                    "region {i} has bad bounds {:#x}-{:#x}",
+                    r.start, r.end
+                )));
+            }
+            prev = r.end;
+            total = total.saturating_add(r.end - r.start);
+        }
+        if total > MAX_TOTAL {
+            return Err(self.bad(format!("regions total {total} bytes, more than {MAX_TOTAL}")));
+        }
+        Ok(())
+    }
+
+    fn receive(&mut self, staging: Staging) -> Result<RecvReport, RecvError> {
+        let t0 = Instant::now();
+        let cpu0 = stats::cpu_time();
+        let read_sock = self.sock.try_clone().map_err(|e| self.bad(e.to_string()))?;
+        let mut r = BufReader::with_capacity(1 << 20, read_sock);
+        let hello = self.handshake(&mut r)?;
+        let ps = hello.page_size as u64;
+
+        let mut payload = Vec::new();
+        let kind = protocol::read_frame(&mut r, &mut payload).map_err(|e| self.read_err(e))?;
+        let table = match Control::decode(kind, &payload) {
+            Ok(Control::Regions(t)) => t,
+            Ok(Control::Error { message, .. }) => return Err(RecvError::Aborted(message)),
+            Ok(other) => return Err(self.bad(format!("expected Regions, got {:?}", other.kind()))),
+            Err(e) => return Err(self.bad(e.to_string())),
+        };
+        self.check_table(&table, ps)?;
+        let mut files = Vec::with_capacity(table.len());
+        for (i, e) in table.iter().enumerate() {
+            files.push(staging.region_file(i, e, ps)?);
+        }
+        let regions = Arc::new(Regions {
+            files,
+            page_size: ps,
+        });
+        let total: u64 = table.iter().map(|e| e.end - e.start).sum();
+
+        let threads = self.cfg.decompress_threads.max(1);
+        let busy = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let (job_tx, job_rx) = bounded::<ApplyJob>(threads * 2);
+        let (done_tx, done_rx) = bounded::<Result<(), String>>(threads * 4 + 8);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
+        let workers = apply::spawn_workers(
+            threads,
+            regions.clone(),
+            job_rx,
+            done_tx,
+            free_tx,
+            busy.clone(),
+        );
+        let progress_counters = Arc::new(stats::Counters::new(0));
+        let progress = self
+            .cfg
+            .progress
+            .then(|| crate::progress::Progress::start("recv", total, progress_counters.clone()));
+
+        let mut pipeline = Pipeline {
+            jobs: Some(job_tx),
+            done: done_rx,
+            free: free_rx,
+            in_flight: 0,
+        };
+        let mut got = Got::default();
+        let mut populated = vec![0u64; table.len()];
+        let result = self.stream_loop(
+            &mut r,
+            &regions,
+            &mut pipeline,
+            &mut got,
+            &mut populated,
+            &progress_counters,
+        );
+        // Stop the workers in every case before touching the mappings again.
+        let drained = pipeline.drain();
+        drop(pipeline);
+        for w in workers {
+            let _ = w.join();
+        }
+        if let Some(p) = progress {
+            p.finish();
+        }
+        let (totals, codec) = result?;
+        drained.map_err(|e| self.bad(e))?;
+
+        let expect = Totals {
+            rounds: totals.rounds,
+            normal_pages: got.normal_pages,
+            zero_pages: got.zero_pages,
+            page_frames: got.page_frames,
+            zero_frames: got.zero_frames,
+        };
+        if expect != totals {
+            return Err(self.bad(format!(
+                "totals differ: source sent {totals:?}, received {expect:?}"
+            )));
+        }
+        let transfer = t0.elapsed();
+        let t_commit = Instant::now();
+        let regions = Arc::try_unwrap(regions)
+            .map_err(|_| self.bad("internal: region files still shared"))?;
+        staging.commit(&regions.files, &populated, hello.pid, &hello.comm, ps)?;
+        let commit = t_commit.elapsed();
+        let busy_ns: u64 = busy.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        protocol::write_control(
+            &mut self.sock,
+            &Control::Ack(AckInfo {
+                normal_pages: got.normal_pages,
+                zero_pages: got.zero_pages,
+                decompress_busy_ns: busy_ns,
+                commit_ns: commit.as_nanos() as u64,
+            }),
+        )
+        .map_err(|e| self.bad(format!("sending acknowledgement: {e}")))?;
+        Ok(RecvReport {
+            status: "completed".into(),
+            out: self.cfg.out.display().to_string(),
+            source_pid: hello.pid,
+            source_comm: hello.comm,
+            total_time_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            received: got.bytes,
+            throughput_mbps: stats::mbps(got.bytes, transfer),
+            regions: table.len(),
+            total,
+            normal: got.normal_pages,
+            duplicate: got.zero_pages,
+            rounds: totals.rounds,
+            codec: codec_name(codec),
+            decompress_threads: threads,
+            thread_busy_percent: stats::busy_percent(&busy, transfer),
+            commit_ms: commit.as_secs_f64() * 1000.0,
+            cpu_seconds: (stats::cpu_time() - cpu0).as_secs_f64(),
+        })
+    }
+
+    /// Read frames until End. Returns the source's totals and the codec seen.
+    fn stream_loop(
+        &self,
+        r: &mut impl io::Read,
+        regions: &Regions,
+        pipeline: &mut Pipeline,
+        got: &mut Got,
+        populated: &mut [u64],
+        progress: &stats::Counters,
+    ) -> Result<(Totals, Option<WireCodec>), RecvError> {
+        let ps = regions.page_size;
+        let mut round = 0u32;
+        let mut map = RoundMap::default();
+        let mut codec = None;
+        let mut payload = Vec::new();
+        // Check a run list against the region table and this round's map.
+        let check_runs = |map: &mut RoundMap, round: u32, region: u32, runs: &[Run]| -> Result<(), String> {
+            let rf = regions
+                .files
+                .get(region as usize)
+                .ok_or_else(|| format!("frame names region {region}, table has {}", regions.files.len()))?;
+            for run in runs {
+                let end = run.first.checked_add(run.count as u64);
+                if end.is_none_or(|e| e > rf.pages) {
+                    return Err(format!(
+                        "pages {}+{} lie outside region {region} ({} pages)",
+                        run.first, run.count, rf.pages
+                    ));
+                }
+                if !map.mark(region, run.first, run.count) {
+                    return Err(format!(
+                        "page {} of region {region} sent twice in round {round}",
+                        run.first
+                    ));
+                }
+            }
+            Ok(())
+        };
+        loop {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(RecvError::Cancelled);
+            }
+            pipeline.poll().map_err(|e| self.bad(e))?;
+            let mut buf = pipeline.free.try_recv().unwrap_or(std::mem::take(&mut payload));
+            let kind = protocol::read_frame(r, &mut buf).map_err(|e| self.read_err(e))?;
+            got.bytes += (protocol::HEADER_LEN + buf.len()) as u64;
+            stats::Counters::add(&progress.wire_bytes, (protocol::HEADER_LEN + buf.len()) as u64);
+            if kind == Kind::Pages {
+                let h = protocol::decode_pages_header(&buf, ps as u32).map_err(|e| self.bad(e.to_string()))?;
+                if h.round != round {
+                    return Err(self.bad(format!("Pages frame of round {} in round {round}", h.round)));
+                }
+                check_runs(&mut map, round, h.region, &h.runs).map_err(|e| self.bad(e))?;
+                if h.codec != WireCodec::Raw {
+                    codec = Some(h.codec);
+                }
+                let pages = (h.raw_len as u64) / ps;
+                got.normal_pages += pages;
+                got.page_frames += 1;
+                populated[h.region as usize] += pages;
+                stats::Counters::add(&progress.read_bytes, h.raw_len as u64);
+                pipeline.submit(ApplyJob { header: h, payload: buf }).map_err(|e| self.bad(e))?;
+                continue;
+            }
+            let control = Control::decode(kind, &buf).map_err(|e| self.bad(e.to_string()))?;
+            payload = buf;
+            match control {
+                Control::Zero {
+                    round: rd,
+                    region,
+                    runs,
+                } => {
+                    if rd != round {
+                        return Err(self.bad(format!("Zero frame of round {rd} in round {round}")));
+                    }
+                    check_runs(&mut map, round, region, &runs).map_err(|e| self.bad(e))?;
+                    let n: u64 = runs.iter().map(|r| r.count as u64).sum();
+                    got.zero_pages += n;
+                    got.zero_frames += 1;
+                    populated[region as usize] += n;
+                    stats::Counters::add(&progress.read_bytes, n * ps);
+                    // In round 0 the sparse file is still zero there; later
+                    // rounds will need to clear the pages (live pre-copy).
+                    if round > 0 {
+                        zero_pages(&regions.files[region as usize], &runs, ps);
+                    }
+                }
+                Control::RoundEnd(rd) => {
+                    if rd != round {
+                        return Err(self.bad(format!("RoundEnd {rd} in round {round}")));
+                    }
+                    pipeline.barrier().map_err(|e| self.bad(e))?;
+                    map.clear();
+                    round += 1;
+                }
+                Control::End(totals) => {
+                    pipeline.barrier().map_err(|e| self.bad(e))?;
+                    return Ok((totals, codec));
+                }
+                Control::Error { message, .. } => return Err(RecvError::Aborted(message)),
+                other => {
+                    return Err(self.bad(format!("unexpected {:?} frame", other.kind())))
+                }
+            }
+        }
+    }
+}
+
+fn zero_pages(rf: &staging::RegionFile, runs: &[Run], ps: u64) {
+    for run in runs {
+        let at = (run.first * ps) as usize;
+        let len = run.count as usize * ps as usize;
+        // SAFETY: the run was checked against the region's page count, and
+        // no worker writes these pages now (RoundMap).
+        unsafe { std::ptr::write_bytes(rf.ptr().add(at), 0, len) };
+    }
+}
+
+fn codec_name(c: Option<WireCodec>) -> String {
+    match c {
+        None => "none".into(),
+        Some(WireCodec::Raw) => "none".into(),
+        Some(WireCodec::Zlib) => "zlib".into(),
+        Some(WireCodec::Zstd) => "zstd".into(),
+        Some(WireCodec::Lz4) => "lz4".into(),
+    }
+}
+
+/// The dispatcher's view of the worker pool.
+struct Pipeline {
+    jobs: Option<Sender<ApplyJob>>,
+    done: Rx<Result<(), String>>,
+    free: Rx<Vec<u8>>,
+    in_flight: usize,
+}
+
+impl Pipeline {
+    fn take_result(&mut self, r: Result<(), String>) -> Result<(), String> {
+        self.in_flight -= 1;
+        r
+    }
+
+    /// Collect finished jobs without waiting; the first error ends it.
+    fn poll(&mut self) -> Result<(), String> {
+        while let Ok(r) = self.done.try_recv() {
+            self.take_result(r)?;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, job: ApplyJob) -> Result<(), String> {
+        let jobs = self.jobs.clone().ok_or("pipeline closed")?;
+        // Keep `done` drained while waiting for room, so workers never block.
+        let mut job = job;
+        loop {
+            match jobs.send_timeout(job, Duration::from_millis(50)) {
+                Ok(()) => break,
+                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
+                    job = j;
+                    self.poll()?;
+                }
+                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
+                    return Err("decompression workers stopped".into())
+                }
+            }
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Wait until every submitted job is applied.
+    fn barrier(&mut self) -> Result<(), String> {
+        while self.in_flight > 0 {
+            let r = self
+                .done
+                .recv()
+                .map_err(|_| "decompression workers stopped".to_string())?;
+            self.take_result(r)?;
+        }
+        Ok(())
+    }
+
+    /// Close the job queue and wait for what is in flight.
+    fn drain(&mut self) -> Result<(), String> {
+        self.jobs = None;
+        let mut first = Ok(());
+        while self.in_flight > 0 {
+            match self.done.recv() {
+                Ok(r) => {
+                    if let Err(e) = self.take_result(r) {
+                        if first.is_ok() {
+                            first = Err(e);
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        first
+    }
+}

@@ -1,0 +1,224 @@
+//! procmig: the command line. It parses arguments into the library's
+//! configs, runs them, and prints reports and errors.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+use procmig::codec::Method;
+use procmig::dest::{self, RecvConfig};
+use procmig::image::Image;
+use procmig::source::{self, OnComplete, SendConfig};
+use procmig::target::RegionFilter;
+use procmig::units::parse_size;
+
+/// Live-migrate the memory of a running Linux process, the way QEMU
+/// live-migrates a virtual machine.
+#[derive(Parser)]
+#[command(name = "procmig", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy a running process's memory to a receiver.
+    Send(SendArgs),
+    /// Receive a migration into an image directory.
+    Recv(RecvArgs),
+    /// Compare an image with a process, byte for byte.
+    Verify(VerifyArgs),
+    /// Write the man pages (procmig.1, procmig-send.1, ...) into DIR.
+    #[command(hide = true)]
+    Man {
+        /// Directory to write into.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Process to migrate.
+    #[arg(long)]
+    pid: i32,
+    /// Receiver address, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// Compression method (QEMU: multifd-compression).
+    #[arg(long, default_value = "zstd", value_parser = ["none", "zlib", "zstd", "lz4"])]
+    compress: String,
+    /// Compression level: zlib 0-9 (0 stores), zstd 1-19; default 1. lz4 has no levels.
+    #[arg(long, value_name = "N")]
+    compress_level: Option<i32>,
+    /// Compression worker threads [default: number of CPUs].
+    #[arg(long, value_name = "N")]
+    compress_threads: Option<usize>,
+    /// Cap on bytes per second put on the wire, after compression (K/M/G suffixes).
+    #[arg(long, value_name = "RATE", value_parser = parse_size)]
+    max_bandwidth: Option<u64>,
+    /// What to do with the process after a successful migration.
+    #[arg(long, default_value = "stop", value_parser = ["stop", "kill", "resume"])]
+    on_complete: String,
+    /// Migrate only this address range (START-END, hex) or mapping name ([heap], a path). Repeatable.
+    #[arg(long, value_name = "RANGE|NAME")]
+    region: Vec<RegionFilter>,
+    /// Pages per compression batch.
+    #[arg(long, default_value_t = source::DEFAULT_BATCH_PAGES, value_parser = clap::value_parser!(u32).range(1..=1024), hide_short_help = true)]
+    batch_pages: u32,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    /// Address to listen on: PORT or ADDR:PORT (port 0 picks a free port).
+    #[arg(long, value_name = "[ADDR:]PORT")]
+    listen: String,
+    /// Image directory to create.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Decompression worker threads.
+    #[arg(long, value_name = "N", default_value_t = dest::DEFAULT_DECOMPRESS_THREADS)]
+    decompress_threads: usize,
+    /// Replace the image directory if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Process to compare with (stopped while compared, then left as found).
+    #[arg(long)]
+    pid: i32,
+    /// Image directory.
+    #[arg(long, value_name = "DIR")]
+    image: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).expect("report serialises")
+}
+
+fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
+    let method: Method = a.compress.parse().map_err(anyhow::Error::msg)?;
+    let level = a.compress_level.unwrap_or(method.default_level());
+    method.check_level(level).map_err(anyhow::Error::msg)?;
+    let threads = a.compress_threads.unwrap_or_else(source::default_threads);
+    if threads == 0 || threads > 255 {
+        anyhow::bail!("--compress-threads must be 1..=255");
+    }
+    if a.max_bandwidth == Some(0) {
+        anyhow::bail!("--max-bandwidth must be positive");
+    }
+    let mut cfg = SendConfig::new(a.pid, a.to);
+    cfg.method = method;
+    cfg.level = level;
+    cfg.compress_threads = threads;
+    cfg.max_bandwidth = a.max_bandwidth;
+    cfg.on_complete = a.on_complete.parse::<OnComplete>().map_err(anyhow::Error::msg)?;
+    cfg.regions = a.region;
+    cfg.batch_pages = a.batch_pages;
+    cfg.progress = std::io::stderr().is_terminal();
+    let cancel = procmig::cancel::install_signal_flag()?;
+    let report = source::send(&cfg, &cancel)?;
+    if a.json {
+        println!("{}", json(&report));
+    } else {
+        println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
+    if a.decompress_threads == 0 || a.decompress_threads > 255 {
+        anyhow::bail!("--decompress-threads must be 1..=255");
+    }
+    let cfg = RecvConfig {
+        listen: a.listen,
+        out: a.out,
+        decompress_threads: a.decompress_threads,
+        force: a.force,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let cancel = procmig::cancel::install_signal_flag()?;
+    let listener = dest::Listener::bind(cfg)?;
+    // Scripts wait for this line (and read the port from it with --listen 0).
+    eprintln!("procmig recv: listening on {}", listener.local_addr()?);
+    let report = listener.run(&cancel)?;
+    if a.json {
+        println!("{}", json(&report));
+    } else {
+        println!("{report}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let image = Image::open(&a.image)?;
+    let report = procmig::verify::verify_process(a.pid, &image, 10)?;
+    if a.json {
+        println!("{}", json(&report));
+    } else if report.identical() {
+        println!(
+            "verify: identical: {} pages in {} regions",
+            report.pages_compared, report.regions
+        );
+    } else {
+        println!(
+            "verify: DIFFERENT: {} of {} pages differ",
+            report.pages_differing, report.pages_compared
+        );
+        for d in &report.first_differences {
+            println!("  {:#x} {} ({})", d.addr, d.what, d.region);
+        }
+    }
+    Ok(if report.identical() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn man(dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let top = Cli::command();
+    let mut pages = vec![("procmig.1".to_string(), top.clone())];
+    for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("procmig-{}", sub.get_name());
+        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+        pages.push((format!("{name}.1"), sub.clone().name(leaked)));
+    }
+    for (file, cmd) in pages {
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).render(&mut out)?;
+        std::fs::write(dir.join(file), out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Send(a) => send(a),
+        Command::Recv(a) => recv(a),
+        Command::Verify(a) => verify(a),
+        Command::Man { dir } => man(dir),
+    };
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            // Library errors carry their causes in their own message.
+            eprintln!("procmig: error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The compression workers: each takes a batch of pages, finds the zero
+//! pages, compresses the rest with its own reusable context, and hands the
+//! encoded frames to the writer.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::codec::{Compressor, Method};
+use crate::protocol::{self, Control, Kind, Run, WireCodec, HEADER_LEN};
+use crate::stats::Counters;
+
+/// A batch of populated pages of one region, read back to back into `data`.
+pub struct Job {
+    pub round: u32,
+    pub region: u32,
+    pub runs: Vec<Run>,
+    pub data: Vec<u8>,
+}
+
+/// What a batch turned into.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct JobTotals {
+    pub normal_pages: u64,
+    pub zero_pages: u64,
+    pub page_frames: u64,
+    pub zero_frames: u64,
+}
+
+/// Encoded frames of one job, for the writer.
+pub struct Encoded {
+    pub bytes: Vec<u8>,
+    pub totals: JobTotals,
+}
+
+/// Spawn `threads` workers. Each ends when `jobs` closes or `out` does.
+/// Job buffers go back through `free`; output buffers come from `spare`.
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_workers(
+    threads: usize,
+    method: Method,
+    level: i32,
+    page_size: usize,
+    jobs: Receiver<Job>,
+    free: Sender<Vec<u8>>,
+    out: Sender<super::writer::Out>,
+    spare: Receiver<Vec<u8>>,
+    counters: Arc<Counters>,
+) -> Result<Vec<JoinHandle<()>>, crate::codec::CodecError> {
+    let mut handles = Vec::with_capacity(threads);
+    for index in 0..threads {
+        // Create the context here so a bad level fails before any thread runs.
+        let mut worker = Worker {
+            compressor: Compressor::new(method, level)?,
+            page_size,
+            scratch: Vec::new(),
+            flags: Vec::new(),
+        };
+        let (jobs, free, out, spare, counters) = (
+            jobs.clone(),
+            free.clone(),
+            out.clone(),
+            spare.clone(),
+            counters.clone(),
+        );
+        let h = std::thread::Builder::new()
+            .name(format!("compress-{index}"))
+            .spawn(move || {
+                for job in jobs.iter() {
+                    let t = Instant::now();
+                    let mut buf = spare.try_recv().unwrap_or_default();
+                    buf.clear();
+                    let totals = worker.encode(&job, &mut buf, &counters);
+                    counters.worker_busy_ns[index]
+                        .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                    let _ = free.send(job.data);
+                    if out
+                        .send(super::writer::Out::Frames(Encoded { bytes: buf, totals }))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+            .expect("spawn compression thread");
+        handles.push(h);
+    }
+    Ok(handles)
+}
+
+struct Worker {
+    compressor: Compressor,
+    page_size: usize,
+    scratch: Vec<u8>,
+    flags: Vec<bool>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // Word-wise OR over 64-byte blocks; the compiler vectorises this.
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only splits.
+        unsafe { page.align_to::<u64>() }
+    };
+    if head.iter().chain(tail).any(|&b| b != 0) {
+        return false;
+    }
+    words
+        .chunks(8)
+        .all(|c| c.iter().fold(0u64, |acc, &w| acc | w) == 0)
+}
+
+/// Split `runs` (with their pages in `data`) into zero and non-zero runs.
+/// `is_zero_page` receives one flag per page, in order.
+fn split_zero(
+    runs: &[Run],
+    data: &[u8],
+    page_size: usize,
+    is_zero_page: &mut Vec<bool>,
+) -> (Vec<Run>, Vec<Run>) {
+    let mut zero: Vec<Run> = Vec::new();
+    let mut normal: Vec<Run> = Vec::new();
+    let push = |v: &mut Vec<Run>, page: u64| match v.last_mut() {
+        Some(r) if r.first + r.count as u64 == page => r.count += 1,
+        _ => v.push(Run {
+            first: page,
+            count: 1,
+        }),
+    };
+    is_zero_page.clear();
+    let mut pages = data.chunks_exact(page_size);
+    for r in runs {
+        for p in r.first..r.first + r.count as u64 {
+            let z = pages.next().is_some_and(is_zero);
+            is_zero_page.push(z);
+            push(if z { &mut zero } else { &mut normal }, p);
+        }
+    }
+    (zero, normal)
+}
+
+impl Worker {
+    fn encode(&mut self, job: &Job, buf: &mut Vec<u8>, counters: &Counters) -> JobTotals {
+        let ps = self.page_size;
+        let (zero, normal) = split_zero(&job.runs, &job.data, ps, &mut self.flags);
+        let mut t = JobTotals::default();
+        if !zero.is_empty() {
+            t.zero_pages = zero.iter().map(|r| r.count as u64).sum();
+            t.zero_frames = 1;
+            Control::Zero {
+                round: job.round,
+                region: job.region,
+                runs: zero,
+            }
+            .encode(buf);
+        }
+        if normal.is_empty() {
+            return t;
+        }
+        t.normal_pages = normal.iter().map(|r| r.count as u64).sum();
+        t.page_frames = 1;
+        // The non-zero pages, contiguous: the job's data itself when it has
+        // no zero page, else gathered into scratch.
+        let raw: &[u8] = if t.zero_pages == 0 {
+            &job.data
+        } else {
+            self.scratch.clear();
+            for (page, &z) in job.data.chunks_exact(ps).zip(&self.flags) {
+                if !z {
+                    self.scratch.extend_from_slice(page);
+                }
+            }
+            &self.scratch
+        };
+        let start = protocol::begin_frame(buf, Kind::Pages);
+        let codec_at = buf.len() + 8;
+        protocol::put_pages_header(
+            buf,
+            job.round,
+            job.region,
+            WireCodec::Raw,
+            raw.len() as u32,
+            xxhash_rust::xxh3::xxh3_64(raw),
+            &normal,
+        );
+        let data_at = buf.len();
+        let codec = match self.compressor.compress(raw, buf) {
+            Some(codec) => {
+                Counters::add(&counters.compressed_pages, t.normal_pages);
+                Counters::add(&counters.compressed_bytes, (buf.len() - data_at) as u64);
+                codec
+            }
+            None => {
+                Counters::add(&counters.raw_batches, 1);
+                buf.extend_from_slice(raw);
+                WireCodec::Raw
+            }
+        };
+        buf[codec_at] = codec as u8;
+        protocol::end_frame(buf, start);
+        debug_assert!(buf.len() > start + HEADER_LEN);
+        Counters::add(&counters.normal_pages, t.normal_pages);
+        Counters::add(&counters.zero_pages, t.zero_pages);
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = vec![0u8; 4096];
+        assert!(is_zero(&page));
+        page[4095] = 1;
+        assert!(!is_zero(&page));
+        page[4095] = 0;
+        page[0] = 1;
+        assert!(!is_zero(&page));
+        assert!(is_zero(&page[1..]));
+    }
+
+    #[test]
+    fn split_zero_runs() {
+        let ps = 16;
+        let mut data = vec![0u8; ps * 5];
+        data[ps] = 1; // page 1 of run 1
+        data[4 * ps + 3] = 9; // page 21
+        let runs = [Run { first: 0, count: 3 }, Run { first: 20, count: 2 }];
+        let mut flags = Vec::new();
+        let (z, n) = split_zero(&runs, &data, ps, &mut flags);
+        assert_eq!(flags, [true, false, true, true, false]);
+        assert_eq!(
+            z,
+            vec![Run { first: 0, count: 1 }, Run { first: 2, count: 1 }, Run { first: 20, count: 1 }]
+        );
+        assert_eq!(n, vec![Run { first: 1, count: 1 }, Run { first: 21, count: 1 }]);
+    }
+}

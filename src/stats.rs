@@ -1,0 +1,235 @@
+//! Counters shared by the pipeline threads, and the reports both sides
+//! print at the end (QEMU `info migrate` figures, as text or JSON).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Live counters, updated by the reader, the workers and the writer.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes of populated pages read from the target.
+    pub read_bytes: AtomicU64,
+    /// Bytes written to the socket, frame headers included.
+    pub wire_bytes: AtomicU64,
+    /// Non-zero pages sent.
+    pub normal_pages: AtomicU64,
+    /// Zero pages sent as runs without payload.
+    pub zero_pages: AtomicU64,
+    /// Pages never populated, not sent.
+    pub skipped_pages: AtomicU64,
+    /// Pages that went through a compressor.
+    pub compressed_pages: AtomicU64,
+    /// Payload bytes of Pages frames that went through a compressor.
+    pub compressed_bytes: AtomicU64,
+    /// Batches sent raw because they did not shrink.
+    pub raw_batches: AtomicU64,
+    /// Times the reader found every worker busy and had to wait (QEMU's
+    /// compression "busy").
+    pub busy: AtomicU64,
+    /// Batches handed to workers.
+    pub batches: AtomicU64,
+    /// Per-worker busy time, in nanoseconds.
+    pub worker_busy_ns: Vec<AtomicU64>,
+}
+
+impl Counters {
+    pub fn new(workers: usize) -> Counters {
+        Counters {
+            worker_busy_ns: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            ..Default::default()
+        }
+    }
+
+    pub fn add(c: &AtomicU64, v: u64) {
+        c.fetch_add(v, Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+}
+
+/// CPU time (user + system) this process used so far.
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct we pass.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Compression figures (QEMU's CompressionStats, plus per-thread busy).
+#[derive(Debug, Clone, Serialize)]
+pub struct CompressionReport {
+    pub method: String,
+    pub level: i32,
+    pub threads: usize,
+    /// Pages that went through a compressor.
+    pub pages: u64,
+    /// Times no worker was free.
+    pub busy: u64,
+    /// busy / batches.
+    pub busy_rate: f64,
+    /// Bytes of compressed page data put on the wire.
+    pub compressed_size: u64,
+    /// Raw bytes / compressed bytes of the pages that went through a compressor.
+    pub compression_rate: f64,
+    /// Batches sent raw because they did not shrink.
+    pub raw_batches: u64,
+    /// Busy time of each worker, as a percentage of the transfer time.
+    pub thread_busy_percent: Vec<f64>,
+}
+
+/// The source's final report.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendReport {
+    pub status: String,
+    pub pid: i32,
+    pub mode: String,
+    pub total_time_ms: f64,
+    pub setup_time_ms: f64,
+    pub downtime_ms: f64,
+    /// Bytes put on the wire.
+    pub transferred: u64,
+    pub throughput_mbps: f64,
+    /// Bytes of the migrated regions (virtual size).
+    pub total: u64,
+    pub page_size: u64,
+    pub regions: usize,
+    pub threads_stopped: usize,
+    pub normal: u64,
+    pub normal_bytes: u64,
+    /// Zero pages (QEMU: duplicate).
+    pub duplicate: u64,
+    /// Unpopulated pages, not sent.
+    pub skipped: u64,
+    pub dirty_sync_count: u32,
+    pub max_bandwidth: Option<u64>,
+    pub compression: CompressionReport,
+    pub cpu_seconds: f64,
+    /// Receiver: summed busy time of its decompression threads.
+    pub dest_decompress_busy_ms: f64,
+    /// Receiver: time to check, sync and commit the image.
+    pub dest_commit_ms: f64,
+    pub on_complete: String,
+}
+
+impl SendReport {
+    pub fn set_times(&mut self, total: Duration, setup: Duration, downtime: Duration) {
+        self.total_time_ms = ms(total);
+        self.setup_time_ms = ms(setup);
+        self.downtime_ms = ms(downtime);
+    }
+}
+
+fn kb(b: u64) -> u64 {
+    b / 1024
+}
+
+impl fmt::Display for SendReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.compression;
+        writeln!(f, "Migration status: {}", self.status)?;
+        writeln!(f, "pid: {} ({} regions, {} threads stopped)", self.pid, self.regions, self.threads_stopped)?;
+        writeln!(f, "mode: {}", self.mode)?;
+        writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
+        writeln!(f, "setup: {:.0} ms", self.setup_time_ms)?;
+        writeln!(f, "downtime: {:.0} ms", self.downtime_ms)?;
+        writeln!(f, "transferred ram: {} kbytes", kb(self.transferred))?;
+        writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;
+        writeln!(f, "total ram: {} kbytes", kb(self.total))?;
+        writeln!(f, "duplicate: {} pages", self.duplicate)?;
+        writeln!(f, "skipped: {} pages", self.skipped)?;
+        writeln!(f, "normal: {} pages", self.normal)?;
+        writeln!(f, "normal bytes: {} kbytes", kb(self.normal_bytes))?;
+        writeln!(f, "dirty sync count: {}", self.dirty_sync_count)?;
+        writeln!(f, "page size: {} kbytes", kb(self.page_size))?;
+        if let Some(bw) = self.max_bandwidth {
+            writeln!(f, "max bandwidth: {bw} bytes/s")?;
+        }
+        writeln!(f, "compression: {} level {}, {} threads", c.method, c.level, c.threads)?;
+        writeln!(f, "compression pages: {}", c.pages)?;
+        writeln!(f, "compressed size: {} kbytes", kb(c.compressed_size))?;
+        writeln!(f, "compression rate: {:.2}", c.compression_rate)?;
+        writeln!(f, "compression busy: {} ({:.2}%)", c.busy, c.busy_rate * 100.0)?;
+        writeln!(f, "raw batches: {}", c.raw_batches)?;
+        let busy: Vec<String> = c.thread_busy_percent.iter().map(|p| format!("{p:.1}%")).collect();
+        writeln!(f, "compress threads busy: {}", busy.join(" "))?;
+        writeln!(f, "cpu time: {:.2} s", self.cpu_seconds)?;
+        writeln!(f, "dest decompress busy: {:.0} ms", self.dest_decompress_busy_ms)?;
+        writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
+        write!(f, "on complete: {}", self.on_complete)
+    }
+}
+
+/// The receiver's final report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecvReport {
+    pub status: String,
+    pub out: String,
+    pub source_pid: u32,
+    pub source_comm: String,
+    pub total_time_ms: f64,
+    /// Bytes read from the socket.
+    pub received: u64,
+    pub throughput_mbps: f64,
+    pub regions: usize,
+    pub total: u64,
+    pub normal: u64,
+    pub duplicate: u64,
+    pub rounds: u32,
+    pub codec: String,
+    pub decompress_threads: usize,
+    pub thread_busy_percent: Vec<f64>,
+    pub commit_ms: f64,
+    pub cpu_seconds: f64,
+}
+
+impl fmt::Display for RecvReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Migration status: {}", self.status)?;
+        writeln!(f, "image: {}", self.out)?;
+        writeln!(f, "source: pid {} ({})", self.source_pid, self.source_comm)?;
+        writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
+        writeln!(f, "received: {} kbytes", kb(self.received))?;
+        writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;
+        writeln!(f, "total ram: {} kbytes in {} regions", kb(self.total), self.regions)?;
+        writeln!(f, "normal: {} pages", self.normal)?;
+        writeln!(f, "duplicate: {} pages", self.duplicate)?;
+        writeln!(f, "rounds: {}", self.rounds)?;
+        writeln!(f, "codec: {}", self.codec)?;
+        let busy: Vec<String> = self.thread_busy_percent.iter().map(|p| format!("{p:.1}%")).collect();
+        writeln!(f, "decompress threads: {} busy {}", self.decompress_threads, busy.join(" "))?;
+        writeln!(f, "commit: {:.0} ms", self.commit_ms)?;
+        write!(f, "cpu time: {:.2} s", self.cpu_seconds)
+    }
+}
+
+/// Megabits per second for `bytes` over `d`.
+pub fn mbps(bytes: u64, d: Duration) -> f64 {
+    let s = d.as_secs_f64();
+    if s > 0.0 {
+        bytes as f64 * 8.0 / 1e6 / s
+    } else {
+        0.0
+    }
+}
+
+/// Busy percentages of each worker over `wall`.
+pub fn busy_percent(busy_ns: &[AtomicU64], wall: Duration) -> Vec<f64> {
+    let w = wall.as_nanos().max(1) as f64;
+    busy_ns
+        .iter()
+        .map(|b| (b.load(Relaxed) as f64 / w * 1000.0).round() / 10.0)
+        .collect()
+}

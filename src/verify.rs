@@ -1,0 +1,102 @@
+//! `procmig verify`: compare an image with a (stopped) process, byte for byte.
+
+use serde::Serialize;
+
+use crate::image::{Image, ImageError};
+use crate::target::{Attachment, MemReader, TargetError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// One page that differs.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Difference {
+    pub addr: u64,
+    pub region: String,
+    /// Why: `content` or `unmapped` (the process has no readable page there).
+    pub what: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub pid: i32,
+    pub regions: usize,
+    pub pages_compared: u64,
+    pub pages_differing: u64,
+    /// The first differing pages (at most `max_listed`).
+    pub first_differences: Vec<Difference>,
+}
+
+impl VerifyReport {
+    pub fn identical(&self) -> bool {
+        self.pages_differing == 0
+    }
+}
+
+/// Bytes compared per read.
+const CHUNK: u64 = 1 << 20;
+
+/// Stop `pid` (if running), compare every region of `image` with its
+/// memory, and leave the process as it was.
+pub fn verify_process(
+    pid: i32,
+    image: &Image,
+    max_listed: usize,
+) -> Result<VerifyReport, VerifyError> {
+    let mut attachment = Attachment::seize(pid)?;
+    attachment.stop()?;
+    let mem = MemReader::open(pid)?;
+    let ps = image.manifest.page_size;
+    let mut report = VerifyReport {
+        pid,
+        regions: image.manifest.regions.len(),
+        pages_compared: 0,
+        pages_differing: 0,
+        first_differences: Vec::new(),
+    };
+    let mut buf = vec![0u8; CHUNK as usize];
+    for rec in &image.manifest.regions {
+        let map = image.map_region(rec)?;
+        let mut off = 0u64;
+        while off < rec.len() {
+            let n = CHUNK.min(rec.len() - off);
+            let want = &map[off as usize..(off + n) as usize];
+            let got = &mut buf[..n as usize];
+            let readable = mem.read(rec.start + off, got).is_ok();
+            for (i, page) in want.chunks(ps as usize).enumerate() {
+                let addr = rec.start + off + i as u64 * ps;
+                report.pages_compared += 1;
+                let what = if !readable {
+                    // Retry page by page to tell unmapped pages from content.
+                    let mut one = vec![0u8; ps as usize];
+                    match mem.read(addr, &mut one) {
+                        Ok(()) if one == page => None,
+                        Ok(()) => Some("content"),
+                        Err(_) => Some("unmapped"),
+                    }
+                } else {
+                    let p = i * ps as usize;
+                    (got[p..p + ps as usize] != *page).then_some("content")
+                };
+                if let Some(what) = what {
+                    report.pages_differing += 1;
+                    if report.first_differences.len() < max_listed {
+                        report.first_differences.push(Difference {
+                            addr,
+                            region: rec.name.clone(),
+                            what: what.into(),
+                        });
+                    }
+                }
+            }
+            off += n;
+        }
+    }
+    attachment.detach(crate::target::Leave::AsFound)?;
+    Ok(report)
+}
