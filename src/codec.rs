@@ -90,7 +90,11 @@ impl FromStr for Method {
             "zlib" => Method::Zlib,
             "zstd" => Method::Zstd,
             "lz4" => Method::Lz4,
-            _ => return Err(format!("unknown compression method {s:?} (none, zlib, zstd, lz4)")),
+            _ => {
+                return Err(format!(
+                    "unknown compression method {s:?} (none, zlib, zstd, lz4)"
+                ))
+            }
         })
     }
 }
@@ -176,7 +180,10 @@ impl Compressor {
             }
             Inner::Lz4 => {
                 // lz4_flex wants room for the worst case up front.
-                out.resize(start + lz4_flex::block::get_maximum_output_size(input.len()), 0);
+                out.resize(
+                    start + lz4_flex::block::get_maximum_output_size(input.len()),
+                    0,
+                );
                 match lz4_flex::block::compress_into(input, &mut out[start..]) {
                     Ok(n) if n <= room => {
                         out.truncate(start + n);
@@ -291,8 +298,9 @@ impl Decompressor {
                 .zstd
                 .decompress_to_buffer(input, out)
                 .map_err(|e| corrupt(e.to_string()))?,
-            WireCodec::Lz4 => lz4_flex::block::decompress_into(input, out)
-                .map_err(|e| corrupt(e.to_string()))?,
+            WireCodec::Lz4 => {
+                lz4_flex::block::decompress_into(input, out).map_err(|e| corrupt(e.to_string()))?
+            }
         };
         if n != out.len() {
             return Err(corrupt(format!("{n} bytes, expected {}", out.len())));
@@ -343,7 +351,9 @@ mod tests {
             // Twice, to exercise context reuse; with a prefix in `out`.
             for _ in 0..2 {
                 let mut out = vec![1, 2, 3];
-                let codec = c.compress(&data, &mut out).unwrap_or_else(|| panic!("{m} {level} did not shrink"));
+                let codec = c
+                    .compress(&data, &mut out)
+                    .unwrap_or_else(|| panic!("{m} {level} did not shrink"));
                 assert_eq!(codec, m.wire());
                 assert_eq!(&out[..3], &[1, 2, 3]);
                 assert!(out.len() - 3 < data.len() / 2, "{m} ratio");
@@ -378,7 +388,9 @@ mod tests {
             let codec = c.compress(&data, &mut out).unwrap();
             let mut back = vec![0u8; data.len()];
             // Truncated, garbage, and wrong expected size.
-            assert!(d.decompress(codec, &out[..out.len() / 2], &mut back).is_err());
+            assert!(d
+                .decompress(codec, &out[..out.len() / 2], &mut back)
+                .is_err());
             assert!(d.decompress(codec, &noise(300), &mut back).is_err());
             let mut short = vec![0u8; data.len() - 4096];
             assert!(d.decompress(codec, &out, &mut short).is_err());

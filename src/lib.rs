@@ -1,13 +1,13 @@
 //! procmig: live-migrate the memory of a running Linux process.
 
-pub mod image;
+pub mod cancel;
 pub mod codec;
-pub mod protocol;
-pub mod units;
-pub mod target;
+pub mod dest;
+pub mod image;
 pub mod progress;
+pub mod protocol;
 pub mod source;
 pub mod stats;
-pub mod dest;
+pub mod target;
+pub mod units;
 pub mod verify;
-pub mod cancel;

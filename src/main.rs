@@ -125,7 +125,10 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.level = level;
     cfg.compress_threads = threads;
     cfg.max_bandwidth = a.max_bandwidth;
-    cfg.on_complete = a.on_complete.parse::<OnComplete>().map_err(anyhow::Error::msg)?;
+    cfg.on_complete = a
+        .on_complete
+        .parse::<OnComplete>()
+        .map_err(anyhow::Error::msg)?;
     cfg.regions = a.region;
     cfg.batch_pages = a.batch_pages;
     cfg.progress = std::io::stderr().is_terminal();

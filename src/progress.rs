@@ -33,7 +33,11 @@ impl Progress {
                     }
                     let read = Counters::get(&counters.read_bytes);
                     let wire = Counters::get(&counters.wire_bytes);
-                    let pct = if total > 0 { read as f64 * 100.0 / total as f64 } else { 0.0 };
+                    let pct = if total > 0 {
+                        read as f64 * 100.0 / total as f64
+                    } else {
+                        0.0
+                    };
                     let rate = wire as f64 / el.as_secs_f64();
                     eprint!(
                         "\r{label}: {pct:5.1}% of {}  read {}  wire {} ({}/s)   ",

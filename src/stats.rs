@@ -140,7 +140,11 @@ impl fmt::Display for SendReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.compression;
         writeln!(f, "Migration status: {}", self.status)?;
-        writeln!(f, "pid: {} ({} regions, {} threads stopped)", self.pid, self.regions, self.threads_stopped)?;
+        writeln!(
+            f,
+            "pid: {} ({} regions, {} threads stopped)",
+            self.pid, self.regions, self.threads_stopped
+        )?;
         writeln!(f, "mode: {}", self.mode)?;
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "setup: {:.0} ms", self.setup_time_ms)?;
@@ -157,16 +161,33 @@ impl fmt::Display for SendReport {
         if let Some(bw) = self.max_bandwidth {
             writeln!(f, "max bandwidth: {bw} bytes/s")?;
         }
-        writeln!(f, "compression: {} level {}, {} threads", c.method, c.level, c.threads)?;
+        writeln!(
+            f,
+            "compression: {} level {}, {} threads",
+            c.method, c.level, c.threads
+        )?;
         writeln!(f, "compression pages: {}", c.pages)?;
         writeln!(f, "compressed size: {} kbytes", kb(c.compressed_size))?;
         writeln!(f, "compression rate: {:.2}", c.compression_rate)?;
-        writeln!(f, "compression busy: {} ({:.2}%)", c.busy, c.busy_rate * 100.0)?;
+        writeln!(
+            f,
+            "compression busy: {} ({:.2}%)",
+            c.busy,
+            c.busy_rate * 100.0
+        )?;
         writeln!(f, "raw batches: {}", c.raw_batches)?;
-        let busy: Vec<String> = c.thread_busy_percent.iter().map(|p| format!("{p:.1}%")).collect();
+        let busy: Vec<String> = c
+            .thread_busy_percent
+            .iter()
+            .map(|p| format!("{p:.1}%"))
+            .collect();
         writeln!(f, "compress threads busy: {}", busy.join(" "))?;
         writeln!(f, "cpu time: {:.2} s", self.cpu_seconds)?;
-        writeln!(f, "dest decompress busy: {:.0} ms", self.dest_decompress_busy_ms)?;
+        writeln!(
+            f,
+            "dest decompress busy: {:.0} ms",
+            self.dest_decompress_busy_ms
+        )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
         write!(f, "on complete: {}", self.on_complete)
     }
@@ -203,13 +224,27 @@ impl fmt::Display for RecvReport {
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "received: {} kbytes", kb(self.received))?;
         writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;
-        writeln!(f, "total ram: {} kbytes in {} regions", kb(self.total), self.regions)?;
+        writeln!(
+            f,
+            "total ram: {} kbytes in {} regions",
+            kb(self.total),
+            self.regions
+        )?;
         writeln!(f, "normal: {} pages", self.normal)?;
         writeln!(f, "duplicate: {} pages", self.duplicate)?;
         writeln!(f, "rounds: {}", self.rounds)?;
         writeln!(f, "codec: {}", self.codec)?;
-        let busy: Vec<String> = self.thread_busy_percent.iter().map(|p| format!("{p:.1}%")).collect();
-        writeln!(f, "decompress threads: {} busy {}", self.decompress_threads, busy.join(" "))?;
+        let busy: Vec<String> = self
+            .thread_busy_percent
+            .iter()
+            .map(|p| format!("{p:.1}%"))
+            .collect();
+        writeln!(
+            f,
+            "decompress threads: {} busy {}",
+            self.decompress_threads,
+            busy.join(" ")
+        )?;
         writeln!(f, "commit: {:.0} ms", self.commit_ms)?;
         write!(f, "cpu time: {:.2} s", self.cpu_seconds)
     }

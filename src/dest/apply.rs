@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::staging::RegionFile;
 use crate::codec::Decompressor;
-use crate::protocol::PagesHeader;
+use crate::protocol::{PagesHeader, WireCodec};
 
 /// One frame to apply.
 pub struct ApplyJob {
@@ -91,10 +91,17 @@ fn apply(
     raw: &mut Vec<u8>,
 ) -> Result<(), String> {
     let h = &job.header;
-    raw.resize(h.raw_len as usize, 0);
-    d.decompress(h.codec, &job.payload[h.data_offset..], raw)
-        .map_err(|e| format!("region {} round {}: {e}", h.region, h.round))?;
-    if xxhash_rust::xxh3::xxh3_64(raw) != h.raw_xxh3 {
+    let data = &job.payload[h.data_offset..];
+    // Stored pages are checked and copied straight from the payload.
+    let raw: &[u8] = if h.codec == WireCodec::Raw {
+        data
+    } else {
+        raw.resize(h.raw_len as usize, 0);
+        d.decompress(h.codec, data, raw)
+            .map_err(|e| format!("region {} round {}: {e}", h.region, h.round))?;
+        raw
+    };
+    if raw.len() != h.raw_len as usize || xxhash_rust::xxh3::xxh3_64(raw) != h.raw_xxh3 {
         return Err(format!(
             "checksum mismatch in a batch of region {} (page {}): data corrupted",
             h.region, h.runs[0].first

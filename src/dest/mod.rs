@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver as Rx, Sender};
 
 use crate::protocol::{
-    self, error_code, AckInfo, Control, Hello, Kind, ReadError, RegionEntry, Run, Totals,
-    Welcome, WireCodec,
+    self, error_code, AckInfo, Control, Hello, Kind, ReadError, RegionEntry, Run, Totals, Welcome,
+    WireCodec,
 };
 use crate::stats::{self, RecvReport};
 use apply::{ApplyJob, Regions, RoundMap};
-pub use staging::StagingError;
 use staging::Staging;
+pub use staging::StagingError;
 
 /// Everything `procmig recv` needs, validated.
 #[derive(Debug, Clone)]
@@ -197,7 +197,10 @@ impl Session<'_> {
     fn read_err(&self, e: ReadError) -> RecvError {
         match e {
             ReadError::Io(e)
-                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) =>
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
             {
                 self.bad(format!("no data for {} s", IDLE_TIMEOUT.as_secs()))
             }
@@ -262,7 +265,9 @@ impl Session<'_> {
             total = total.saturating_add(r.end - r.start);
         }
         if total > MAX_TOTAL {
-            return Err(self.bad(format!("regions total {total} bytes, more than {MAX_TOTAL}")));
+            return Err(self.bad(format!(
+                "regions total {total} bytes, more than {MAX_TOTAL}"
+            )));
         }
         Ok(())
     }
@@ -407,41 +412,53 @@ impl Session<'_> {
         let mut codec = None;
         let mut payload = Vec::new();
         // Check a run list against the region table and this round's map.
-        let check_runs = |map: &mut RoundMap, round: u32, region: u32, runs: &[Run]| -> Result<(), String> {
-            let rf = regions
-                .files
-                .get(region as usize)
-                .ok_or_else(|| format!("frame names region {region}, table has {}", regions.files.len()))?;
-            for run in runs {
-                let end = run.first.checked_add(run.count as u64);
-                if end.is_none_or(|e| e > rf.pages) {
-                    return Err(format!(
-                        "pages {}+{} lie outside region {region} ({} pages)",
-                        run.first, run.count, rf.pages
-                    ));
+        let check_runs =
+            |map: &mut RoundMap, round: u32, region: u32, runs: &[Run]| -> Result<(), String> {
+                let rf = regions.files.get(region as usize).ok_or_else(|| {
+                    format!(
+                        "frame names region {region}, table has {}",
+                        regions.files.len()
+                    )
+                })?;
+                for run in runs {
+                    let end = run.first.checked_add(run.count as u64);
+                    if end.is_none_or(|e| e > rf.pages) {
+                        return Err(format!(
+                            "pages {}+{} lie outside region {region} ({} pages)",
+                            run.first, run.count, rf.pages
+                        ));
+                    }
+                    if !map.mark(region, run.first, run.count) {
+                        return Err(format!(
+                            "page {} of region {region} sent twice in round {round}",
+                            run.first
+                        ));
+                    }
                 }
-                if !map.mark(region, run.first, run.count) {
-                    return Err(format!(
-                        "page {} of region {region} sent twice in round {round}",
-                        run.first
-                    ));
-                }
-            }
-            Ok(())
-        };
+                Ok(())
+            };
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(RecvError::Cancelled);
             }
             pipeline.poll().map_err(|e| self.bad(e))?;
-            let mut buf = pipeline.free.try_recv().unwrap_or(std::mem::take(&mut payload));
+            let mut buf = pipeline
+                .free
+                .try_recv()
+                .unwrap_or(std::mem::take(&mut payload));
             let kind = protocol::read_frame(r, &mut buf).map_err(|e| self.read_err(e))?;
             got.bytes += (protocol::HEADER_LEN + buf.len()) as u64;
-            stats::Counters::add(&progress.wire_bytes, (protocol::HEADER_LEN + buf.len()) as u64);
+            stats::Counters::add(
+                &progress.wire_bytes,
+                (protocol::HEADER_LEN + buf.len()) as u64,
+            );
             if kind == Kind::Pages {
-                let h = protocol::decode_pages_header(&buf, ps as u32).map_err(|e| self.bad(e.to_string()))?;
+                let h = protocol::decode_pages_header(&buf, ps as u32)
+                    .map_err(|e| self.bad(e.to_string()))?;
                 if h.round != round {
-                    return Err(self.bad(format!("Pages frame of round {} in round {round}", h.round)));
+                    return Err(
+                        self.bad(format!("Pages frame of round {} in round {round}", h.round))
+                    );
                 }
                 check_runs(&mut map, round, h.region, &h.runs).map_err(|e| self.bad(e))?;
                 if h.codec != WireCodec::Raw {
@@ -452,7 +469,12 @@ impl Session<'_> {
                 got.page_frames += 1;
                 populated[h.region as usize] += pages;
                 stats::Counters::add(&progress.read_bytes, h.raw_len as u64);
-                pipeline.submit(ApplyJob { header: h, payload: buf }).map_err(|e| self.bad(e))?;
+                pipeline
+                    .submit(ApplyJob {
+                        header: h,
+                        payload: buf,
+                    })
+                    .map_err(|e| self.bad(e))?;
                 continue;
             }
             let control = Control::decode(kind, &buf).map_err(|e| self.bad(e.to_string()))?;
@@ -491,9 +513,7 @@ impl Session<'_> {
                     return Ok((totals, codec));
                 }
                 Control::Error { message, .. } => return Err(RecvError::Aborted(message)),
-                other => {
-                    return Err(self.bad(format!("unexpected {:?} frame", other.kind())))
-                }
+                other => return Err(self.bad(format!("unexpected {:?} frame", other.kind()))),
             }
         }
     }

@@ -181,7 +181,9 @@ impl Staging {
         // Replace an existing output only now, when the new one is complete.
         let old = self.out.with_file_name(format!(
             ".{}.old-{}",
-            self.out.file_name().map_or("image".into(), |n| n.to_string_lossy()),
+            self.out
+                .file_name()
+                .map_or("image".into(), |n| n.to_string_lossy()),
             std::process::id()
         ));
         let replacing = self.force && self.out.exists();

@@ -42,9 +42,7 @@ impl Kind {
             Kind::Hello | Kind::Welcome | Kind::RoundEnd | Kind::End | Kind::Ack => 4096,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
-            Kind::Pages => {
-                PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE)
-            }
+            Kind::Pages => PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE),
             Kind::Zero => 12 + MAX_ZERO_RUNS * RUN_LEN as u32,
         }
     }
@@ -126,7 +124,11 @@ impl RegionEntry {
             f(PROT_R, 'r'),
             f(PROT_W, 'w'),
             f(PROT_X, 'x'),
-            if self.prot & PROT_SHARED != 0 { 's' } else { 'p' },
+            if self.prot & PROT_SHARED != 0 {
+                's'
+            } else {
+                'p'
+            },
         ]
         .iter()
         .collect()
@@ -439,7 +441,9 @@ pub fn decode_pages_header(payload: &[u8], page_size: u32) -> Result<PagesHeader
     let region = g.u32()?;
     let codec = WireCodec::from_u8(g.u8()?)?;
     if g.bytes(3)? != [0, 0, 0] {
-        return Err(DecodeError::Invalid("nonzero padding in Pages frame".into()));
+        return Err(DecodeError::Invalid(
+            "nonzero padding in Pages frame".into(),
+        ));
     }
     let raw_len = g.u32()?;
     let n = g.u32()?;
@@ -640,7 +644,10 @@ mod tests {
         let data = vec![7u8; 8192];
         let buf = pages_frame(&runs, &data, 8192);
         let mut payload = Vec::new();
-        assert_eq!(read_frame(&mut &buf[..], &mut payload).unwrap(), Kind::Pages);
+        assert_eq!(
+            read_frame(&mut &buf[..], &mut payload).unwrap(),
+            Kind::Pages
+        );
         let h = decode_pages_header(&payload, 4096).unwrap();
         assert_eq!(h.runs, runs);
         assert_eq!(h.region, 2);

@@ -79,7 +79,11 @@ pub enum DecodeError {
     BadFlags(u16),
     /// A length or count above its cap.
     #[error("{what} of {len} exceeds the limit of {max}")]
-    TooLong { what: &'static str, len: u64, max: u64 },
+    TooLong {
+        what: &'static str,
+        len: u64,
+        max: u64,
+    },
     /// Payload checksum mismatch.
     #[error("frame checksum mismatch (stream corrupted)")]
     BadChecksum,

@@ -229,14 +229,36 @@ mod tests {
         let mut data = vec![0u8; ps * 5];
         data[ps] = 1; // page 1 of run 1
         data[4 * ps + 3] = 9; // page 21
-        let runs = [Run { first: 0, count: 3 }, Run { first: 20, count: 2 }];
+        let runs = [
+            Run { first: 0, count: 3 },
+            Run {
+                first: 20,
+                count: 2,
+            },
+        ];
         let mut flags = Vec::new();
         let (z, n) = split_zero(&runs, &data, ps, &mut flags);
         assert_eq!(flags, [true, false, true, true, false]);
         assert_eq!(
             z,
-            vec![Run { first: 0, count: 1 }, Run { first: 2, count: 1 }, Run { first: 20, count: 1 }]
+            vec![
+                Run { first: 0, count: 1 },
+                Run { first: 2, count: 1 },
+                Run {
+                    first: 20,
+                    count: 1
+                }
+            ]
         );
-        assert_eq!(n, vec![Run { first: 1, count: 1 }, Run { first: 21, count: 1 }]);
+        assert_eq!(
+            n,
+            vec![
+                Run { first: 1, count: 1 },
+                Run {
+                    first: 21,
+                    count: 1
+                }
+            ]
+        );
     }
 }

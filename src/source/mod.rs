@@ -194,7 +194,10 @@ fn handshake(sock: &mut TcpStream, cfg: &SendConfig, page_size: u64) -> Result<(
     match protocol::read_control(sock) {
         Ok(Control::Welcome(w)) => {
             if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&w.version) {
-                return Err(fail(format!("receiver speaks protocol version {}", w.version)));
+                return Err(fail(format!(
+                    "receiver speaks protocol version {}",
+                    w.version
+                )));
             }
             if w.capabilities & cfg.method.capability() != cfg.method.capability() {
                 return Err(fail(format!("receiver cannot decode {}", cfg.method)));
@@ -270,7 +273,8 @@ impl Reader<'_> {
             let n = (pages - page).min(SCAN_PAGES as u64) as usize;
             let skip_absent = region.kind == RegionKind::PrivateAnon;
             if skip_absent {
-                self.pagemap.read(region.start + page * ps, &mut entries[..n])?;
+                self.pagemap
+                    .read(region.start + page * ps, &mut entries[..n])?;
             }
             for (i, e) in entries[..n].iter().enumerate() {
                 if skip_absent && e & (PM_PRESENT | PM_SWAPPED) == 0 {
@@ -456,7 +460,9 @@ fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, 
     for w in workers {
         let _ = w.join();
     }
-    let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
+    let written = writer
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
     if let Some(p) = progress {
         p.finish();
     }
@@ -474,7 +480,11 @@ fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, 
         Ok(Control::Ack(a)) => a,
         Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
         Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
-        Err(e) => return Err(SendError::Connection(format!("waiting for acknowledgement: {e}"))),
+        Err(e) => {
+            return Err(SendError::Connection(format!(
+                "waiting for acknowledgement: {e}"
+            )))
+        }
     };
     let downtime = t_stop.elapsed();
 

@@ -128,7 +128,9 @@ pub fn spawn_writer(
                 // after the jobs queued before it.
                 while let Some(front) = waiting.front() {
                     let after = match front {
-                        Out::Control { after_jobs, .. } | Out::End { after_jobs, .. } => *after_jobs,
+                        Out::Control { after_jobs, .. } | Out::End { after_jobs, .. } => {
+                            *after_jobs
+                        }
                         Out::Frames(_) => unreachable!("frames are never queued"),
                     };
                     if after > w.jobs_written {
@@ -146,7 +148,9 @@ pub fn spawn_writer(
                     }
                 }
             }
-            Err(io::Error::other("migration stopped before the end of the stream"))
+            Err(io::Error::other(
+                "migration stopped before the end of the stream",
+            ))
         })
         .expect("spawn writer thread")
 }

@@ -1,0 +1,267 @@
+//! Shared helpers for the integration tests: run the built binaries, start
+//! agents and receivers on loopback, give each test its own directory.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn procmig() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_procmig"))
+}
+
+/// procmig-agent is a binary of another workspace package: look next to
+/// procmig, and build it if it is not there.
+pub fn agent_bin() -> PathBuf {
+    let dir = procmig().parent().unwrap().to_path_buf();
+    let path = dir.join("procmig-agent");
+    if !path.exists() {
+        let profile = if dir.ends_with("release") {
+            vec!["--release"]
+        } else {
+            vec![]
+        };
+        let st = Command::new(env!("CARGO"))
+            .args(["build", "-p", "procmig-agent"])
+            .args(profile)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build -p procmig-agent");
+        assert!(st.success(), "building procmig-agent failed");
+    }
+    path
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A fresh directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("procmig-test-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, s: &str) -> PathBuf {
+        self.0.join(s)
+    }
+    /// Entries of the directory, names only.
+    pub fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running procmig-agent, killed on drop.
+pub struct Agent {
+    pub child: Child,
+    pub pid: i32,
+    pub base: u64,
+}
+
+impl Agent {
+    pub fn start(args: &[&str]) -> Agent {
+        let mut child = Command::new(agent_bin())
+            .arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn procmig-agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("procmig-agent ready"),
+            "agent said {line:?}"
+        );
+        let field = |k: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+                .to_string()
+        };
+        let pid = field("pid=").parse().unwrap();
+        let base = u64::from_str_radix(field("base=").trim_start_matches("0x"), 16).unwrap();
+        Agent { child, pid, base }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// State letter and tracer of a process, from /proc.
+pub fn proc_state(pid: i32) -> Option<(char, i32)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let get = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+    };
+    let state = get("State:")?.chars().next()?;
+    let tracer = get("TracerPid:")?.parse().ok()?;
+    Some((state, tracer))
+}
+
+/// Assert that `pid` runs freely: not stopped, not traced.
+pub fn assert_running(pid: i32) {
+    // The state may take a moment to settle after a detach.
+    let t = Instant::now();
+    loop {
+        let (state, tracer) = proc_state(pid).expect("process is gone");
+        if state != 'T' && state != 't' && tracer == 0 {
+            return;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            panic!("process {pid} is not running freely: state {state}, tracer {tracer}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `procmig recv` listening on a free loopback port.
+pub struct Recv {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Recv {
+    pub fn start(out: &Path, extra: &[&str]) -> Recv {
+        let mut child = Command::new(procmig())
+            .args(["recv", "--listen", "127.0.0.1:0", "--out"])
+            .arg(out)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn procmig recv");
+        let mut first = String::new();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        err.read_line(&mut first).unwrap();
+        let port = first
+            .trim()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("recv said {first:?}"));
+        // Keep stderr readable for wait().
+        child.stderr = Some(unsafe_reattach(err));
+        Recv { child, port }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Wait for exit; returns (success, stdout, stderr after the first line).
+    pub fn wait(mut self) -> (bool, String, String) {
+        let mut out = String::new();
+        let mut err = String::new();
+        if let Some(mut o) = self.child.stdout.take() {
+            o.read_to_string(&mut out).unwrap();
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            e.read_to_string(&mut err).unwrap();
+        }
+        let st = self.child.wait().unwrap();
+        (st.success(), out, err)
+    }
+}
+
+impl Drop for Recv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Put a BufReader's inner pipe back (nothing else was buffered: recv
+/// prints only its listening line before the connection).
+fn unsafe_reattach(r: BufReader<std::process::ChildStderr>) -> std::process::ChildStderr {
+    assert!(
+        r.buffer().is_empty(),
+        "recv printed more than one line early"
+    );
+    r.into_inner()
+}
+
+/// Run `procmig ARGS` to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(procmig())
+        .args(args)
+        .output()
+        .expect("run procmig")
+}
+
+/// `procmig send` of `pid` to `recv` with extra args.
+pub fn send(pid: i32, recv: &Recv, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let to = recv.addr();
+    let mut args = vec!["send", "--pid", &pid, "--to", &to];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A port nothing listens on.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Assert a failed command printed exactly one line to stderr containing
+/// `needle`, and no panic.
+pub fn assert_one_line_error(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "command succeeded; stderr: {err}");
+    assert!(!err.contains("panicked"), "panic: {err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    assert!(
+        lines[0].contains(needle),
+        "error line {:?} does not mention {needle:?}",
+        lines[0]
+    );
+}
+
+/// Run `procmig-agent verify DIR`; returns (exit ok, stdout).
+pub fn agent_verify(image: &Path) -> (bool, String) {
+    let out = Command::new(agent_bin())
+        .arg("verify")
+        .arg(image)
+        .output()
+        .unwrap();
+    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+}

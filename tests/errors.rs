@@ -1,0 +1,394 @@
+//! Bad input and failures: one clear line, the source keeps running, and
+//! no image appears under the final name.
+
+mod common;
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use procmig::protocol::{self, Control, Hello, Kind, RegionEntry, Run, WireCodec};
+
+#[test]
+fn no_such_pid() {
+    let out = run(&["send", "--pid", "999999999", "--to", "127.0.0.1:1"]);
+    assert_one_line_error(&out, "no process with pid 999999999");
+}
+
+#[test]
+fn pid_we_may_not_trace() {
+    // As root, drop to nobody and try to trace our own (root-owned) agent;
+    // otherwise try pid 1, which an unprivileged user may never trace.
+    let agent;
+    let out = if is_root() {
+        if Command::new("setpriv").arg("--version").output().is_err() {
+            println!("skipped: setpriv is not installed");
+            return;
+        }
+        agent = Agent::start(&["--size", "1M"]);
+        // The binary must be reachable by nobody: copy it to a 0755 dir.
+        let dir = TempDir::new("nobody");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let bin = dir.join("procmig");
+        std::fs::copy(procmig(), &bin).unwrap();
+        let o = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args([
+                "send",
+                "--pid",
+                &agent.pid.to_string(),
+                "--to",
+                "127.0.0.1:1",
+            ])
+            .output()
+            .unwrap();
+        assert_running(agent.pid);
+        o
+    } else {
+        run(&["send", "--pid", "1", "--to", "127.0.0.1:1"])
+    };
+    assert_one_line_error(&out, "not permitted to trace");
+}
+
+#[test]
+fn receiver_not_listening() {
+    let agent = Agent::start(&["--size", "2M", "--dirty-rate", "1000"]);
+    let to = format!("127.0.0.1:{}", free_port());
+    let out = run(&["send", "--pid", &agent.pid.to_string(), "--to", &to]);
+    assert_one_line_error(&out, "cannot connect to receiver");
+    assert_running(agent.pid);
+}
+
+#[test]
+fn port_in_use() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let dir = TempDir::new("port");
+    let out = run(&[
+        "recv",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--out",
+        dir.join("img").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "cannot listen on");
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
+
+#[test]
+fn out_dir_not_writable() {
+    let dir = TempDir::new("notdir");
+    let file = dir.join("plainfile");
+    std::fs::write(&file, b"x").unwrap();
+    let out = run(&[
+        "recv",
+        "--listen",
+        "0",
+        "--out",
+        file.join("img").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "cannot write into");
+}
+
+#[test]
+fn out_exists_needs_force() {
+    let dir = TempDir::new("exists");
+    std::fs::create_dir(dir.join("img")).unwrap();
+    let out = run(&[
+        "recv",
+        "--listen",
+        "0",
+        "--out",
+        dir.join("img").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, "already exists");
+}
+
+#[test]
+fn bad_options() {
+    for (args, needle) in [
+        (
+            vec!["--compress", "zstd", "--compress-level", "25"],
+            "out of range",
+        ),
+        (
+            vec!["--compress", "lz4", "--compress-level", "3"],
+            "does not apply to lz4",
+        ),
+        (vec!["--compress-threads", "0"], "--compress-threads"),
+        (vec!["--max-bandwidth", "fast"], "invalid size"),
+        (vec!["--region", "9-1"], "empty address range"),
+    ] {
+        let mut a = vec!["send", "--pid", "1", "--to", "127.0.0.1:1"];
+        a.extend(args);
+        let out = run(&a);
+        assert!(!out.status.success());
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+/// Start a receiver, feed it `bytes`, and check it fails with one line
+/// mentioning `needle` and commits nothing.
+fn feed_receiver(bytes: &[u8], needle: &str) {
+    let dir = TempDir::new("feed");
+    let recv = Recv::start(&dir.join("img"), &[]);
+    {
+        let mut s = TcpStream::connect(recv.addr()).unwrap();
+        let _ = s.write_all(bytes);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // Read whatever it answers until it closes.
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+    }
+    let (ok, _, err) = recv.wait();
+    assert!(!ok, "receiver accepted a bad stream");
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
+
+fn hello() -> Control {
+    Control::Hello(Hello {
+        version: protocol::VERSION,
+        min_version: protocol::MIN_VERSION,
+        page_size: 4096,
+        capabilities: protocol::CAPABILITIES,
+        codec: WireCodec::Raw as u8,
+        level: 0,
+        compress_threads: 1,
+        pid: 42,
+        comm: "test".into(),
+    })
+}
+
+fn start_of_stream() -> Vec<u8> {
+    let mut b = Vec::new();
+    hello().encode(&mut b);
+    Control::Regions(vec![RegionEntry {
+        start: 0x10000,
+        end: 0x20000,
+        prot: 3,
+        name: "x".into(),
+    }])
+    .encode(&mut b);
+    b
+}
+
+fn pages_frame(first: u64, xxh3: u64) -> Vec<u8> {
+    let data = vec![0xabu8; 4096];
+    let mut b = Vec::new();
+    let start = protocol::begin_frame(&mut b, Kind::Pages);
+    protocol::put_pages_header(
+        &mut b,
+        0,
+        0,
+        WireCodec::Raw,
+        4096,
+        xxh3,
+        &[Run { first, count: 1 }],
+    );
+    b.extend_from_slice(&data);
+    protocol::end_frame(&mut b, start);
+    b
+}
+
+fn good_xxh3() -> u64 {
+    xxhash_rust::xxh3::xxh3_64(&[0xabu8; 4096])
+}
+
+#[test]
+fn garbage_stream() {
+    let garbage: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    feed_receiver(&garbage, "not a procmig stream");
+}
+
+#[test]
+fn truncated_stream() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(1, good_xxh3()));
+    let full = pages_frame(2, good_xxh3());
+    b.extend_from_slice(&full[..full.len() / 2]);
+    feed_receiver(&b, "truncated");
+}
+
+#[test]
+fn stream_that_stops_between_frames() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(1, good_xxh3()));
+    feed_receiver(&b, "connection closed");
+}
+
+#[test]
+fn page_checksum_mismatch() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(1, good_xxh3() ^ 1));
+    Control::RoundEnd(0).encode(&mut b);
+    feed_receiver(&b, "checksum mismatch");
+}
+
+#[test]
+fn page_outside_region() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(16, good_xxh3()));
+    feed_receiver(&b, "outside region");
+}
+
+#[test]
+fn page_sent_twice_in_a_round() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(3, good_xxh3()));
+    b.extend(pages_frame(3, good_xxh3()));
+    feed_receiver(&b, "sent twice");
+}
+
+#[test]
+fn totals_that_do_not_match() {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(3, good_xxh3()));
+    Control::RoundEnd(0).encode(&mut b);
+    Control::End(protocol::Totals {
+        rounds: 1,
+        normal_pages: 2,
+        zero_pages: 0,
+        page_frames: 1,
+        zero_frames: 0,
+    })
+    .encode(&mut b);
+    feed_receiver(&b, "totals differ");
+}
+
+#[test]
+fn a_complete_handmade_stream_commits() {
+    // The counterpart of the failures above: the same frames, ended
+    // properly, produce an image with exactly that page.
+    let dir = TempDir::new("handmade");
+    let out = dir.join("img");
+    let recv = Recv::start(&out, &[]);
+    let mut b = start_of_stream();
+    b.extend(pages_frame(3, good_xxh3()));
+    Control::RoundEnd(0).encode(&mut b);
+    Control::End(protocol::Totals {
+        rounds: 1,
+        normal_pages: 1,
+        zero_pages: 0,
+        page_frames: 1,
+        zero_frames: 0,
+    })
+    .encode(&mut b);
+    let mut s = TcpStream::connect(recv.addr()).unwrap();
+    s.write_all(&b).unwrap();
+    let mut payload = Vec::new();
+    assert_eq!(
+        protocol::read_frame(&mut s, &mut payload).unwrap(),
+        Kind::Welcome
+    );
+    assert_eq!(
+        protocol::read_frame(&mut s, &mut payload).unwrap(),
+        Kind::Ack
+    );
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    let img = procmig::image::Image::open(&out).unwrap();
+    let rec = &img.manifest.regions[0];
+    let map = img.map_region(rec).unwrap();
+    assert!(map[..3 * 4096].iter().all(|&b| b == 0));
+    assert!(map[3 * 4096..4 * 4096].iter().all(|&b| b == 0xab));
+    assert!(map[4 * 4096..].iter().all(|&b| b == 0));
+    assert_eq!(dir.entries(), vec!["img"]);
+}
+
+/// A slow migration (bandwidth-capped, incompressible), interrupted.
+fn slow_migration() -> (Agent, TempDir, Recv, std::process::Child) {
+    let agent = Agent::start(&[
+        "--size",
+        "64M",
+        "--profile",
+        "random",
+        "--dirty-rate",
+        "500",
+    ]);
+    let dir = TempDir::new("slow");
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let send = Command::new(procmig())
+        .args([
+            "send",
+            "--pid",
+            &agent.pid.to_string(),
+            "--to",
+            &recv.addr(),
+        ])
+        .args(["--max-bandwidth", "4M", "--compress", "lz4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it get going: the process is stopped while pages flow.
+    let t = std::time::Instant::now();
+    while proc_state(agent.pid).map(|s| s.1) == Some(0) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    (agent, dir, recv, send)
+}
+
+#[test]
+fn sigint_resumes_the_source() {
+    let (agent, dir, recv, send) = slow_migration();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(send.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = send.wait_with_output().unwrap();
+    assert_one_line_error(&out, "cancelled");
+    assert_running(agent.pid);
+    let (ok, _, err) = recv.wait();
+    assert!(!ok, "receiver committed a cancelled migration");
+    assert!(err.lines().count() == 1, "{err}");
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
+
+#[test]
+fn receiver_dies_mid_stream() {
+    let (agent, dir, mut recv, send) = slow_migration();
+    recv.child.kill().unwrap();
+    let out = send.wait_with_output().unwrap();
+    assert_one_line_error(&out, "connection");
+    assert_running(agent.pid);
+    let _ = recv.child.wait();
+    // The receiver was killed -9: its staging directory may remain, but
+    // nothing is under the final name.
+    assert!(!dir.join("img").exists());
+}
+
+#[test]
+fn sigterm_on_the_receiver_removes_staging() {
+    let (agent, dir, recv, send) = slow_migration();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(recv.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (ok, _, err) = recv.wait();
+    assert!(!ok);
+    assert!(err.contains("cancelled"), "{err}");
+    let out = send.wait_with_output().unwrap();
+    assert_one_line_error(&out, "receiver");
+    assert_running(agent.pid);
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
