@@ -99,6 +99,8 @@ pub struct SendReport {
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: f64,
+    /// From the start of the page transfer until the End frame was written.
+    pub transfer_time_ms: f64,
     /// Bytes put on the wire.
     pub transferred: u64,
     pub throughput_mbps: f64,
@@ -125,10 +127,17 @@ pub struct SendReport {
 }
 
 impl SendReport {
-    pub fn set_times(&mut self, total: Duration, setup: Duration, downtime: Duration) {
+    pub fn set_times(
+        &mut self,
+        total: Duration,
+        setup: Duration,
+        downtime: Duration,
+        transfer: Duration,
+    ) {
         self.total_time_ms = ms(total);
         self.setup_time_ms = ms(setup);
         self.downtime_ms = ms(downtime);
+        self.transfer_time_ms = ms(transfer);
     }
 }
 
@@ -149,6 +158,7 @@ impl fmt::Display for SendReport {
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "setup: {:.0} ms", self.setup_time_ms)?;
         writeln!(f, "downtime: {:.0} ms", self.downtime_ms)?;
+        writeln!(f, "transfer time: {:.0} ms", self.transfer_time_ms)?;
         writeln!(f, "transferred ram: {} kbytes", kb(self.transferred))?;
         writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;
         writeln!(f, "total ram: {} kbytes", kb(self.total))?;

@@ -510,6 +510,7 @@ fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, 
         total_time_ms: 0.0,
         setup_time_ms: 0.0,
         downtime_ms: 0.0,
+        transfer_time_ms: 0.0,
         transferred: wire,
         throughput_mbps: stats::mbps(wire, t_transfer),
         total,
@@ -547,7 +548,7 @@ fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, 
         dest_commit_ms: ack.commit_ns as f64 / 1e6,
         on_complete: cfg.on_complete.to_string(),
     };
-    report.set_times(total_time, setup, downtime);
+    report.set_times(total_time, setup, downtime, t_transfer);
     Ok(report)
 }
 
