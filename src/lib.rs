@@ -3,7 +3,9 @@
 pub mod cancel;
 pub mod codec;
 pub mod dest;
+pub mod dirty;
 pub mod image;
+pub mod pageset;
 pub mod progress;
 pub mod protocol;
 pub mod source;

@@ -4,13 +4,14 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use procmig::codec::Method;
 use procmig::dest::{self, RecvConfig};
 use procmig::image::Image;
-use procmig::source::{self, OnComplete, SendConfig};
+use procmig::source::{self, Mode, OnComplete, SendConfig, ThrottleParams};
 use procmig::target::RegionFilter;
 use procmig::units::parse_size;
 
@@ -31,6 +32,12 @@ enum Command {
     Recv(RecvArgs),
     /// Compare an image with a process, byte for byte.
     Verify(VerifyArgs),
+    /// Show what this kernel offers for dirty tracking, and permissions.
+    Info {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the man pages (procmig.1, procmig-send.1, ...) into DIR.
     #[command(hide = true)]
     Man {
@@ -65,6 +72,36 @@ struct SendArgs {
     /// Migrate only this address range (START-END, hex) or mapping name ([heap], a path). Repeatable.
     #[arg(long, value_name = "RANGE|NAME")]
     region: Vec<RegionFilter>,
+    /// live: copy while the process runs, then a short downtime; stop-and-copy: stop it for the whole copy.
+    #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
+    mode: String,
+    /// How written pages are found between rounds.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "soft-dirty", "uffd-wp", "compare"])]
+    dirty_tracking: String,
+    /// Longest acceptable pause of the process (QEMU: downtime-limit), e.g. 300ms, 1s.
+    #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
+    downtime_limit: Duration,
+    /// Rounds after the bulk copy before giving up (or forcing downtime).
+    #[arg(long, value_name = "N", default_value_t = 30)]
+    max_iterations: u32,
+    /// Throttle a process that dirties memory faster than the link drains it (QEMU: auto-converge).
+    #[arg(long)]
+    auto_converge: bool,
+    /// After --max-iterations, stop the process and finish even if the downtime will exceed the limit.
+    #[arg(long)]
+    force_downtime: bool,
+    /// First throttle, % of CPU time taken away.
+    #[arg(long, value_name = "PCT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=99))]
+    cpu_throttle_initial: u32,
+    /// Throttle added each time the process still outruns the link.
+    #[arg(long, value_name = "PCT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=99))]
+    cpu_throttle_increment: u32,
+    /// Highest throttle.
+    #[arg(long, value_name = "PCT", default_value_t = 99, value_parser = clap::value_parser!(u32).range(1..=99))]
+    max_cpu_throttle: u32,
+    /// Throttle when bytes dirtied in a round exceed this % of bytes sent (twice in a row).
+    #[arg(long, value_name = "PCT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100))]
+    throttle_trigger_threshold: u32,
     /// Pages per compression batch.
     #[arg(long, default_value_t = source::DEFAULT_BATCH_PAGES, value_parser = clap::value_parser!(u32).range(1..=1024), hide_short_help = true)]
     batch_pages: u32,
@@ -105,6 +142,26 @@ struct VerifyArgs {
     json: bool,
 }
 
+/// `300ms`, `1.5s`, or a plain number of milliseconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = t.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (t, 1e-3)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 && v * scale < 1e6 => {
+            Ok(Duration::from_secs_f64(v * scale))
+        }
+        _ => Err(format!(
+            "invalid duration {s:?} (expected e.g. 300ms or 2s)"
+        )),
+    }
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).expect("report serialises")
 }
@@ -131,6 +188,18 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         .map_err(anyhow::Error::msg)?;
     cfg.regions = a.region;
     cfg.batch_pages = a.batch_pages;
+    cfg.mode = a.mode.parse::<Mode>().map_err(anyhow::Error::msg)?;
+    cfg.dirty_tracking = a.dirty_tracking.parse().map_err(anyhow::Error::msg)?;
+    cfg.downtime_limit = a.downtime_limit;
+    cfg.max_iterations = a.max_iterations;
+    cfg.auto_converge = a.auto_converge;
+    cfg.force_downtime = a.force_downtime;
+    cfg.throttle = ThrottleParams {
+        trigger_threshold: a.throttle_trigger_threshold,
+        initial: a.cpu_throttle_initial,
+        increment: a.cpu_throttle_increment,
+        max: a.max_cpu_throttle,
+    };
     cfg.progress = std::io::stderr().is_terminal();
     let cancel = procmig::cancel::install_signal_flag()?;
     let report = source::send(&cfg, &cancel)?;
@@ -214,6 +283,15 @@ fn main() -> ExitCode {
         Command::Send(a) => send(a),
         Command::Recv(a) => recv(a),
         Command::Verify(a) => verify(a),
+        Command::Info { json: as_json } => {
+            let info = procmig::dirty::probe::info();
+            if as_json {
+                println!("{}", json(&info));
+            } else {
+                println!("{info}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Man { dir } => man(dir),
     };
     match r {

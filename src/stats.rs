@@ -90,15 +90,40 @@ pub struct CompressionReport {
     pub thread_busy_percent: Vec<f64>,
 }
 
+/// One pre-copy round (QEMU: a dirty-bitmap sync and the pass after it).
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// Pages the tracker reported written (0 for the bulk round).
+    pub dirty_pages: u64,
+    /// Pages sent (normal + zero).
+    pub pages_sent: u64,
+    /// Bytes of pages read for this round.
+    pub raw_bytes: u64,
+    /// Bytes put on the wire.
+    pub bytes: u64,
+    pub duration_ms: f64,
+    /// Pages dirtied per second before this round.
+    pub dirty_rate: f64,
+    pub throughput_mbps: f64,
+    pub expected_downtime_ms: f64,
+    pub throttle_percent: u32,
+}
+
 /// The source's final report.
 #[derive(Debug, Clone, Serialize)]
 pub struct SendReport {
     pub status: String,
     pub pid: i32,
     pub mode: String,
+    pub dirty_tracking: String,
+    /// Regions tracked by comparison because the tracker could not handle them.
+    pub fallback_regions: usize,
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: f64,
+    /// The estimate that ended iteration.
+    pub expected_downtime_ms: f64,
     /// From the start of the page transfer until the End frame was written.
     pub transfer_time_ms: f64,
     /// Bytes put on the wire.
@@ -116,6 +141,7 @@ pub struct SendReport {
     /// Unpopulated pages, not sent.
     pub skipped: u64,
     pub dirty_sync_count: u32,
+    pub cpu_throttle_percentage: u32,
     pub max_bandwidth: Option<u64>,
     pub compression: CompressionReport,
     pub cpu_seconds: f64,
@@ -124,6 +150,7 @@ pub struct SendReport {
     /// Receiver: time to check, sync and commit the image.
     pub dest_commit_ms: f64,
     pub on_complete: String,
+    pub rounds: Vec<RoundReport>,
 }
 
 impl SendReport {
@@ -154,10 +181,21 @@ impl fmt::Display for SendReport {
             "pid: {} ({} regions, {} threads stopped)",
             self.pid, self.regions, self.threads_stopped
         )?;
-        writeln!(f, "mode: {}", self.mode)?;
+        writeln!(
+            f,
+            "mode: {} (dirty tracking: {}{})",
+            self.mode,
+            self.dirty_tracking,
+            if self.fallback_regions > 0 {
+                format!(", {} regions by compare", self.fallback_regions)
+            } else {
+                String::new()
+            }
+        )?;
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "setup: {:.0} ms", self.setup_time_ms)?;
         writeln!(f, "downtime: {:.0} ms", self.downtime_ms)?;
+        writeln!(f, "expected downtime: {:.0} ms", self.expected_downtime_ms)?;
         writeln!(f, "transfer time: {:.0} ms", self.transfer_time_ms)?;
         writeln!(f, "transferred ram: {} kbytes", kb(self.transferred))?;
         writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;
@@ -167,6 +205,11 @@ impl fmt::Display for SendReport {
         writeln!(f, "normal: {} pages", self.normal)?;
         writeln!(f, "normal bytes: {} kbytes", kb(self.normal_bytes))?;
         writeln!(f, "dirty sync count: {}", self.dirty_sync_count)?;
+        writeln!(
+            f,
+            "cpu throttle percentage: {}",
+            self.cpu_throttle_percentage
+        )?;
         writeln!(f, "page size: {} kbytes", kb(self.page_size))?;
         if let Some(bw) = self.max_bandwidth {
             writeln!(f, "max bandwidth: {bw} bytes/s")?;
@@ -199,7 +242,24 @@ impl fmt::Display for SendReport {
             self.dest_decompress_busy_ms
         )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
-        write!(f, "on complete: {}", self.on_complete)
+        writeln!(f, "on complete: {}", self.on_complete)?;
+        writeln!(f, "rounds:\n  round  dirty pages  pages sent   wire kbytes  time ms  dirty pages/s      mbps  exp. downtime ms  throttle")?;
+        for r in &self.rounds {
+            writeln!(
+                f,
+                "  {:>5}  {:>11}  {:>10}  {:>12}  {:>7.0}  {:>13.0}  {:>8.1}  {:>16.0}  {:>7}%",
+                r.round,
+                r.dirty_pages,
+                r.pages_sent,
+                kb(r.bytes),
+                r.duration_ms,
+                r.dirty_rate,
+                r.throughput_mbps,
+                r.expected_downtime_ms,
+                r.throttle_percent
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -34,24 +34,67 @@
 //! |     88 | `dirty_rate`        | pages per second (all writers)              |
 //! |     96 | `writes`            | atomic: completed page rewrites             |
 //! |    104 | `rng[64]`           | atomic: PRNG state of writer thread t       |
-//! |    616 | `inflight[64]`      | atomic: 0, or 1 + index of the data page writer t is rewriting |
+//! |    616 | `inflight[64]`      | atomic: 0, or 1 + index of the data page writer t is rewriting or discarding |
+//! |   1128 | `churn_events`      | atomic: events done by the churn thread (`--churn`) |
+//! |   1136 | `discards`          | atomic: completed discards (`--dontneed-rate`) |
+//! |   1144 | `kernel_writes`     | atomic: completed rewrites done by read(2) from a pipe (`--kernel-writes`), also counted in `writes` |
+//! |   1152 | `dontneed_rate`     | `--dontneed-rate` (pages per second)        |
+//! |   1160 | `kernel_write_rate` | `--kernel-writes` (pages per second)        |
+//! |   1168 | `churn_rate`        | `--churn` (events per second)               |
 //!
-//! The ledger entry of data page `i` (a `u32` at `BASE + P + 4 * i`) is its
-//! generation: 0 after the initial fill, bumped by one by each rewrite. The
-//! page's bytes are always `content(profile, seed, i, ledger[i])` (see
-//! [`crate::content`]) except while a writer rewrites it. A rewrite of page
-//! `i` by writer `t` does, in this order (each step a SeqCst atomic access
-//! or fenced):
+//! Version 1 ended at offset 1128; version 2 added the fields from 1128 on
+//! and the discarded flag in the ledger. Every earlier offset is unchanged.
+//!
+//! # The ledger
+//!
+//! The ledger entry of data page `i` (a `u32` at `BASE + P + 4 * i`) holds
+//! the page's generation in its low 31 bits ([`GEN_MASK`]) and the
+//! *discarded* flag in bit 31 ([`DISCARDED`]). The generation is 0 after
+//! the initial fill and bumped by one by each rewrite (after `2^31 - 1` it
+//! wraps to 1; 0 always means "initial fill").
+//!
+//! * Flag clear: the page's bytes are `content(profile, seed, i, gen)` (see
+//!   [`crate::content`]).
+//! * Flag set: the page was discarded with `madvise(MADV_DONTNEED)` and
+//!   must read as all zero bytes. `gen` is still the generation the page
+//!   had before the discard: a discard does not change the generation, it
+//!   only sets the flag, so the generation never restarts and two
+//!   different contents of one page never share a generation.
+//!
+//! Only pages of the working set (or the hot pages) ever change, and each
+//! of them belongs to exactly one writer slot `t` (writers own contiguous
+//! shares of the set); whoever acts on the page (the writer thread, the
+//! discard thread, the kernel-write thread) does so on behalf of that slot,
+//! one at a time. Except while its slot names it, a page is always as its
+//! ledger entry says.
+//!
+//! A *rewrite* of page `i` on slot `t` does, in this order (each step a
+//! SeqCst atomic access or fenced):
 //!
 //! 1. `inflight[t] = i + 1`
-//! 2. `ledger[i] += 1` (call the new value `gen`)
+//! 2. `ledger[i] = gen` where `gen = (ledger[i] & GEN_MASK) + 1`: the flag
+//!    is cleared, the generation continues from before the discard
 //! 3. write `content(profile, seed, i, gen)` into the page, stamp first
-//! 4. `writes += 1`
+//!    (with `--kernel-writes` some rewrites write this content into a pipe
+//!    and read(2) it from the pipe straight into the page, so the kernel
+//!    does the write)
+//! 4. `writes += 1` (and `kernel_writes += 1` for a kernel write)
+//! 5. `inflight[t] = 0`
+//!
+//! A *discard* of page `i` on slot `t` (`--dontneed-rate`):
+//!
+//! 1. `inflight[t] = i + 1`
+//! 2. `ledger[i] |= DISCARDED` (before the page is dropped)
+//! 3. `madvise(page, P, MADV_DONTNEED)`: the page reads as zero from now on
+//! 4. `discards += 1`
 //! 5. `inflight[t] = 0`
 //!
 //! So in a snapshot of the stopped process, every page not named by an
-//! `inflight` slot matches its ledger generation, and
-//! `writes <= sum(ledger) <= writes + (number of non-zero inflight slots)`.
+//! `inflight` slot matches its ledger entry (content of its generation, or
+//! all zero if discarded), and, since a discard leaves generations alone,
+//! `writes <= sum(ledger & GEN_MASK) <= writes + (non-zero inflight slots)`.
+//! Also `(pages with the flag set) <= discards + (non-zero inflight slots)`
+//! and `kernel_writes <= writes`.
 
 use std::mem::{offset_of, size_of};
 use std::sync::atomic::AtomicU64;
@@ -61,7 +104,7 @@ pub const BASE: u64 = 0x5a00_0000_0000;
 /// `b"PMAGENT1"` as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PMAGENT1");
 /// Version of this layout.
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 /// Number of writer slots in the header (the most `--threads` allows).
 pub const MAX_THREADS: usize = 64;
 /// Smallest region, in pages.
@@ -70,6 +113,16 @@ pub const MIN_PAGES: u64 = 16;
 pub const MAX_SIZE: u64 = 1 << 40;
 /// Bytes per ledger entry.
 pub const LEDGER_ENTRY: u64 = 4;
+/// Ledger flag: the page was discarded and must be all zero.
+pub const DISCARDED: u32 = 1 << 31;
+/// Ledger bits holding the generation.
+pub const GEN_MASK: u32 = DISCARDED - 1;
+
+/// The generation after `entry` (a ledger entry, flag or not): one more,
+/// wrapping from [`GEN_MASK`] to 1 (0 means "initial fill").
+pub fn next_gen(entry: u32) -> u32 {
+    (((entry & GEN_MASK) + 1) & GEN_MASK).max(1)
+}
 
 /// The header in page 0. Plain fields are written once before anything
 /// else runs; the atomics are shared by the writer threads.
@@ -91,6 +144,12 @@ pub struct Header {
     pub writes: AtomicU64,
     pub rng: [AtomicU64; MAX_THREADS],
     pub inflight: [AtomicU64; MAX_THREADS],
+    pub churn_events: AtomicU64,
+    pub discards: AtomicU64,
+    pub kernel_writes: AtomicU64,
+    pub dontneed_rate: u64,
+    pub kernel_write_rate: u64,
+    pub churn_rate: u64,
 }
 
 /// Byte offsets of the header fields (as documented above).
@@ -110,7 +169,13 @@ pub mod offsets {
     pub const WRITES: usize = 96;
     pub const RNG: usize = 104;
     pub const INFLIGHT: usize = 616;
-    pub const END: usize = 1128;
+    pub const CHURN_EVENTS: usize = 1128;
+    pub const DISCARDS: usize = 1136;
+    pub const KERNEL_WRITES: usize = 1144;
+    pub const DONTNEED_RATE: usize = 1152;
+    pub const KERNEL_WRITE_RATE: usize = 1160;
+    pub const CHURN_RATE: usize = 1168;
+    pub const END: usize = 1176;
 }
 
 const _: () = {
@@ -129,6 +194,12 @@ const _: () = {
     assert!(offset_of!(Header, writes) == offsets::WRITES);
     assert!(offset_of!(Header, rng) == offsets::RNG);
     assert!(offset_of!(Header, inflight) == offsets::INFLIGHT);
+    assert!(offset_of!(Header, churn_events) == offsets::CHURN_EVENTS);
+    assert!(offset_of!(Header, discards) == offsets::DISCARDS);
+    assert!(offset_of!(Header, kernel_writes) == offsets::KERNEL_WRITES);
+    assert!(offset_of!(Header, dontneed_rate) == offsets::DONTNEED_RATE);
+    assert!(offset_of!(Header, kernel_write_rate) == offsets::KERNEL_WRITE_RATE);
+    assert!(offset_of!(Header, churn_rate) == offsets::CHURN_RATE);
     assert!(size_of::<Header>() == offsets::END);
 };
 
@@ -235,6 +306,12 @@ pub struct HeaderView {
     pub dirty_rate: u64,
     pub writes: u64,
     pub inflight: Vec<u64>,
+    pub churn_events: u64,
+    pub discards: u64,
+    pub kernel_writes: u64,
+    pub dontneed_rate: u64,
+    pub kernel_write_rate: u64,
+    pub churn_rate: u64,
 }
 
 fn word(bytes: &[u8], off: usize) -> u64 {
@@ -265,6 +342,12 @@ impl HeaderView {
             inflight: (0..MAX_THREADS)
                 .map(|t| word(bytes, offsets::INFLIGHT + 8 * t))
                 .collect(),
+            churn_events: word(bytes, offsets::CHURN_EVENTS),
+            discards: word(bytes, offsets::DISCARDS),
+            kernel_writes: word(bytes, offsets::KERNEL_WRITES),
+            dontneed_rate: word(bytes, offsets::DONTNEED_RATE),
+            kernel_write_rate: word(bytes, offsets::KERNEL_WRITE_RATE),
+            churn_rate: word(bytes, offsets::CHURN_RATE),
         })
     }
 }
@@ -337,6 +420,16 @@ mod tests {
         assert!(LayoutError::TooSmall { size: 1, min: 2 }
             .to_string()
             .contains("too small"));
+    }
+
+    #[test]
+    fn generations_wrap_past_the_flag() {
+        assert_eq!(next_gen(0), 1);
+        assert_eq!(next_gen(41), 42);
+        assert_eq!(next_gen(DISCARDED | 41), 42);
+        assert_eq!(next_gen(GEN_MASK), 1);
+        assert_eq!(next_gen(DISCARDED | GEN_MASK), 1);
+        assert_eq!(next_gen(u32::MAX), 1);
     }
 
     #[test]

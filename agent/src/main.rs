@@ -8,6 +8,12 @@
 //! written by the procmig receiver: every page must be exactly what the
 //! agent last wrote there.
 //!
+//! To exercise live migration further, `run` can also discard pages of the
+//! region with `MADV_DONTNEED` (`--dontneed-rate`), have the kernel rewrite
+//! pages by read(2) from a pipe (`--kernel-writes`), keep changing its
+//! memory map and threads outside the region (`--churn`, see [`churn`]),
+//! and exit by itself (`--exit-after`).
+//!
 //! # Region layout (other tests rely on it)
 //!
 //! ```text
@@ -18,13 +24,20 @@
 //!
 //! `P` is the page size. The header holds the magic `b"PMAGENT1"`, the layout
 //! version, sizes, profile, seed, the `writes` counter, per-writer PRNG states
-//! and per-writer in-flight slots; its field offsets are listed in
-//! [`layout`]. Data page `i` holds `content(profile, seed, i, ledger[i])`
-//! ([`content`]): zero pages are all zero; every other page starts with a
-//! 16-byte stamp `(i: u64 LE, gen: u32 LE, check: u32 LE)`.
+//! and per-writer in-flight slots, then (layout version 2) the
+//! `churn_events`, `discards` and `kernel_writes` counters and the rates;
+//! its field offsets are listed in [`layout`]. Data page `i` holds
+//! `content(profile, seed, i, gen)` ([`content`]) with `gen = ledger[i]`:
+//! zero pages are all zero; every other page starts with a 16-byte stamp
+//! `(i: u64 LE, gen: u32 LE, check: u32 LE)`. If bit 31 of `ledger[i]` is
+//! set the page was discarded and is all zero instead; the low 31 bits
+//! keep its generation.
 //!
-//! A rewrite of page `i` by writer `t`: `inflight[t] = i + 1`, bump
-//! `ledger[i]`, write the new content, `writes += 1`, `inflight[t] = 0`.
+//! A rewrite of page `i` on slot `t`: `inflight[t] = i + 1`,
+//! `ledger[i] = (ledger[i] & 0x7fffffff) + 1`, write the new content,
+//! `writes += 1`, `inflight[t] = 0`. A discard: `inflight[t] = i + 1`, set
+//! bit 31 of `ledger[i]`, `madvise(MADV_DONTNEED)`, `discards += 1`,
+//! `inflight[t] = 0`.
 //!
 //! # Ready line
 //!
@@ -32,6 +45,7 @@
 //! procmig-agent ready pid=<pid> base=0x<hex> size=<bytes> data_pages=<n>
 //! ```
 
+mod churn;
 mod content;
 mod layout;
 mod verify;
@@ -40,14 +54,15 @@ mod workload;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use clap_mangen::roff::{bold, roman, Roff};
 
+use churn::Churn;
 use content::Profile;
 use layout::{Layout, BASE, MAX_THREADS};
-use workload::{map_region, page_size, Params, Ram};
+use workload::{map_region, page_size, KernelPipe, Params, Pool, Ram};
 
 const LONG_ABOUT: &str = "\
 Stand-in for guest RAM: a process that maps a RAM region at a fixed address, \
@@ -59,7 +74,13 @@ The region is mapped at 0x5a0000000000. Page 0 is a header (magic PMAGENT1, \
 sizes, profile, seed, a writes counter, per-writer in-flight slots), then \
 comes a ledger with one u32 generation per data page, then the data pages. \
 Data page i always holds content(profile, seed, i, ledger[i]); every non-zero \
-page starts with a 16-byte stamp (i, gen, check).";
+page starts with a 16-byte stamp (i, gen, check). A ledger entry with bit 31 \
+set marks a page discarded with MADV_DONTNEED, which must be all zero.
+
+For live-migration tests, run can also discard pages (--dontneed-rate), have \
+the kernel write pages by read(2) from a pipe (--kernel-writes), keep \
+mapping, remapping and unmapping memory and starting short-lived threads \
+outside the region (--churn), and exit by itself (--exit-after).";
 
 #[derive(Parser, Debug)]
 #[command(name = "procmig-agent", version, about = "Stand-in for guest RAM: fills memory, dirties it, verifies images of itself", long_about = LONG_ABOUT)]
@@ -70,7 +91,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Map the RAM region, fill it, print the ready line, keep dirtying pages until killed
+    /// Map the RAM region, fill it, print the ready line, keep dirtying pages until killed (or --exit-after)
     Run(RunArgs),
     /// Check an image of the agent written by the procmig receiver
     Verify(VerifyArgs),
@@ -106,6 +127,31 @@ struct RunArgs {
     /// If non-zero, writers rewrite only the first N data pages, in order, over and over
     #[arg(long, value_name = "N", default_value_t = 0)]
     hot_pages: u64,
+    /// Discard random pages of the working set with MADV_DONTNEED, this many per second (0: none)
+    ///
+    /// The ledger marks a discarded page (bit 31) as all zero until its next rewrite, which
+    /// continues its generation; verify checks that such pages are zero.
+    #[arg(long, value_name = "PAGES_PER_SEC", default_value_t = 0)]
+    dontneed_rate: u64,
+    /// Have the kernel rewrite random pages of the working set, this many per second (0: none)
+    ///
+    /// A thread writes a page's next content into a pipe and read(2)s it straight into the
+    /// page, so the write is the kernel's copy to user memory; the ledger protocol is that of
+    /// any rewrite.
+    #[arg(long, value_name = "RATE", default_value_t = 0)]
+    kernel_writes: u64,
+    /// Change the memory map outside the RAM region, this many events per second (0: none)
+    ///
+    /// Each event, chosen at random (seeded by --seed): mmap a new anonymous private mapping
+    /// of 1-64 pages, munmap a whole one or its head or tail pages, mremap one (grow with
+    /// MREMAP_MAYMOVE, or shrink), MADV_DONTNEED a few of its pages, rewrite some of its pages,
+    /// or start a thread that writes to one for 5-100 ms and exits. At most 64 such mappings
+    /// and 16 MiB at once; verify does not check them.
+    #[arg(long, value_name = "RATE", default_value_t = 0)]
+    churn: u64,
+    /// Exit with status 0 this many seconds after the ready line (fractions allowed)
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    exit_after: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -168,6 +214,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("bad size {s:?}: number too large"))
 }
 
+/// Parse `--exit-after`: a non-negative number of seconds.
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected seconds, such as 2 or 0.5"))?;
+    if !(0.0..=1e9).contains(&v) {
+        return Err(format!(
+            "bad duration {s:?}: expected seconds between 0 and 1e9"
+        ));
+    }
+    Ok(v)
+}
+
 fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -212,6 +272,9 @@ fn run(args: &RunArgs) -> Result<Never, String> {
         hot_pages: args.hot_pages,
         threads: usize::from(args.threads),
         fill_threads: args.fill_threads.map_or_else(cpus, usize::from),
+        dontneed_rate: args.dontneed_rate,
+        kernel_write_rate: args.kernel_writes,
+        churn_rate: args.churn,
     };
     let plan = params.plan(&layout);
     if args.working_set.is_some() && Some(plan.working_set_pages) != params.working_set_pages {
@@ -244,15 +307,48 @@ fn run(args: &RunArgs) -> Result<Never, String> {
         data_bytes as f64 / 1048576.0 / secs.max(1e-9)
     );
 
+    // The region lives until the process dies, and so do the writers.
+    let pool: &'static Pool<'static> = Box::leak(Box::new(ram.into_pool()));
+    let spawn = |name: String, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(f)
+            .map(drop)
+            .map_err(|e| format!("cannot start thread {name}: {e}"))
+    };
     if args.dirty_rate > 0 {
-        let writers = ram.into_writers();
-        let per_thread = args.dirty_rate as f64 / writers.len() as f64;
-        for (t, w) in writers.into_iter().enumerate() {
-            std::thread::Builder::new()
-                .name(format!("writer-{t}"))
-                .spawn(move || w.run(per_thread))
-                .map_err(|e| format!("cannot start writer thread: {e}"))?;
+        let per_thread = args.dirty_rate as f64 / pool.writers() as f64;
+        for t in 0..pool.writers() {
+            spawn(
+                format!("writer-{t}"),
+                Box::new(move || pool.run_writer(t, per_thread)),
+            )?;
         }
+    }
+    if args.dontneed_rate > 0 {
+        let (rate, seed) = (args.dontneed_rate as f64, args.seed);
+        spawn(
+            "discard".into(),
+            Box::new(move || pool.run_discards(rate, seed)),
+        )?;
+    }
+    if args.kernel_writes > 0 {
+        let pipe = KernelPipe::new(layout.page_size as usize)
+            .map_err(|e| format!("cannot create the pipe for kernel writes: {e}"))?;
+        let (rate, seed) = (args.kernel_writes as f64, args.seed);
+        spawn(
+            "kernel-write".into(),
+            Box::new(move || pool.run_kernel_writes(rate, seed, pipe)),
+        )?;
+    }
+    if args.churn > 0 {
+        let churn = Churn::new(
+            args.seed,
+            layout.page_size as usize,
+            &pool.header().churn_events,
+        );
+        let rate = args.churn as f64;
+        spawn("churn".into(), Box::new(move || churn.run(rate)))?;
     }
 
     let mut out = std::io::stdout().lock();
@@ -266,8 +362,25 @@ fn run(args: &RunArgs) -> Result<Never, String> {
     .and_then(|()| out.flush())
     .map_err(|e| format!("cannot print the ready line: {e}"))?;
     drop(out);
-    loop {
-        std::thread::park();
+    match args.exit_after {
+        Some(secs) => {
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+                if left.is_zero() {
+                    break;
+                }
+                std::thread::sleep(left);
+            }
+            eprintln!("procmig-agent: exiting after {secs} s (--exit-after)");
+            // Stdout was flushed after the ready line and stderr is not
+            // buffered; leave at once, without running exit handlers while
+            // the other threads still write memory.
+            // SAFETY: _exit has no preconditions; it ends every thread.
+            unsafe { libc::_exit(0) }
+        }
+        None => loop {
+            std::thread::park();
+        },
     }
 }
 
@@ -409,24 +522,40 @@ fn man_sections(w: &mut dyn Write) -> std::io::Result<()> {
         "With P the page size: page 0 (at 0x5a0000000000) is the header; the next \
          ceil(data_pages*4/P) pages are the ledger, one native-endian u32 generation per \
          data page; then come the data pages. Header fields are 64-bit words at byte \
-         offsets: 0 magic (PMAGENT1), 8 version (1), 16 total_size, 24 page_size, \
+         offsets: 0 magic (PMAGENT1), 8 version (2), 16 total_size, 24 page_size, \
          32 data_pages, 40 ledger_pages, 48 profile (0 zero, 1 text, 2 random, 3 mixed), \
          56 seed, 64 working_set_pages, 72 hot_pages, 80 threads, 88 dirty_rate, \
-         96 writes, 104 rng[64], 616 inflight[64] (0, or 1 + the page a writer is rewriting).",
+         96 writes, 104 rng[64], 616 inflight[64] (0, or 1 + the page a writer is rewriting \
+         or discarding), 1128 churn_events, 1136 discards, 1144 kernel_writes, \
+         1152 dontneed_rate, 1160 kernel_write_rate, 1168 churn_rate.",
     )]);
     roff.control("PP", []);
     roff.text([roman(
-        "Data page i holds content(profile, seed, i, ledger[i]). Zero pages are all zero; \
-         any other page starts with a 16-byte stamp: i (u64 LE), gen (u32 LE), check (u32 LE). \
-         A rewrite of page i by writer t sets inflight[t] = i+1, bumps ledger[i], writes \
-         the new content, increments writes, and clears inflight[t].",
+        "The low 31 bits of ledger[i] are the generation gen of data page i; bit 31 is the \
+         discarded flag. Data page i holds content(profile, seed, i, gen), or, if the flag \
+         is set, all zero bytes. Zero pages are all zero; any other page starts with a \
+         16-byte stamp: i (u64 LE), gen (u32 LE), check (u32 LE). A rewrite of page i on \
+         writer slot t sets inflight[t] = i+1, sets ledger[i] to gen+1 (clearing the flag), \
+         writes the new content (for --kernel-writes: by read(2) from a pipe), increments \
+         writes (and kernel_writes), and clears inflight[t]. A discard sets inflight[t] = i+1, \
+         sets the flag, calls madvise(MADV_DONTNEED) on the page, increments discards, and \
+         clears inflight[t]; the generation is kept, so the next rewrite continues from it.",
+    )]);
+    roff.control("PP", []);
+    roff.text([roman(
+        "verify checks every page not named by an in-flight slot against its ledger entry, \
+         and that writes <= sum of generations <= writes + in-flight slots, \
+         flagged pages <= discards + in-flight slots, and kernel_writes <= writes. \
+         Churn mappings (--churn) lie outside the region and are not checked; their \
+         non-zero pages start with the words PMCHURN1, mapping id, page number and version.",
     )]);
     roff.control("SH", ["EXIT STATUS"]);
     roff.text([roman(
         "verify exits 0 if every page checks out, 1 if any page or the writes counter is \
          wrong, 2 if the image cannot be read or is not an image of the agent. run exits 1 \
-         if it cannot start (for example the address range is already mapped); it never \
-         exits by itself otherwise. Usage errors exit 2.",
+         if it cannot start (for example the address range is already mapped), and 0 \
+         --exit-after SECONDS after the ready line; it never exits by itself otherwise. \
+         Usage errors exit 2.",
     )]);
     roff.to_writer(w)
 }
@@ -459,6 +588,16 @@ mod tests {
     }
 
     #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("0.5"), Ok(0.5));
+        assert_eq!(parse_seconds("2"), Ok(2.0));
+        assert_eq!(parse_seconds("0"), Ok(0.0));
+        for bad in ["", "-1", "x", "NaN", "inf", "1e10"] {
+            assert!(parse_seconds(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
     }
@@ -471,6 +610,10 @@ mod tests {
         for needle in [
             "RUN COMMAND",
             "dirty\\-rate",
+            "dontneed\\-rate",
+            "kernel\\-writes",
+            "\\-\\-churn",
+            "exit\\-after",
             "VERIFY COMMAND",
             "EXIT STATUS",
         ] {

@@ -1,7 +1,8 @@
 //! Check a saved image of the agent's memory: every data page must hold the
-//! content its ledger generation says, and the ledger must agree with the
-//! writes counter (see [`crate::layout`] for the rules, including the slack
-//! allowed for pages a writer was rewriting when the process stopped).
+//! content its ledger generation says (all zero if the ledger marks it
+//! discarded), and the ledger must agree with the counters (see
+//! [`crate::layout`] for the rules, including the slack allowed for pages a
+//! writer was rewriting or discarding when the process stopped).
 
 use std::path::Path;
 use std::thread;
@@ -10,7 +11,7 @@ use procmig::image::Image;
 use serde_json::{json, Value};
 
 use crate::content::{is_zero, page_matches, read_stamp, Profile};
-use crate::layout::{HeaderView, Layout, BASE, LAYOUT_VERSION, MAGIC};
+use crate::layout::{HeaderView, Layout, BASE, DISCARDED, GEN_MASK, LAYOUT_VERSION, MAGIC};
 
 /// Bad pages listed individually in a report.
 pub const MAX_LISTED: usize = 10;
@@ -44,26 +45,38 @@ impl std::fmt::Display for Looks {
 pub struct BadPage {
     pub index: u64,
     pub addr: u64,
+    /// The generation in the ledger (without the discarded flag).
     pub expected_gen: u32,
+    /// The ledger marks the page discarded: it should be all zero.
+    pub discarded: bool,
     pub looks: Looks,
 }
 
 impl std::fmt::Display for BadPage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "page {} at {:#x}: expected gen {}, looks like {}",
-            self.index, self.addr, self.expected_gen, self.looks
-        )
+        if self.discarded {
+            write!(
+                f,
+                "page {} at {:#x}: expected zero (discarded at gen {}), looks like {}",
+                self.index, self.addr, self.expected_gen, self.looks
+            )
+        } else {
+            write!(
+                f,
+                "page {} at {:#x}: expected gen {}, looks like {}",
+                self.index, self.addr, self.expected_gen, self.looks
+            )
+        }
     }
 }
 
-/// State of a page a writer was rewriting at the stop instant.
+/// State of a page a writer was rewriting or discarding at the stop instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flight {
-    /// Matches its ledger generation.
+    /// Matches its ledger entry (for a discard: all zero).
     Current,
-    /// Matches the generation before.
+    /// As before: the previous generation, or all zero for a rewrite of
+    /// a discarded page; for a discard, the generation it still has.
     Previous,
     /// Neither: caught mid-write.
     Torn,
@@ -84,6 +97,8 @@ pub struct InFlight {
     pub slot: usize,
     pub index: u64,
     pub gen: u32,
+    /// A discard (the ledger's flag is set), not a rewrite.
+    pub discard: bool,
     pub state: Flight,
 }
 
@@ -94,7 +109,14 @@ pub struct Report {
     pub data_pages: u64,
     pub pages_checked: u64,
     pub writes: u64,
+    /// Sum of the ledger's generations (flags masked off).
     pub ledger_sum: u64,
+    /// Pages the ledger marks discarded (including in-flight discards).
+    pub discarded: u64,
+    /// The header's counters.
+    pub discards: u64,
+    pub kernel_writes: u64,
+    pub churn_events: u64,
     pub in_flight: Vec<InFlight>,
     pub bad_total: u64,
     /// The first [`MAX_LISTED`] bad pages, by index.
@@ -141,11 +163,16 @@ impl Report {
             "pages_checked": self.pages_checked,
             "writes": self.writes,
             "ledger_sum": self.ledger_sum,
+            "discarded": self.discarded,
+            "discards": self.discards,
+            "kernel_writes": self.kernel_writes,
+            "churn_events": self.churn_events,
             "in_flight": self.in_flight.len(),
             "in_flight_pages": self.in_flight.iter().map(|f| json!({
                 "thread": f.slot,
                 "page": f.index,
                 "gen": f.gen,
+                "op": if f.discard { "discard" } else { "rewrite" },
                 "state": f.state.name(),
             })).collect::<Vec<_>>(),
             "bad_pages": self.bad_total,
@@ -153,6 +180,7 @@ impl Report {
                 "page": b.index,
                 "addr": format!("{:#x}", b.addr),
                 "expected_gen": b.expected_gen,
+                "discarded": b.discarded,
                 "looks_like": b.looks.to_string(),
             })).collect::<Vec<_>>(),
             "problems": self.problems,
@@ -219,9 +247,11 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
 
     let ps = h.page_size as usize;
     let ledger_at = layout.ledger_offset() as usize;
-    let gen_of = |i: u64| {
+    // (generation, discarded flag)
+    let entry_of = |i: u64| {
         let at = ledger_at + 4 * i as usize;
-        u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+        let e = u32::from_ne_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        (e & GEN_MASK, e & DISCARDED != 0)
     };
     let page_of = |i: u64| {
         let at = layout.page_offset(i) as usize;
@@ -240,11 +270,21 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
             problems.push(format!("in-flight slot {slot} names bad page {index}"));
             continue;
         }
-        let gen = gen_of(index);
+        let (gen, discard) = entry_of(index);
         let page = page_of(index);
-        let state = if page_matches(profile, h.seed, index, gen, page, &mut scratch) {
+        let state = if discard {
+            if is_zero(page) {
+                Flight::Current
+            } else if page_matches(profile, h.seed, index, gen, page, &mut scratch) {
+                Flight::Previous
+            } else {
+                Flight::Torn
+            }
+        } else if page_matches(profile, h.seed, index, gen, page, &mut scratch) {
             Flight::Current
-        } else if gen > 0 && page_matches(profile, h.seed, index, gen - 1, page, &mut scratch) {
+        } else if is_zero(page)
+            || (gen > 0 && page_matches(profile, h.seed, index, gen - 1, page, &mut scratch))
+        {
             Flight::Previous
         } else {
             Flight::Torn
@@ -253,6 +293,7 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
             slot,
             index,
             gen,
+            discard,
             state,
         });
     }
@@ -261,7 +302,7 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
     let n = h.data_pages;
     let threads = (threads.max(1) as u64).min(n.div_ceil(1024)).max(1);
     let skip: Vec<u64> = in_flight.iter().map(|f| f.index).collect();
-    let (bad_total, mut bad, ledger_sum) = thread::scope(|s| {
+    let (bad_total, mut bad, ledger_sum, discarded) = thread::scope(|s| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
                 let (from, to) = (n * t / threads, n * (t + 1) / threads);
@@ -271,36 +312,47 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
                     let mut bad = Vec::new();
                     let mut bad_total = 0u64;
                     let mut sum = 0u64;
+                    let mut discarded = 0u64;
                     for i in from..to {
-                        let gen = gen_of(i);
+                        let (gen, discard) = entry_of(i);
                         sum += u64::from(gen);
+                        discarded += u64::from(discard);
                         if skip.contains(&i) {
                             continue;
                         }
                         let page = page_of(i);
-                        if !page_matches(profile, h.seed, i, gen, page, &mut scratch) {
+                        let good = if discard {
+                            is_zero(page)
+                        } else {
+                            page_matches(profile, h.seed, i, gen, page, &mut scratch)
+                        };
+                        if !good {
                             bad_total += 1;
                             if bad.len() < MAX_LISTED {
                                 bad.push(BadPage {
                                     index: i,
                                     addr: base + layout.page_offset(i),
                                     expected_gen: gen,
-                                    looks: looks_like(page, i, gen),
+                                    discarded: discard,
+                                    looks: looks_like(page, i, (!discard).then_some(gen)),
                                 });
                             }
                         }
                     }
-                    (bad_total, bad, sum)
+                    (bad_total, bad, sum, discarded)
                 })
             })
             .collect();
         workers
             .into_iter()
             .map(|w| w.join().expect("verify thread panicked"))
-            .fold((0, Vec::new(), 0), |(t, mut b, s), (t2, b2, s2)| {
-                b.extend(b2);
-                (t + t2, b, s + s2)
-            })
+            .fold(
+                (0, Vec::new(), 0, 0),
+                |(t, mut b, s, d), (t2, b2, s2, d2)| {
+                    b.extend(b2);
+                    (t + t2, b, s + s2, d + d2)
+                },
+            )
     });
     bad.truncate(MAX_LISTED);
 
@@ -311,6 +363,18 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
             h.writes
         ));
     }
+    if discarded > h.discards + k {
+        problems.push(format!(
+            "{discarded} pages are marked discarded but the discards counter is {} ({k} in flight)",
+            h.discards
+        ));
+    }
+    if h.kernel_writes > h.writes {
+        problems.push(format!(
+            "kernel_writes counter is {} but writes is only {}",
+            h.kernel_writes, h.writes
+        ));
+    }
 
     Ok(Report {
         profile,
@@ -318,6 +382,10 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
         pages_checked: h.data_pages,
         writes: h.writes,
         ledger_sum,
+        discarded,
+        discards: h.discards,
+        kernel_writes: h.kernel_writes,
+        churn_events: h.churn_events,
         in_flight,
         bad_total,
         bad,
@@ -325,13 +393,14 @@ pub fn verify_region(bytes: &[u8], base: u64, threads: usize) -> Result<Report, 
     })
 }
 
-/// What a page that does not match `(index, gen)` looks like.
-fn looks_like(page: &[u8], index: u64, gen: u32) -> Looks {
+/// What a page that does not match `(index, gen)` (or, for `None`, all
+/// zero) looks like.
+fn looks_like(page: &[u8], index: u64, gen: Option<u32>) -> Looks {
     if is_zero(page) {
         return Looks::Zero;
     }
     match read_stamp(page) {
-        Some((i, g)) if i == index && g != gen => Looks::Gen(g),
+        Some((i, g)) if i == index && Some(g) != gen => Looks::Gen(g),
         Some((i, g)) if i != index => Looks::Page { index: i, gen: g },
         _ => Looks::Torn,
     }
@@ -373,6 +442,9 @@ mod tests {
                 hot_pages: 0,
                 threads: 3,
                 fill_threads: 2,
+                dontneed_rate: 0,
+                kernel_write_rate: 0,
+                churn_rate: 0,
             };
             let ram = Ram::create(buf.bytes(), layout, &params).unwrap();
             let mut writers = ram.into_writers();
@@ -506,6 +578,7 @@ mod tests {
                 index: p,
                 addr: BASE + b.layout.page_offset(p),
                 expected_gen: g,
+                discarded: false,
                 looks: Looks::Torn
             }
         );
@@ -613,6 +686,9 @@ mod tests {
             hot_pages: 0,
             threads: 2,
             fill_threads: 1,
+            dontneed_rate: 0,
+            kernel_write_rate: 0,
+            churn_rate: 0,
         };
         let ram = Ram::create(buf.bytes(), layout, &params).unwrap();
         let mut writers = ram.into_writers();
@@ -647,6 +723,122 @@ mod tests {
             [(0, p0, g0, Flight::Previous), (1, p1, g1, Flight::Torn)]
         );
         assert!(report.lines()[0].ends_with("100 writes, 2 in flight"));
+    }
+
+    fn set_word(b: &mut Built, at: usize, v: u64) {
+        b.bytes()[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+
+    #[test]
+    fn discarded_zero_page_passes() {
+        for profile in [Profile::Text, Profile::Mixed, Profile::Zero] {
+            let mut b = Built::new(profile, 100, 300);
+            let p = b.rewritten_page();
+            let g = b.gen(p);
+            b.set_gen(p, DISCARDED | g);
+            b.page(p).fill(0);
+            // Discarded at generation 0 too.
+            b.set_gen(70, DISCARDED);
+            b.page(70).fill(0);
+            set_word(&mut b, crate::layout::offsets::DISCARDS, 2);
+            let report = b.verify();
+            assert!(report.ok(), "{profile}: {:?}", report.lines());
+            assert_eq!(report.discarded, 2);
+            assert_eq!(report.ledger_sum, 300, "discards keep generations");
+            assert_eq!(report.to_json()["discarded"], 2);
+        }
+    }
+
+    #[test]
+    fn discarded_page_with_data_fails() {
+        let mut b = Built::new(Profile::Text, 100, 300);
+        let p = b.rewritten_page();
+        let g = b.gen(p);
+        // The ledger says discarded, but the page still holds its last
+        // generation: the migration failed to zero it.
+        b.set_gen(p, DISCARDED | g);
+        set_word(&mut b, crate::layout::offsets::DISCARDS, 1);
+        let report = b.verify();
+        let bad = only_bad(&report);
+        assert_eq!(
+            bad,
+            &BadPage {
+                index: p,
+                addr: BASE + b.layout.page_offset(p),
+                expected_gen: g,
+                discarded: true,
+                looks: Looks::Gen(g)
+            }
+        );
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert!(
+            report.lines()[0].contains(&format!(
+                "expected zero (discarded at gen {g}), looks like gen {g}"
+            )),
+            "{:?}",
+            report.lines()
+        );
+        assert_eq!(report.to_json()["bad"][0]["discarded"], true);
+
+        // An older generation or garbage is just as bad.
+        fill_page(Profile::Text, 42, p, g - 1, b.page(p));
+        assert_eq!(only_bad(&b.verify()).looks, Looks::Gen(g - 1));
+        b.page(p).fill(0);
+        b.page(p)[4095] = 1;
+        assert_eq!(only_bad(&b.verify()).looks, Looks::Torn);
+        b.page(p).fill(0);
+        assert!(b.verify().ok());
+    }
+
+    #[test]
+    fn discard_counter_must_cover_flagged_pages() {
+        let mut b = Built::new(Profile::Text, 100, 30);
+        for i in [60, 61] {
+            let g = b.gen(i);
+            b.set_gen(i, DISCARDED | g);
+            b.page(i).fill(0);
+        }
+        set_word(&mut b, crate::layout::offsets::DISCARDS, 1);
+        let report = b.verify();
+        assert_eq!(report.bad_total, 0);
+        assert!(!report.ok());
+        assert!(
+            report.problems[0]
+                .contains("2 pages are marked discarded but the discards counter is 1"),
+            "{:?}",
+            report.problems
+        );
+        set_word(&mut b, crate::layout::offsets::DISCARDS, 2);
+        assert!(b.verify().ok());
+        set_word(&mut b, crate::layout::offsets::KERNEL_WRITES, 31);
+        assert!(b.verify().problems[0].contains("kernel_writes counter is 31"));
+    }
+
+    #[test]
+    fn in_flight_discard_is_tolerated() {
+        let mut b = Built::new(Profile::Random, 100, 300);
+        let p = b.rewritten_page();
+        let g = b.gen(p);
+        // Stopped after flagging the ledger, before the madvise.
+        b.set_gen(p, DISCARDED | g);
+        set_word(&mut b, crate::layout::offsets::INFLIGHT + 8, p + 1);
+        let report = b.verify();
+        assert!(report.ok(), "{:?}", report.lines());
+        assert_eq!(report.discarded, 1);
+        assert_eq!(
+            report
+                .in_flight
+                .iter()
+                .map(|f| (f.slot, f.index, f.gen, f.discard, f.state))
+                .collect::<Vec<_>>(),
+            [(1, p, g, true, Flight::Previous)]
+        );
+        // ... and after it.
+        b.page(p).fill(0);
+        assert_eq!(b.verify().in_flight[0].state, Flight::Current);
+        // Without the slot the counter is short.
+        set_word(&mut b, crate::layout::offsets::INFLIGHT + 8, 0);
+        assert!(!b.verify().ok());
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! The live workload: map the region, format and fill it, and run the
-//! writer threads that keep rewriting pages.
+//! threads that keep changing its pages: writers rewrite pages, the discard
+//! thread drops pages with `MADV_DONTNEED`, the kernel-write thread has the
+//! kernel rewrite pages with read(2) from a pipe. All of them follow the
+//! protocol in [`crate::layout`].
 //!
 //! Everything here works on a plain `&mut [u8]` region buffer, so tests can
 //! build a region in memory; [`map_region`] provides the real one at
 //! [`crate::layout::BASE`].
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::slice;
 use std::sync::atomic::{fence, AtomicU32, Ordering::*};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::content::{fill_page, mix64, Profile, SplitMix};
-use crate::layout::{Header, Layout, LAYOUT_VERSION, LEDGER_ENTRY, MAGIC, MAX_THREADS};
+use crate::layout::{
+    next_gen, Header, Layout, DISCARDED, LAYOUT_VERSION, LEDGER_ENTRY, MAGIC, MAX_THREADS,
+};
 
 /// What the workload does, as given on the command line.
 #[derive(Debug, Clone)]
@@ -31,6 +39,13 @@ pub struct Params {
     pub threads: usize,
     /// Threads for the initial fill (at least 1).
     pub fill_threads: usize,
+    /// Pages discarded per second (0: none). Recorded in the header.
+    pub dontneed_rate: u64,
+    /// Pages rewritten per second by read(2) from a pipe (0: none).
+    /// Recorded in the header.
+    pub kernel_write_rate: u64,
+    /// Churn events per second (0: none). Recorded in the header.
+    pub churn_rate: u64,
 }
 
 /// [`Params`] checked against a layout.
@@ -113,6 +128,12 @@ impl<'a> Ram<'a> {
         header.threads = plan.writers as u64;
         header.dirty_rate = params.dirty_rate;
         header.writes.store(0, SeqCst);
+        header.churn_events.store(0, SeqCst);
+        header.discards.store(0, SeqCst);
+        header.kernel_writes.store(0, SeqCst);
+        header.dontneed_rate = params.dontneed_rate;
+        header.kernel_write_rate = params.kernel_write_rate;
+        header.churn_rate = params.churn_rate;
         for (t, (rng, inflight)) in header.rng.iter().zip(&header.inflight).enumerate() {
             rng.store(mix64(params.seed ^ mix64(t as u64 + 1)), SeqCst);
             inflight.store(0, SeqCst);
@@ -151,6 +172,23 @@ impl<'a> Ram<'a> {
     #[cfg(test)]
     pub fn header(&self) -> &'a Header {
         self.header
+    }
+
+    /// [`Ram::into_writers`], shared: see [`Pool`].
+    pub fn into_pool(self) -> Pool<'a> {
+        let header = self.header;
+        let set = if self.plan.hot_pages > 0 {
+            self.plan.hot_pages
+        } else {
+            self.plan.working_set_pages
+        };
+        let writers = self.into_writers();
+        Pool {
+            firsts: writers.iter().map(|w| w.first).collect(),
+            writers: writers.into_iter().map(Mutex::new).collect(),
+            set,
+            header,
+        }
     }
 
     /// Hand the pages writers rewrite to [`Plan::writers`] writers: writer
@@ -269,9 +307,10 @@ impl Writer<'_> {
         let index = self.first + local;
         self.header.inflight[self.slot].store(index + 1, SeqCst);
         let entry = &self.ledger[index as usize];
-        // Wrapping would take 2^32 rewrites of one page; skip 0, which
-        // means "initial fill".
-        let gen = entry.load(SeqCst).wrapping_add(1).max(1);
+        // Continues the generation of a discarded page and clears the
+        // flag. Wrapping would take 2^31 rewrites of one page; it skips 0,
+        // which means "initial fill".
+        let gen = next_gen(entry.load(SeqCst));
         entry.store(gen, SeqCst);
         // Keep the page writes after the ledger bump, even for the compiler.
         fence(SeqCst);
@@ -285,30 +324,211 @@ impl Writer<'_> {
         self.header.inflight[self.slot].store(0, SeqCst);
     }
 
-    /// Rewrite pages forever at `rate` pages per second, in small batches
-    /// every millisecond. If the rate cannot be met, run flat out; after a
-    /// stall (say the process was stopped), do not try to catch up on more
-    /// than 10 ms of backlog.
-    pub fn run(mut self, rate: f64) -> ! {
-        const TICK: Duration = Duration::from_millis(1);
-        let start = Instant::now();
-        let max_backlog = ((rate / 100.0) as u64).clamp(8, 1 << 20);
-        let batch = max_backlog.clamp(64, 4096);
-        let mut done = 0u64;
-        loop {
-            let due = (start.elapsed().as_secs_f64() * rate) as u64;
-            if due > done.saturating_add(max_backlog) {
-                done = due - max_backlog;
+    /// Rewrite this writer's page `local` the way [`Writer::rewrite`]
+    /// does, except that the new content goes into `pipe` and is read(2)
+    /// from it straight into the page: the kernel writes the page
+    /// (copy_to_user), not this process. If the pipe fails, the content is
+    /// copied in directly so that the page still follows the protocol, and
+    /// the error is returned.
+    pub fn kernel_rewrite(&mut self, local: u64, pipe: &mut KernelPipe) -> io::Result<()> {
+        let (index, gen) = self.begin(local);
+        let ps = self.page_size;
+        fill_page(self.profile, self.seed, index, gen, &mut pipe.scratch);
+        let page = &mut self.pages[local as usize * ps..(local as usize + 1) * ps];
+        let moved = pipe
+            .tx
+            .write_all(&pipe.scratch)
+            .and_then(|()| pipe.rx.read_exact(page));
+        if moved.is_err() {
+            page.copy_from_slice(&pipe.scratch);
+        }
+        fence(SeqCst);
+        self.header.writes.fetch_add(1, SeqCst);
+        if moved.is_ok() {
+            self.header.kernel_writes.fetch_add(1, SeqCst);
+        }
+        self.header.inflight[self.slot].store(0, SeqCst);
+        moved
+    }
+
+    /// Discard this writer's page `local` (see [`crate::layout`]): flag
+    /// its ledger entry, then `MADV_DONTNEED` it so that it reads as zero.
+    /// Returns false (and does nothing) if it is already discarded.
+    pub fn discard(&mut self, local: u64) -> bool {
+        assert!(local < self.count, "page {local} is not this writer's");
+        let index = self.first + local;
+        let entry = &self.ledger[index as usize];
+        let before = entry.load(SeqCst);
+        if before & DISCARDED != 0 {
+            return false;
+        }
+        self.header.inflight[self.slot].store(index + 1, SeqCst);
+        entry.store(before | DISCARDED, SeqCst);
+        fence(SeqCst);
+        let ps = self.page_size;
+        drop_page(&mut self.pages[local as usize * ps..(local as usize + 1) * ps]);
+        fence(SeqCst);
+        self.header.discards.fetch_add(1, SeqCst);
+        self.header.inflight[self.slot].store(0, SeqCst);
+        true
+    }
+}
+
+/// Give a page back to the kernel so that it reads as zero; zero it by hand
+/// if madvise refuses (say `page` is not page-aligned heap memory).
+fn drop_page(page: &mut [u8]) {
+    // SAFETY: `page` is memory this process owns and that nothing else
+    // refers to (it is borrowed mutably); MADV_DONTNEED on private
+    // anonymous memory only replaces its bytes with zeros, which are a
+    // valid [u8]. The pointer comes from the mutable borrow, so the
+    // compiler treats the call as a write to it.
+    let rc = unsafe {
+        libc::madvise(
+            page.as_mut_ptr().cast::<libc::c_void>(),
+            page.len(),
+            libc::MADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        page.fill(0);
+    }
+}
+
+/// The pipe of the kernel-write thread, and a page to build content in.
+pub struct KernelPipe {
+    rx: File,
+    tx: File,
+    scratch: Vec<u8>,
+}
+
+impl KernelPipe {
+    pub fn new(page_size: usize) -> io::Result<KernelPipe> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given,
+        // which has room for them.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors that
+        // nothing else owns.
+        let (rx, tx) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok(KernelPipe {
+            rx: File::from(rx),
+            tx: File::from(tx),
+            scratch: vec![0; page_size],
+        })
+    }
+}
+
+/// The writers, each behind a mutex, so that the discard and kernel-write
+/// threads can act on any page of the set on behalf of the slot that owns
+/// it, never at the same time as that slot's writer.
+pub struct Pool<'a> {
+    writers: Vec<Mutex<Writer<'a>>>,
+    /// First data page of each writer's share, ascending.
+    firsts: Vec<u64>,
+    /// The shares cover data pages `0..set`.
+    set: u64,
+    header: &'a Header,
+}
+
+impl<'a> Pool<'a> {
+    /// Number of writer slots.
+    pub fn writers(&self) -> usize {
+        self.writers.len()
+    }
+
+    pub fn header(&self) -> &'a Header {
+        self.header
+    }
+
+    fn lock(&self, t: usize) -> MutexGuard<'_, Writer<'a>> {
+        // A panicking thread leaves the page protocol mid-way at worst,
+        // which verify tolerates; keep going.
+        self.writers[t]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The writer owning data page `index` (`< set`) and the page's place
+    /// in its share.
+    fn owner(&self, index: u64) -> (usize, u64) {
+        let t = self.firsts.partition_point(|&f| f <= index) - 1;
+        (t, index - self.firsts[t])
+    }
+
+    /// Discard data page `index` of the set; false if already discarded.
+    pub fn discard(&self, index: u64) -> bool {
+        let (t, local) = self.owner(index);
+        self.lock(t).discard(local)
+    }
+
+    /// Rewrite data page `index` of the set through `pipe`.
+    pub fn kernel_rewrite(&self, index: u64, pipe: &mut KernelPipe) -> io::Result<()> {
+        let (t, local) = self.owner(index);
+        self.lock(t).kernel_rewrite(local, pipe)
+    }
+
+    /// Writer `t`'s loop: rewrite its pages at `rate` pages per second.
+    pub fn run_writer(&self, t: usize, rate: f64) -> ! {
+        pace(rate, || {
+            self.lock(t).rewrite_next();
+        })
+    }
+
+    /// The discard thread's loop: discard a random page of the set
+    /// `rate` times per second.
+    pub fn run_discards(&self, rate: f64, seed: u64) -> ! {
+        let mut rng = SplitMix(mix64(seed ^ 0x6469_7363_6172_6400));
+        pace(rate, || {
+            self.discard(rng.below(self.set));
+        })
+    }
+
+    /// The kernel-write thread's loop: rewrite a random page of the set
+    /// through `pipe` `rate` times per second. After a pipe error it
+    /// reports it on stderr and goes on with plain rewrites.
+    pub fn run_kernel_writes(&self, rate: f64, seed: u64, mut pipe: KernelPipe) -> ! {
+        let mut rng = SplitMix(mix64(seed ^ 0x6b65_726e_656c_0000));
+        let mut broken = false;
+        pace(rate, || {
+            let index = rng.below(self.set);
+            if broken {
+                let (t, local) = self.owner(index);
+                self.lock(t).rewrite(local);
+            } else if let Err(e) = self.kernel_rewrite(index, &mut pipe) {
+                eprintln!(
+                    "procmig-agent: kernel writes: pipe failed ({e}); rewriting pages directly"
+                );
+                broken = true;
             }
-            if done < due {
-                let n = (due - done).min(batch);
-                for _ in 0..n {
-                    self.rewrite_next();
-                }
-                done += n;
-            } else {
-                thread::sleep(TICK);
+        })
+    }
+}
+
+/// Call `step` `rate` times per second forever, in small batches every
+/// millisecond. If the rate cannot be met, run flat out; after a stall (say
+/// the process was stopped), do not try to catch up on more than 10 ms of
+/// backlog.
+pub fn pace(rate: f64, mut step: impl FnMut()) -> ! {
+    const TICK: Duration = Duration::from_millis(1);
+    let start = Instant::now();
+    let max_backlog = ((rate / 100.0) as u64).clamp(8, 1 << 20);
+    let batch = max_backlog.clamp(64, 4096);
+    let mut done = 0u64;
+    loop {
+        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        if due > done.saturating_add(max_backlog) {
+            done = due - max_backlog;
+        }
+        if done < due {
+            let n = (due - done).min(batch);
+            for _ in 0..n {
+                step();
             }
+            done += n;
+        } else {
+            thread::sleep(TICK);
         }
     }
 }
@@ -418,6 +638,9 @@ mod tests {
             hot_pages: 0,
             threads,
             fill_threads: 3,
+            dontneed_rate: 0,
+            kernel_write_rate: 0,
+            churn_rate: 0,
         }
     }
 
@@ -491,6 +714,81 @@ mod tests {
                 assert_eq!(read_stamp(page), Some((i, gen)));
             }
         }
+    }
+
+    fn entry(bytes: &[u8], i: u64) -> u32 {
+        let at = 4096 + 4 * i as usize;
+        u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn pool_finds_owners() {
+        let layout = Layout::compute(64 * 4096, 4096).unwrap();
+        let mut buf = PageBuf::new(layout.total_size as usize);
+        let mut p = params(Profile::Text, 3);
+        p.working_set_pages = Some(20);
+        let pool = Ram::create(buf.bytes(), layout, &p).unwrap().into_pool();
+        assert_eq!(pool.writers(), 3);
+        assert_eq!(pool.set, 20);
+        let owners: Vec<_> = [0, 5, 6, 12, 13, 19].map(|i| pool.owner(i)).into();
+        assert_eq!(owners, [(0, 0), (0, 5), (1, 0), (1, 6), (2, 0), (2, 6)]);
+    }
+
+    #[test]
+    fn discard_then_rewrite_continues_the_generation() {
+        let layout = Layout::compute(64 * 4096, 4096).unwrap();
+        let mut buf = PageBuf::new(layout.total_size as usize);
+        let mut p = params(Profile::Mixed, 2);
+        p.working_set_pages = Some(20);
+        let ram = Ram::create(buf.bytes(), layout, &p).unwrap();
+        let header = ram.header();
+        let pool = ram.into_pool();
+        let mut pipe = KernelPipe::new(4096).unwrap();
+        // Page 3 (writer 0): two rewrites, a discard, a kernel rewrite.
+        pool.lock(0).rewrite(3);
+        pool.lock(0).rewrite(3);
+        assert!(pool.discard(3));
+        assert!(!pool.discard(3), "already discarded");
+        // Page 15 (writer 1): discarded at generation 0 and left so.
+        assert!(pool.discard(15));
+        // Page 12 (writer 1): kernel rewrites only.
+        pool.kernel_rewrite(12, &mut pipe).unwrap();
+        pool.kernel_rewrite(12, &mut pipe).unwrap();
+        let ledger = pool.lock(0).ledger;
+        assert_eq!(ledger[3].load(SeqCst), DISCARDED | 2);
+        assert_eq!(ledger[15].load(SeqCst), DISCARDED);
+        assert_eq!(ledger[12].load(SeqCst), 2);
+        pool.kernel_rewrite(3, &mut pipe).unwrap();
+        assert_eq!(header.writes.load(SeqCst), 5);
+        assert_eq!(header.kernel_writes.load(SeqCst), 3);
+        assert_eq!(header.discards.load(SeqCst), 2);
+        assert!(header.inflight.iter().all(|s| s.load(SeqCst) == 0));
+        drop(pool);
+
+        let bytes = buf.bytes();
+        let mut scratch = vec![0; 4096];
+        assert_eq!(entry(bytes, 3), 3, "generation continues after the discard");
+        assert_eq!(entry(bytes, 12), 2);
+        assert_eq!(entry(bytes, 15), DISCARDED);
+        let page = |i: u64| {
+            let at = layout.page_offset(i) as usize;
+            &bytes[at..at + 4096]
+        };
+        assert!(page_matches(Profile::Mixed, 7, 3, 3, page(3), &mut scratch));
+        assert!(page_matches(
+            Profile::Mixed,
+            7,
+            12,
+            2,
+            page(12),
+            &mut scratch
+        ));
+        assert!(page(15).iter().all(|&b| b == 0));
+        let report = crate::verify::verify_region(bytes, crate::layout::BASE, 2).unwrap();
+        assert!(report.ok(), "{:?}", report.lines());
+        assert_eq!(report.ledger_sum, 5);
+        assert_eq!(report.discarded, 1);
+        assert_eq!(report.kernel_writes, 3);
     }
 
     #[test]

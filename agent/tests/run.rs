@@ -1,5 +1,6 @@
 //! Runs the real `procmig-agent` binary.
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
@@ -71,14 +72,15 @@ fn signal(pid: u32, sig: libc::c_int) {
     assert_eq!(rc, 0, "kill {pid} {sig}");
 }
 
-/// Wait until every thread of `pid` is stopped.
+/// Wait until every thread of `pid` is stopped. A thread that exits while
+/// this looks (the agent's helper threads come and go) does not count.
 fn wait_stopped(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let all_stopped = fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .all(|task| {
-                let stat = fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+            .filter_map(|task| fs::read_to_string(task.ok()?.path().join("stat")).ok())
+            .all(|stat| {
                 let state = stat.rsplit(") ").next().unwrap().chars().next().unwrap();
                 state == 'T' || state == 't'
             });
@@ -217,6 +219,99 @@ fn stale_snapshot_fails() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// Mappings and threads of `pid` right now.
+fn maps_and_tasks(pid: u32) -> (usize, usize) {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    (maps.lines().count(), tasks)
+}
+
+#[test]
+fn churning_agent_verifies() {
+    let agent = start(&[
+        "--size",
+        "8M",
+        "--churn",
+        "200",
+        "--threads",
+        "2",
+        "--dirty-rate",
+        "5000",
+        "--kernel-writes",
+        "100",
+        "--dontneed-rate",
+        "100",
+        "--seed",
+        "5",
+    ]);
+    let mut maps = BTreeSet::new();
+    let mut tasks = BTreeSet::new();
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let (m, t) = maps_and_tasks(agent.pid);
+        maps.insert(m);
+        tasks.insert(t);
+        sleep(Duration::from_millis(3));
+    }
+    assert!(maps.len() > 1, "mapping count never changed: {maps:?}");
+    assert!(tasks.len() > 1, "thread count never changed: {tasks:?}");
+
+    let dir = temp_dir("churn");
+    for _ in 0..2 {
+        signal(agent.pid, libc::SIGSTOP);
+        wait_stopped(agent.pid);
+        snapshot(&agent, &dir);
+        signal(agent.pid, libc::SIGCONT);
+        let out = agent_verify(&dir, true);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(out.status.code(), Some(0), "{v}");
+        assert_eq!(v["ok"], true, "{v}");
+        assert!(v["writes"].as_u64().unwrap() > 1000, "{v}");
+        assert!(v["kernel_writes"].as_u64().unwrap() > 10, "{v}");
+        assert!(v["discards"].as_u64().unwrap() > 10, "{v}");
+        assert!(v["churn_events"].as_u64().unwrap() > 20, "{v}");
+        let text = agent_verify(&dir, false);
+        assert_eq!(text.status.code(), Some(0));
+        assert!(String::from_utf8(text.stdout)
+            .unwrap()
+            .starts_with("verify: ok: 2045 pages checked, "));
+        sleep(Duration::from_millis(200));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn exit_after_ends_the_process() {
+    let mut agent = start(&[
+        "--size",
+        "4M",
+        "--exit-after",
+        "0.5",
+        "--dirty-rate",
+        "2000",
+        "--churn",
+        "200",
+        "--kernel-writes",
+        "100",
+        "--dontneed-rate",
+        "100",
+    ]);
+    let ready = Instant::now();
+    let status = loop {
+        if let Some(status) = agent.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            ready.elapsed() < Duration::from_secs(2),
+            "agent still running 2 s after the ready line"
+        );
+        sleep(Duration::from_millis(5));
+    };
+    let took = ready.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(took >= Duration::from_millis(450), "exited after {took:?}");
+}
+
 fn agent_verify(dir: &Path, json: bool) -> Output {
     let mut cmd = Command::new(AGENT);
     cmd.arg("verify").arg(dir);
@@ -241,6 +336,12 @@ fn bad_input_is_one_line() {
 
     let out = agent(&["run", "--threads", "65"]);
     assert_eq!(out.status.code(), Some(2));
+
+    for bad in ["-1", "soon", "inf"] {
+        let out = agent(&["run", "--size", "1M", "--exit-after", bad]);
+        assert_eq!(out.status.code(), Some(2), "--exit-after {bad}");
+        assert!(out.stdout.is_empty());
+    }
 
     let out = agent(&["verify", "/nonexistent/procmig-image"]);
     assert_eq!(out.status.code(), Some(2));

@@ -18,12 +18,14 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::staging::RegionFile;
 use crate::codec::Decompressor;
+use crate::pageset::PageSet;
 use crate::protocol::{PagesHeader, WireCodec};
 
-/// One frame to apply.
+/// One frame to apply, with the region files of its round.
 pub struct ApplyJob {
     pub header: PagesHeader,
     pub payload: Vec<u8>,
+    pub regions: Arc<Regions>,
 }
 
 /// Region files shared with the workers.
@@ -43,7 +45,6 @@ unsafe impl Send for Regions {}
 /// job on `done`, and returns payload buffers on `free`.
 pub fn spawn_workers(
     threads: usize,
-    regions: Arc<Regions>,
     jobs: Receiver<ApplyJob>,
     done: Sender<Result<(), String>>,
     free: Sender<Vec<u8>>,
@@ -51,13 +52,8 @@ pub fn spawn_workers(
 ) -> Vec<JoinHandle<()>> {
     (0..threads)
         .map(|index| {
-            let (regions, jobs, done, free, busy_ns) = (
-                regions.clone(),
-                jobs.clone(),
-                done.clone(),
-                free.clone(),
-                busy_ns.clone(),
-            );
+            let (jobs, done, free, busy_ns) =
+                (jobs.clone(), done.clone(), free.clone(), busy_ns.clone());
             std::thread::Builder::new()
                 .name(format!("decompress-{index}"))
                 .spawn(move || {
@@ -71,9 +67,15 @@ pub fn spawn_workers(
                     let mut raw = Vec::new();
                     for job in jobs.iter() {
                         let t = Instant::now();
-                        let r = apply(&regions, &mut d, &job, &mut raw);
+                        let r = apply(&job.regions, &mut d, &job.header, &job.payload, &mut raw);
                         busy_ns[index].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                        let _ = free.try_send(job.payload);
+                        // Release the region files before reporting, so the
+                        // dispatcher owns them alone after a barrier.
+                        let ApplyJob {
+                            payload, regions, ..
+                        } = job;
+                        drop(regions);
+                        let _ = free.try_send(payload);
                         if done.send(r).is_err() {
                             break;
                         }
@@ -87,11 +89,11 @@ pub fn spawn_workers(
 fn apply(
     regions: &Regions,
     d: &mut Decompressor,
-    job: &ApplyJob,
+    h: &PagesHeader,
+    payload: &[u8],
     raw: &mut Vec<u8>,
 ) -> Result<(), String> {
-    let h = &job.header;
-    let data = &job.payload[h.data_offset..];
+    let data = &payload[h.data_offset..];
     // Stored pages are checked and copied straight from the payload.
     let raw: &[u8] = if h.codec == WireCodec::Raw {
         data
@@ -130,35 +132,22 @@ fn apply(
 /// round (which would let two workers race on it).
 #[derive(Default)]
 pub struct RoundMap {
-    chunks: HashMap<(u32, u64), Box<[u64; 64]>>,
+    regions: HashMap<u32, PageSet>,
 }
-
-/// Pages per chunk of the map.
-const CHUNK_PAGES: u64 = 64 * 64;
 
 impl RoundMap {
     /// Mark pages [first, first+count) of `region`; false if any was
     /// already marked this round.
     pub fn mark(&mut self, region: u32, first: u64, count: u32) -> bool {
-        for page in first..first + count as u64 {
-            let chunk = self
-                .chunks
-                .entry((region, page / CHUNK_PAGES))
-                .or_insert_with(|| Box::new([0u64; 64]));
-            let bit = page % CHUNK_PAGES;
-            let word = &mut chunk[(bit / 64) as usize];
-            let mask = 1u64 << (bit % 64);
-            if *word & mask != 0 {
-                return false;
-            }
-            *word |= mask;
-        }
-        true
+        self.regions
+            .entry(region)
+            .or_default()
+            .insert_run(first, count as u64)
     }
 
     /// Start a new round.
     pub fn clear(&mut self) {
-        self.chunks.clear();
+        self.regions.clear();
     }
 }
 

@@ -289,29 +289,25 @@ impl Session<'_> {
             Err(e) => return Err(self.bad(e.to_string())),
         };
         self.check_table(&table, ps)?;
-        let mut files = Vec::with_capacity(table.len());
-        for (i, e) in table.iter().enumerate() {
-            files.push(staging.region_file(i, e, ps)?);
-        }
-        let regions = Arc::new(Regions {
-            files,
-            page_size: ps,
-        });
-        let total: u64 = table.iter().map(|e| e.end - e.start).sum();
+        let mut staging = staging;
+        let files = staging.reconcile(Vec::new(), &table, ps)?;
+        let mut st = Stream {
+            regions: Arc::new(Regions {
+                files,
+                page_size: ps,
+            }),
+            staging,
+            got: Got::default(),
+            codec: None,
+        };
 
         let threads = self.cfg.decompress_threads.max(1);
         let busy = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
         let (job_tx, job_rx) = bounded::<ApplyJob>(threads * 2);
         let (done_tx, done_rx) = bounded::<Result<(), String>>(threads * 4 + 8);
         let (free_tx, free_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
-        let workers = apply::spawn_workers(
-            threads,
-            regions.clone(),
-            job_rx,
-            done_tx,
-            free_tx,
-            busy.clone(),
-        );
+        let workers = apply::spawn_workers(threads, job_rx, done_tx, free_tx, busy.clone());
+        let total: u64 = table.iter().map(|e| e.end - e.start).sum();
         let progress_counters = Arc::new(stats::Counters::new(0));
         let progress = self
             .cfg
@@ -324,16 +320,7 @@ impl Session<'_> {
             free: free_rx,
             in_flight: 0,
         };
-        let mut got = Got::default();
-        let mut populated = vec![0u64; table.len()];
-        let result = self.stream_loop(
-            &mut r,
-            &regions,
-            &mut pipeline,
-            &mut got,
-            &mut populated,
-            &progress_counters,
-        );
+        let result = self.stream_loop(&mut r, &mut st, &mut pipeline, &progress_counters);
         // Stop the workers in every case before touching the mappings again.
         let drained = pipeline.drain();
         drop(pipeline);
@@ -343,9 +330,10 @@ impl Session<'_> {
         if let Some(p) = progress {
             p.finish();
         }
-        let (totals, codec) = result?;
+        let totals = result?;
         drained.map_err(|e| self.bad(e))?;
 
+        let got = &st.got;
         let expect = Totals {
             rounds: totals.rounds,
             normal_pages: got.normal_pages,
@@ -360,16 +348,19 @@ impl Session<'_> {
         }
         let transfer = t0.elapsed();
         let t_commit = Instant::now();
-        let regions = Arc::try_unwrap(regions)
+        let regions = Arc::try_unwrap(st.regions)
             .map_err(|_| self.bad("internal: region files still shared"))?;
-        staging.commit(&regions.files, &populated, hello.pid, &hello.comm, ps)?;
+        let n_regions = regions.files.len();
+        let total: u64 = regions.files.iter().map(|f| f.len()).sum();
+        st.staging
+            .commit(&regions.files, hello.pid, &hello.comm, ps)?;
         let commit = t_commit.elapsed();
         let busy_ns: u64 = busy.iter().map(|b| b.load(Ordering::Relaxed)).sum();
         protocol::write_control(
             &mut self.sock,
             &Control::Ack(AckInfo {
-                normal_pages: got.normal_pages,
-                zero_pages: got.zero_pages,
+                normal_pages: st.got.normal_pages,
+                zero_pages: st.got.zero_pages,
                 decompress_busy_ns: busy_ns,
                 commit_ns: commit.as_nanos() as u64,
             }),
@@ -381,14 +372,14 @@ impl Session<'_> {
             source_pid: hello.pid,
             source_comm: hello.comm,
             total_time_ms: t0.elapsed().as_secs_f64() * 1000.0,
-            received: got.bytes,
-            throughput_mbps: stats::mbps(got.bytes, transfer),
-            regions: table.len(),
+            received: st.got.bytes,
+            throughput_mbps: stats::mbps(st.got.bytes, transfer),
+            regions: n_regions,
             total,
-            normal: got.normal_pages,
-            duplicate: got.zero_pages,
+            normal: st.got.normal_pages,
+            duplicate: st.got.zero_pages,
             rounds: totals.rounds,
-            codec: codec_name(codec),
+            codec: codec_name(st.codec),
             decompress_threads: threads,
             thread_busy_percent: stats::busy_percent(&busy, transfer),
             commit_ms: commit.as_secs_f64() * 1000.0,
@@ -396,47 +387,54 @@ impl Session<'_> {
         })
     }
 
-    /// Read frames until End. Returns the source's totals and the codec seen.
+    /// Check a run list against the region table and this round's map.
+    fn check_runs(
+        &self,
+        regions: &Regions,
+        map: &mut RoundMap,
+        round: u32,
+        region: u32,
+        runs: &[Run],
+    ) -> Result<(), RecvError> {
+        let rf = regions.files.get(region as usize).ok_or_else(|| {
+            self.bad(format!(
+                "frame names region {region}, table has {}",
+                regions.files.len()
+            ))
+        })?;
+        for run in runs {
+            let end = run.first.checked_add(run.count as u64);
+            if end.is_none_or(|e| e > rf.pages) {
+                return Err(self.bad(format!(
+                    "pages {}+{} lie outside region {region} ({} pages)",
+                    run.first, run.count, rf.pages
+                )));
+            }
+            if !map.mark(region, run.first, run.count) {
+                return Err(self.bad(format!(
+                    "page {} of region {region} sent twice in round {round}",
+                    run.first
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Read frames until End; returns the source's totals.
     fn stream_loop(
         &self,
         r: &mut impl io::Read,
-        regions: &Regions,
+        st: &mut Stream,
         pipeline: &mut Pipeline,
-        got: &mut Got,
-        populated: &mut [u64],
         progress: &stats::Counters,
-    ) -> Result<(Totals, Option<WireCodec>), RecvError> {
-        let ps = regions.page_size;
+    ) -> Result<Totals, RecvError> {
+        let ps = st.regions.page_size;
         let mut round = 0u32;
+        // Whether the current round has had page frames yet: a new region
+        // table may only come before them.
+        let mut round_started = false;
         let mut map = RoundMap::default();
-        let mut codec = None;
         let mut payload = Vec::new();
-        // Check a run list against the region table and this round's map.
-        let check_runs =
-            |map: &mut RoundMap, round: u32, region: u32, runs: &[Run]| -> Result<(), String> {
-                let rf = regions.files.get(region as usize).ok_or_else(|| {
-                    format!(
-                        "frame names region {region}, table has {}",
-                        regions.files.len()
-                    )
-                })?;
-                for run in runs {
-                    let end = run.first.checked_add(run.count as u64);
-                    if end.is_none_or(|e| e > rf.pages) {
-                        return Err(format!(
-                            "pages {}+{} lie outside region {region} ({} pages)",
-                            run.first, run.count, rf.pages
-                        ));
-                    }
-                    if !map.mark(region, run.first, run.count) {
-                        return Err(format!(
-                            "page {} of region {region} sent twice in round {round}",
-                            run.first
-                        ));
-                    }
-                }
-                Ok(())
-            };
         loop {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(RecvError::Cancelled);
@@ -447,11 +445,9 @@ impl Session<'_> {
                 .try_recv()
                 .unwrap_or(std::mem::take(&mut payload));
             let kind = protocol::read_frame(r, &mut buf).map_err(|e| self.read_err(e))?;
-            got.bytes += (protocol::HEADER_LEN + buf.len()) as u64;
-            stats::Counters::add(
-                &progress.wire_bytes,
-                (protocol::HEADER_LEN + buf.len()) as u64,
-            );
+            let frame_len = (protocol::HEADER_LEN + buf.len()) as u64;
+            st.got.bytes += frame_len;
+            stats::Counters::add(&progress.wire_bytes, frame_len);
             if kind == Kind::Pages {
                 let h = protocol::decode_pages_header(&buf, ps as u32)
                     .map_err(|e| self.bad(e.to_string()))?;
@@ -460,19 +456,23 @@ impl Session<'_> {
                         self.bad(format!("Pages frame of round {} in round {round}", h.round))
                     );
                 }
-                check_runs(&mut map, round, h.region, &h.runs).map_err(|e| self.bad(e))?;
+                self.check_runs(&st.regions, &mut map, round, h.region, &h.runs)?;
+                round_started = true;
                 if h.codec != WireCodec::Raw {
-                    codec = Some(h.codec);
+                    st.codec = Some(h.codec);
                 }
                 let pages = (h.raw_len as u64) / ps;
-                got.normal_pages += pages;
-                got.page_frames += 1;
-                populated[h.region as usize] += pages;
+                st.got.normal_pages += pages;
+                st.got.page_frames += 1;
+                st.regions.files[h.region as usize]
+                    .populated
+                    .fetch_add(pages, Ordering::Relaxed);
                 stats::Counters::add(&progress.read_bytes, h.raw_len as u64);
                 pipeline
                     .submit(ApplyJob {
                         header: h,
                         payload: buf,
+                        regions: st.regions.clone(),
                     })
                     .map_err(|e| self.bad(e))?;
                 continue;
@@ -488,17 +488,39 @@ impl Session<'_> {
                     if rd != round {
                         return Err(self.bad(format!("Zero frame of round {rd} in round {round}")));
                     }
-                    check_runs(&mut map, round, region, &runs).map_err(|e| self.bad(e))?;
+                    self.check_runs(&st.regions, &mut map, round, region, &runs)?;
+                    round_started = true;
                     let n: u64 = runs.iter().map(|r| r.count as u64).sum();
-                    got.zero_pages += n;
-                    got.zero_frames += 1;
-                    populated[region as usize] += n;
+                    st.got.zero_pages += n;
+                    st.got.zero_frames += 1;
+                    let rf = &st.regions.files[region as usize];
+                    rf.populated.fetch_add(n, Ordering::Relaxed);
                     stats::Counters::add(&progress.read_bytes, n * ps);
-                    // In round 0 the sparse file is still zero there; later
-                    // rounds will need to clear the pages (live pre-copy).
+                    // Round 0 writes into fresh sparse files, still zero there.
                     if round > 0 {
-                        zero_pages(&regions.files[region as usize], &runs, ps);
+                        zero_pages(rf, &runs, ps);
                     }
+                }
+                Control::Regions(table) => {
+                    if round_started {
+                        return Err(self.bad("region table changed in the middle of a round"));
+                    }
+                    self.check_table(&table, ps)?;
+                    pipeline.barrier().map_err(|e| self.bad(e))?;
+                    let old = std::mem::replace(
+                        &mut st.regions,
+                        Arc::new(Regions {
+                            files: Vec::new(),
+                            page_size: ps,
+                        }),
+                    );
+                    let old = Arc::try_unwrap(old)
+                        .map_err(|_| self.bad("internal: region files still shared"))?;
+                    let files = st.staging.reconcile(old.files, &table, ps)?;
+                    st.regions = Arc::new(Regions {
+                        files,
+                        page_size: ps,
+                    });
                 }
                 Control::RoundEnd(rd) => {
                     if rd != round {
@@ -507,16 +529,25 @@ impl Session<'_> {
                     pipeline.barrier().map_err(|e| self.bad(e))?;
                     map.clear();
                     round += 1;
+                    round_started = false;
                 }
                 Control::End(totals) => {
                     pipeline.barrier().map_err(|e| self.bad(e))?;
-                    return Ok((totals, codec));
+                    return Ok(totals);
                 }
                 Control::Error { message, .. } => return Err(RecvError::Aborted(message)),
                 other => return Err(self.bad(format!("unexpected {:?} frame", other.kind()))),
             }
         }
     }
+}
+
+/// What the dispatcher holds while frames stream in.
+struct Stream {
+    regions: Arc<Regions>,
+    staging: Staging,
+    got: Got,
+    codec: Option<WireCodec>,
 }
 
 fn zero_pages(rf: &staging::RegionFile, runs: &[Run], ps: u64) {

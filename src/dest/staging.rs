@@ -6,6 +6,8 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use memmap2::MmapRaw;
 
 use crate::image::{self, Manifest, RegionRecord};
@@ -35,6 +37,10 @@ pub struct RegionFile {
     pub entry: RegionEntry,
     pub pages: u64,
     map: Option<MmapRaw>,
+    file: File,
+    path: PathBuf,
+    /// Pages received (normal or zero) for this region.
+    pub populated: AtomicU64,
 }
 
 impl RegionFile {
@@ -48,6 +54,25 @@ impl RegionFile {
     pub fn len(&self) -> u64 {
         self.entry.end - self.entry.start
     }
+
+    fn map(file: &File, len: u64) -> std::io::Result<Option<MmapRaw>> {
+        if len == 0 {
+            return Ok(None);
+        }
+        MmapRaw::map_raw(file).map(Some)
+    }
+
+    /// The region changed size at the same start: resize the file (the
+    /// kept part keeps its data) and map it again.
+    fn resize(&mut self, entry: &RegionEntry, page_size: u64) -> Result<(), StagingError> {
+        self.map = None;
+        let len = entry.end - entry.start;
+        self.file.set_len(len).map_err(write_err(&self.path))?;
+        self.map = Self::map(&self.file, len).map_err(write_err(&self.path))?;
+        self.entry = entry.clone();
+        self.pages = len / page_size;
+        Ok(())
+    }
 }
 
 /// An image under construction.
@@ -56,6 +81,7 @@ pub struct Staging {
     dir: PathBuf,
     force: bool,
     committed: bool,
+    next_file: u64,
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> StagingError + '_ {
@@ -90,17 +116,19 @@ impl Staging {
             dir,
             force,
             committed: false,
+            next_file: 0,
         })
     }
 
-    /// Create and map the sparse data file of region `index`.
+    /// Create and map a sparse data file for a region. Files are renamed
+    /// to their final names (by table index) at commit.
     pub fn region_file(
-        &self,
-        index: usize,
+        &mut self,
         entry: &RegionEntry,
         page_size: u64,
     ) -> Result<RegionFile, StagingError> {
-        let path = self.dir.join(image::region_file_name(index));
+        let path = self.dir.join(format!("seg-{}.bin", self.next_file));
+        self.next_file += 1;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -109,16 +137,49 @@ impl Staging {
             .map_err(write_err(&path))?;
         let len = entry.end - entry.start;
         file.set_len(len).map_err(write_err(&path))?;
-        let map = if len > 0 {
-            Some(MmapRaw::map_raw(&file).map_err(write_err(&path))?)
-        } else {
-            None
-        };
+        let map = RegionFile::map(&file, len).map_err(write_err(&path))?;
         Ok(RegionFile {
             entry: entry.clone(),
             pages: len / page_size,
             map,
+            file,
+            path,
+            populated: AtomicU64::new(0),
         })
+    }
+
+    /// Move to a new region table: a region whose start is unchanged keeps
+    /// its file (resized); others get a new, empty file; files of regions
+    /// that are gone are removed.
+    pub fn reconcile(
+        &mut self,
+        old: Vec<RegionFile>,
+        table: &[RegionEntry],
+        page_size: u64,
+    ) -> Result<Vec<RegionFile>, StagingError> {
+        let mut old: Vec<Option<RegionFile>> = old.into_iter().map(Some).collect();
+        let mut out = Vec::with_capacity(table.len());
+        for e in table {
+            let kept = old
+                .iter_mut()
+                .find(|o| o.as_ref().is_some_and(|o| o.entry.start == e.start))
+                .and_then(Option::take);
+            out.push(match kept {
+                Some(mut f) => {
+                    if f.entry != *e {
+                        f.resize(e, page_size)?;
+                    }
+                    f
+                }
+                None => self.region_file(e, page_size)?,
+            });
+        }
+        for f in old.into_iter().flatten() {
+            let path = f.path.clone();
+            drop(f);
+            fs::remove_file(&path).map_err(write_err(&path))?;
+        }
+        Ok(out)
     }
 
     /// Digest and sync every region, write the manifest, and rename the
@@ -126,7 +187,6 @@ impl Staging {
     pub fn commit(
         mut self,
         regions: &[RegionFile],
-        populated: &[u64],
         pid: u32,
         comm: &str,
         page_size: u64,
@@ -134,6 +194,7 @@ impl Staging {
         let mut records = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
             let path = self.dir.join(image::region_file_name(i));
+            fs::rename(&r.path, &path).map_err(write_err(&path))?;
             let digest = match &r.map {
                 Some(m) => {
                     m.flush().map_err(write_err(&path))?;
@@ -151,7 +212,7 @@ impl Staging {
                 perms: r.entry.perms(),
                 name: r.entry.name.clone(),
                 file: image::region_file_name(i),
-                populated_pages: populated[i],
+                populated_pages: r.populated.load(Ordering::Relaxed),
                 xxh3: image::hex_digest(digest),
             });
         }

@@ -156,6 +156,7 @@ impl Worker {
             }
             .encode(buf);
         }
+        Counters::add(&counters.zero_pages, t.zero_pages);
         if normal.is_empty() {
             return t;
         }
@@ -202,7 +203,6 @@ impl Worker {
         protocol::end_frame(buf, start);
         debug_assert!(buf.len() > start + HEADER_LEN);
         Counters::add(&counters.normal_pages, t.normal_pages);
-        Counters::add(&counters.zero_pages, t.zero_pages);
         t
     }
 }

@@ -1,40 +1,52 @@
 //! The source side: the migration state machine.
 //!
-//! Phases, as in KVM/QEMU: **setup** (attach, connect, handshake),
-//! **bulk** (send every populated page), **downtime** (process stopped, last
-//! pages sent, End frame, wait for the receiver's Ack), **complete** (leave
-//! the process stopped, killed or running). This version copies in
-//! stop-and-copy mode: the process is stopped from the start of bulk, so
-//! bulk and downtime coincide and one round suffices.
+//! Phases, as in KVM/QEMU:
 //!
-//! Threads: this one reads the target (it owns the ptrace attachment, which
-//! is tied to the thread), `compress-threads` workers compress, and one
-//! writer owns the socket. Any error, cancel (SIGINT/SIGTERM) or panic
-//! unwinds through [`Attachment`]'s drop, which resumes the process as it
-//! was found.
+//! 1. **setup**: attach (ptrace seize), connect, handshake, stop the target
+//!    briefly to arm the dirty tracker (for uffd-wp: inject userfaultfd),
+//!    then let it run again, detached.
+//! 2. **bulk** (round 0): send every populated page while the target runs.
+//! 3. **iterate** (rounds 1..): re-read the maps (send region changes),
+//!    collect the dirty pages plus pages that vanished, and either send them
+//!    or, when the expected downtime (dirty bytes ÷ measured wire rate,
+//!    with the compression ratio seen so far) fits `--downtime-limit`, go on.
+//! 4. **downtime**: stop every thread (also ones born meanwhile), take the
+//!    last dirty set, send it, End, and wait for the receiver's Ack.
+//! 5. **complete**: leave the process stopped, killed or running.
+//!
+//! `--mode stop-and-copy` skips 2–3: the target is stopped from the start.
+//! Any error, cancel (SIGINT/SIGTERM) or panic ends tracking and resumes
+//! the process as it was found ([`Attachment`]'s drop detaches); the
+//! receiver gets an Error frame and commits nothing.
+//!
+//! Threads: this one reads the target and owns ptrace (which is tied to the
+//! thread), `compress-threads` workers compress, one writer owns the
+//! socket, and with auto-converge one thread throttles the target.
 
 mod compress;
+mod converge;
+mod pipeline;
+mod regions;
+mod setup;
 mod writer;
 
-use std::io;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender, TrySendError};
-
 use crate::cancel::ShutdownOnCancel;
 use crate::codec::Method;
+use crate::dirty::{self, DirtyTracker};
+use crate::pageset::union;
 use crate::progress::Progress;
-use crate::protocol::{self, Control, Hello, ReadError, RegionEntry, Run};
-use crate::stats::{self, CompressionReport, Counters, SendReport};
-use crate::target::{
-    self, Attachment, Leave, MemReader, Pagemap, Region, RegionFilter, RegionKind, TargetError,
-    PM_PRESENT, PM_SWAPPED,
-};
-use compress::Job;
-use writer::Out;
+use crate::protocol::{self, error_code, Control, Run};
+use crate::stats::{self, CompressionReport, Counters, RoundReport, SendReport};
+use crate::target::{self, Attachment, Leave, MemReader, Pagemap, RegionFilter, TargetError};
+pub use converge::ThrottleParams;
+use converge::{AutoConverge, Throttle};
+use pipeline::Pipeline;
+use regions::RegionState;
 
 /// What to do with the source process after a successful migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +97,37 @@ pub struct SendConfig {
     /// Pages per compression batch.
     pub batch_pages: u32,
     pub progress: bool,
+    pub mode: Mode,
+    pub dirty_tracking: dirty::Method,
+    /// downtime-limit.
+    pub downtime_limit: Duration,
+    /// Rounds after the bulk copy before giving up (or forcing downtime).
+    pub max_iterations: u32,
+    pub auto_converge: bool,
+    pub throttle: ThrottleParams,
+    /// Go to downtime after max_iterations even if the estimate is over
+    /// the limit.
+    pub force_downtime: bool,
+}
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Pre-copy while the process runs, then a short downtime.
+    Live,
+    /// Stop the process for the whole copy.
+    StopAndCopy,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "live" => Ok(Mode::Live),
+            "stop-and-copy" => Ok(Mode::StopAndCopy),
+            _ => Err(format!("unknown --mode {s:?} (live, stop-and-copy)")),
+        }
+    }
 }
 
 impl SendConfig {
@@ -100,6 +143,13 @@ impl SendConfig {
             regions: Vec::new(),
             batch_pages: DEFAULT_BATCH_PAGES,
             progress: false,
+            mode: Mode::Live,
+            dirty_tracking: dirty::Method::Auto,
+            downtime_limit: Duration::from_millis(300),
+            max_iterations: 30,
+            auto_converge: false,
+            throttle: ThrottleParams::default(),
+            force_downtime: false,
         }
     }
 }
@@ -122,7 +172,7 @@ pub enum SendError {
     Resolve { to: String, reason: String },
     /// Connecting failed.
     #[error("cannot connect to receiver {to}: {source}")]
-    Connect { to: String, source: io::Error },
+    Connect { to: String, source: std::io::Error },
     /// The receiver refused or broke the handshake.
     #[error("handshake with {to} failed: {reason}")]
     Handshake { to: String, reason: String },
@@ -141,387 +191,585 @@ pub enum SendError {
     /// SIGINT or SIGTERM.
     #[error("cancelled by signal")]
     Cancelled,
-}
-
-fn connect(to: &str) -> Result<TcpStream, SendError> {
-    let addrs: Vec<_> = to
-        .to_socket_addrs()
-        .map_err(|e| SendError::Resolve {
-            to: to.into(),
-            reason: e.to_string(),
-        })?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(SendError::Connect {
-        to: to.into(),
-        source: last,
-    })
-}
-
-fn comm(pid: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn handshake(sock: &mut TcpStream, cfg: &SendConfig, page_size: u64) -> Result<(), SendError> {
-    let fail = |reason: String| SendError::Handshake {
-        to: cfg.to.clone(),
-        reason,
-    };
-    let hello = Control::Hello(Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: page_size as u32,
-        capabilities: protocol::CAPABILITIES,
-        codec: cfg.method.wire() as u8,
-        level: cfg.level,
-        compress_threads: cfg.compress_threads as u16,
-        pid: cfg.pid as u32,
-        comm: comm(cfg.pid),
-    });
-    protocol::write_control(sock, &hello).map_err(|e| fail(e.to_string()))?;
-    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    match protocol::read_control(sock) {
-        Ok(Control::Welcome(w)) => {
-            if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&w.version) {
-                return Err(fail(format!(
-                    "receiver speaks protocol version {}",
-                    w.version
-                )));
-            }
-            if w.capabilities & cfg.method.capability() != cfg.method.capability() {
-                return Err(fail(format!("receiver cannot decode {}", cfg.method)));
-            }
-            Ok(())
-        }
-        Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
-        Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
-        Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
-        Err(e) => Err(fail(e.to_string())),
-    }
-}
-
-/// Groups populated pages into batches of at most `max` pages.
-struct Batcher {
-    max: u32,
-    runs: Vec<Run>,
-    pages: u32,
-}
-
-impl Batcher {
-    fn push(&mut self, page: u64) -> bool {
-        match self.runs.last_mut() {
-            Some(r) if r.first + r.count as u64 == page => r.count += 1,
-            _ => self.runs.push(Run {
-                first: page,
-                count: 1,
-            }),
-        }
-        self.pages += 1;
-        self.pages >= self.max
-    }
-
-    fn take(&mut self) -> Option<(Vec<Run>, u32)> {
-        if self.pages == 0 {
-            return None;
-        }
-        let pages = std::mem::replace(&mut self.pages, 0);
-        Some((std::mem::take(&mut self.runs), pages))
-    }
-}
-
-/// Pages scanned per pagemap read (2 MiB of address space).
-const SCAN_PAGES: usize = 512;
-
-/// The reading side of one migration: turns regions into jobs.
-struct Reader<'a> {
-    cfg: &'a SendConfig,
-    cancel: &'a AtomicBool,
-    mem: MemReader,
-    pagemap: Pagemap,
-    page_size: u64,
-    jobs: Sender<Job>,
-    free: crossbeam_channel::Receiver<Vec<u8>>,
-    buffers: usize,
-    max_buffers: usize,
-    counters: Arc<Counters>,
-    jobs_sent: u64,
-}
-
-impl Reader<'_> {
-    fn send_region(&mut self, round: u32, index: u32, region: &Region) -> Result<(), SendError> {
-        let ps = self.page_size;
-        let pages = region.len() / ps;
-        let mut batch = Batcher {
-            max: self.cfg.batch_pages,
-            runs: Vec::new(),
-            pages: 0,
-        };
-        let mut entries = vec![0u64; SCAN_PAGES];
-        let mut page = 0u64;
-        while page < pages {
-            let n = (pages - page).min(SCAN_PAGES as u64) as usize;
-            let skip_absent = region.kind == RegionKind::PrivateAnon;
-            if skip_absent {
-                self.pagemap
-                    .read(region.start + page * ps, &mut entries[..n])?;
-            }
-            for (i, e) in entries[..n].iter().enumerate() {
-                if skip_absent && e & (PM_PRESENT | PM_SWAPPED) == 0 {
-                    Counters::add(&self.counters.skipped_pages, 1);
-                    continue;
-                }
-                if batch.push(page + i as u64) {
-                    self.submit(round, index, region, &mut batch)?;
-                }
-            }
-            page += n as u64;
-        }
-        self.submit(round, index, region, &mut batch)
-    }
-
-    fn submit(
-        &mut self,
-        round: u32,
-        index: u32,
-        region: &Region,
-        batch: &mut Batcher,
-    ) -> Result<(), SendError> {
-        let Some((runs, pages)) = batch.take() else {
-            return Ok(());
-        };
-        if self.cancel.load(Ordering::Relaxed) {
-            return Err(SendError::Cancelled);
-        }
-        let mut data = match self.free.try_recv() {
-            Ok(b) => b,
-            Err(_) if self.buffers < self.max_buffers => {
-                self.buffers += 1;
-                Vec::new()
-            }
-            Err(_) => {
-                Counters::add(&self.counters.busy, 1);
-                self.free
-                    .recv()
-                    .map_err(|_| SendError::Connection("pipeline stopped".into()))?
-            }
-        };
-        let len = pages as usize * self.page_size as usize;
-        data.resize(len, 0);
-        self.mem
-            .read_runs(region.start, self.page_size, &runs, &mut data)?;
-        Counters::add(&self.counters.read_bytes, len as u64);
-        Counters::add(&self.counters.batches, 1);
-        let job = Job {
-            round,
-            region: index,
-            runs,
-            data,
-        };
-        match self.jobs.try_send(job) {
-            Ok(()) => {}
-            Err(TrySendError::Full(job)) => {
-                Counters::add(&self.counters.busy, 1);
-                self.jobs
-                    .send(job)
-                    .map_err(|_| SendError::Connection("pipeline stopped".into()))?;
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(SendError::Connection("pipeline stopped".into()))
-            }
-        }
-        self.jobs_sent += 1;
-        Ok(())
-    }
+    #[error(transparent)]
+    Dirty(#[from] dirty::DirtyError),
+    /// The process exited during the migration.
+    #[error("process {0} exited during the migration")]
+    Exited(i32),
+    /// Pre-copy did not converge within the iteration cap.
+    #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms, dirty rate {rate:.0} pages/s); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
+    NotConverging {
+        rounds: u32,
+        dirty_pages: u64,
+        expected_ms: f64,
+        limit_ms: u128,
+        rate: f64,
+    },
 }
 
 /// Run one migration of `cfg.pid` to `cfg.to`. Setting `cancel` (e.g. from
 /// a signal handler) stops it; the process is then resumed as it was.
 pub fn send(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, SendError> {
-    let r = send_inner(cfg, cancel);
-    if r.is_err() && cancel.load(Ordering::Relaxed) {
-        return Err(SendError::Cancelled);
+    let mut m = Migration::new(cfg, cancel);
+    let r = m.run();
+    // Whatever happened: tracking off, throttle off, process resumed.
+    m.cleanup();
+    match r {
+        Ok(report) => Ok(report),
+        Err(e) => {
+            let e = if cancel.load(Ordering::Relaxed) {
+                SendError::Cancelled
+            } else if !target::alive(cfg.pid)
+                && !matches!(e, SendError::Target(TargetError::NoSuchProcess { .. }))
+            {
+                SendError::Exited(cfg.pid)
+            } else {
+                e
+            };
+            m.tell_receiver(&e);
+            Err(e)
+        }
     }
-    r
 }
 
-fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, SendError> {
-    let t_start = Instant::now();
-    let cpu_start = stats::cpu_time();
-    let pid = cfg.pid;
-    let page_size = target::page_size();
+/// One migration's state.
+struct Migration<'a> {
+    cfg: &'a SendConfig,
+    cancel: &'a Arc<AtomicBool>,
+    page_size: u64,
+    att: Option<Attachment>,
+    sock: Option<TcpStream>,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    throttle: Option<Throttle>,
+    pipeline: Option<Pipeline>,
+    /// The writer failed: the socket is not usable for an Error frame.
+    connection_lost: bool,
+}
 
-    // setup
-    let mut attachment = Attachment::seize(pid)?;
-    let mut sock = connect(&cfg.to)?;
-    let _watch = ShutdownOnCancel::new(cancel.clone(), &sock);
-    handshake(&mut sock, cfg, page_size)?;
-    let setup = t_start.elapsed();
-
-    // bulk, stopped (stop-and-copy)
-    let t_stop = Instant::now();
-    attachment.stop()?;
-    let threads_stopped = attachment.thread_count();
-    let all = target::read_regions(pid)?;
-    let regions = target::select_regions(pid, all, &cfg.regions, page_size)?;
-    let total: u64 = regions.iter().map(|r| r.len()).sum();
-    let mem = MemReader::open(pid)?;
-    let pagemap = Pagemap::open(pid, page_size)?;
-
-    let counters = Arc::new(Counters::new(cfg.compress_threads));
-    let (job_tx, job_rx) = bounded::<Job>(cfg.compress_threads * 2);
-    let (free_tx, free_rx) = bounded::<Vec<u8>>(cfg.compress_threads * 4 + 2);
-    let (out_tx, out_rx) = bounded::<Out>(cfg.compress_threads * 2);
-    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(cfg.compress_threads * 4 + 2);
-    let write_sock = sock
-        .try_clone()
-        .map_err(|e| SendError::Connection(e.to_string()))?;
-    let writer = writer::spawn_writer(
-        write_sock,
-        cfg.max_bandwidth,
-        out_rx,
-        spare_tx,
-        counters.clone(),
-    );
-    let workers = compress::spawn_workers(
-        cfg.compress_threads,
-        cfg.method,
-        cfg.level,
-        page_size as usize,
-        job_rx,
-        free_tx,
-        out_tx.clone(),
-        spare_rx,
-        counters.clone(),
-    )?;
-    let progress = cfg
-        .progress
-        .then(|| Progress::start("send", total, counters.clone()));
-
-    let table: Vec<RegionEntry> = regions
-        .iter()
-        .map(|r| RegionEntry {
-            start: r.start,
-            end: r.end,
-            prot: r.prot,
-            name: r.name.clone(),
-        })
-        .collect();
-    let _ = out_tx.send(Out::Control {
-        after_jobs: 0,
-        frame: Control::Regions(table),
-    });
-    let mut reader = Reader {
-        cfg,
-        cancel,
-        mem,
-        pagemap,
-        page_size,
-        jobs: job_tx,
-        free: free_rx,
-        buffers: 0,
-        max_buffers: cfg.compress_threads * 4 + 2,
-        counters: counters.clone(),
-        jobs_sent: 0,
-    };
-    let round = 0;
-    let mut result = (|| {
-        for (i, r) in regions.iter().enumerate() {
-            reader.send_region(round, i as u32, r)?;
+impl<'a> Migration<'a> {
+    fn new(cfg: &'a SendConfig, cancel: &'a Arc<AtomicBool>) -> Migration<'a> {
+        Migration {
+            cfg,
+            cancel,
+            page_size: target::page_size(),
+            att: None,
+            sock: None,
+            tracker: None,
+            throttle: None,
+            pipeline: None,
+            connection_lost: false,
         }
-        Ok(())
-    })();
-    if result.is_ok() {
-        let after = reader.jobs_sent;
-        let _ = out_tx.send(Out::Control {
-            after_jobs: after,
-            frame: Control::RoundEnd(round),
-        });
-        let _ = out_tx.send(Out::End {
-            after_jobs: after,
-            rounds: round + 1,
-        });
-    } else {
-        // Unblock the writer if it is stuck on a full socket.
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut t) = self.throttle.take() {
+            t.finish();
+        }
+        if let Some(mut t) = self.tracker.take() {
+            t.finish(self.att.as_mut());
+        }
+        if let Some(mut p) = self.pipeline.take() {
+            if p.shutdown().is_err() {
+                self.connection_lost = true;
+            }
+        }
+        // Dropping the attachment detaches, leaving the process as found.
+        self.att = None;
+    }
+
+    /// Best effort: tell the receiver why we stop, so it commits nothing
+    /// and says why.
+    fn tell_receiver(&mut self, e: &SendError) {
+        let Some(sock) = self.sock.as_mut() else {
+            return;
+        };
+        if !self.connection_lost && !matches!(e, SendError::Connection(_) | SendError::Remote(_)) {
+            let _ = sock.set_write_timeout(Some(Duration::from_secs(2)));
+            let code = if matches!(e, SendError::Cancelled) {
+                error_code::CANCELLED
+            } else {
+                error_code::FAILED
+            };
+            let _ = protocol::write_control(
+                sock,
+                &Control::Error {
+                    code,
+                    message: format!("source: {e}"),
+                },
+            );
+        }
         let _ = sock.shutdown(Shutdown::Both);
     }
-    drop(reader);
-    drop(out_tx);
-    for w in workers {
-        let _ = w.join();
+
+    fn attach_stopped(&mut self) -> Result<&mut Attachment, SendError> {
+        if self.att.is_none() {
+            self.att = Some(Attachment::seize(self.cfg.pid)?);
+        }
+        let a = self.att.as_mut().expect("just set");
+        a.stop()?;
+        Ok(a)
     }
-    let written = writer
-        .join()
-        .unwrap_or_else(|_| Err(io::Error::other("writer panicked")));
-    if let Some(p) = progress {
-        p.finish();
+
+    fn regions(&self) -> Result<Vec<target::Region>, SendError> {
+        let all = target::read_regions(self.cfg.pid)?;
+        Ok(target::select_regions(
+            self.cfg.pid,
+            all,
+            &self.cfg.regions,
+            self.page_size,
+        )?)
     }
-    let t_transfer = t_stop.elapsed();
-    if result.is_ok() {
-        if let Err(e) = written {
-            result = Err(remote_reason(&mut sock).unwrap_or(SendError::Connection(e.to_string())));
+
+    fn run(&mut self) -> Result<SendReport, SendError> {
+        let cfg = self.cfg;
+        let pid = cfg.pid;
+        let ps = self.page_size;
+        let live = cfg.mode == Mode::Live;
+        let t_start = Instant::now();
+        let cpu_start = stats::cpu_time();
+
+        // setup
+        self.att = Some(Attachment::seize(pid)?);
+        let mut sock = setup::connect(&cfg.to)?;
+        let _watch = ShutdownOnCancel::new(self.cancel.clone(), &sock);
+        setup::handshake(&mut sock, cfg, ps)?;
+        self.sock = Some(
+            sock.try_clone()
+                .map_err(|e| SendError::Connection(e.to_string()))?,
+        );
+        self.attach_stopped()?;
+        let mut state = RegionState::new(self.regions()?, ps);
+        let mut t_stop = None;
+        if live {
+            let mut tracker = dirty::create(cfg.dirty_tracking, pid, ps)?;
+            tracker.arm(self.att.as_mut().expect("attached"), &state.regions())?;
+            self.tracker = Some(tracker);
+            // Run free while we copy: detached, signals reach it as usual.
+            if let Some(a) = self.att.take() {
+                a.detach(Leave::AsFound)?;
+            }
+            if cfg.auto_converge {
+                self.throttle = Some(Throttle::start(pid));
+            }
+        } else {
+            t_stop = Some(Instant::now());
+        }
+        let setup_time = t_start.elapsed();
+        let mem = MemReader::open(pid)?;
+        let pagemap = Pagemap::open(pid, ps)?;
+        self.pipeline = Some(Pipeline::start(cfg, &sock, ps)?);
+        let counters = self.pipeline.as_ref().expect("started").counters.clone();
+        let progress = cfg
+            .progress
+            .then(|| Progress::start("send", state.total(), counters.clone()));
+        let tracker_name = self
+            .tracker
+            .as_ref()
+            .map_or("none".to_string(), |t| t.method().to_string());
+
+        // bulk: round 0, every populated page
+        let mut rounds: Vec<RoundReport> = Vec::new();
+        let mut round = 0u32;
+        let mut syncs = 0u32;
+        self.pipeline_mut()
+            .control(Control::Regions(state.table()))?;
+        let all = whole_regions(&state, ps);
+        let t_round = Instant::now();
+        let before = Snapshot::take(&counters);
+        self.send_round(&mem, &pagemap, &mut state, round, &all)?;
+        self.end_round(round)?;
+        rounds.push(before.report(round, 0, &counters, t_round.elapsed(), Duration::ZERO, 0));
+        let mut auto = AutoConverge::default();
+        let mut last_collect = Instant::now();
+        let mut expected = Duration::ZERO;
+        let mut last_rate: f64;
+
+        // iterate
+        if live {
+            let carried: Vec<(u64, Run)> = loop {
+                if self.cancel.load(Ordering::Relaxed) {
+                    return Err(SendError::Cancelled);
+                }
+                let new = self.regions()?;
+                let (changed, fresh) = state.update(new);
+                if changed {
+                    self.pipeline_mut()
+                        .control(Control::Regions(state.table()))?;
+                }
+                let dirty =
+                    self.tracker
+                        .as_mut()
+                        .expect("live")
+                        .collect(None, &state.regions(), &fresh)?;
+                syncs += 1;
+                let since = last_collect.elapsed();
+                last_collect = Instant::now();
+                let discards = state.discards(&pagemap)?;
+                let dirty_pages = dirty.pages();
+                let pending = dirty_pages
+                    + fresh.iter().map(|(_, r)| r.count as u64).sum::<u64>()
+                    + discards
+                        .iter()
+                        .flatten()
+                        .map(|r| r.count as u64)
+                        .sum::<u64>();
+                // Rate and ratio so far decide the expected downtime.
+                let (wire, raw, secs) = rounds.iter().fold((0u64, 0u64, 0f64), |a, r| {
+                    (
+                        a.0 + r.bytes,
+                        a.1 + r.raw_bytes,
+                        a.2 + r.duration_ms / 1000.0,
+                    )
+                });
+                let rate = if secs > 0.0 { wire as f64 / secs } else { 0.0 };
+                let ratio = if wire > 0 {
+                    raw as f64 / wire as f64
+                } else {
+                    1.0
+                };
+                expected = converge::expected_downtime(pending * ps, ratio, rate);
+                // Leaving the loop, the pages just collected (and re-armed)
+                // are carried into the final round: they were not sent.
+                let carry = |state: &RegionState| {
+                    merge(state, ps, &dirty, &fresh, &discards)
+                        .into_iter()
+                        .map(|(i, r)| (state.list[i].region.start, r))
+                        .collect::<Vec<_>>()
+                };
+                last_rate = dirty_pages as f64 / since.as_secs_f64().max(1e-3);
+                if expected <= cfg.downtime_limit {
+                    break carry(&state);
+                }
+                if round >= cfg.max_iterations {
+                    if cfg.force_downtime || cfg.auto_converge {
+                        break carry(&state);
+                    }
+                    return Err(SendError::NotConverging {
+                        rounds: round,
+                        dirty_pages: pending,
+                        expected_ms: expected.as_secs_f64() * 1000.0,
+                        limit_ms: cfg.downtime_limit.as_millis(),
+                        rate: last_rate,
+                    });
+                }
+                round += 1;
+                let t_round = Instant::now();
+                let before = Snapshot::take(&counters);
+                let must = merge(&state, ps, &dirty, &fresh, &discards);
+                self.send_round(&mem, &pagemap, &mut state, round, &must)?;
+                self.end_round(round)?;
+                let took = t_round.elapsed();
+                let mut r = before.report(round, dirty_pages, &counters, took, since, auto.percent);
+                r.expected_downtime_ms = expected.as_secs_f64() * 1000.0;
+                if cfg.auto_converge {
+                    if let Some(p) = auto.update(&cfg.throttle, dirty_pages * ps, r.bytes) {
+                        if let Some(t) = &self.throttle {
+                            t.set(p);
+                        }
+                    }
+                }
+                rounds.push(r);
+            };
+            // downtime
+            if let Some(mut t) = self.throttle.take() {
+                t.finish();
+            }
+            t_stop = Some(Instant::now());
+            self.attach_stopped()?;
+            let new = self.regions()?;
+            let (changed, fresh) = state.update(new);
+            if changed {
+                self.pipeline_mut()
+                    .control(Control::Regions(state.table()))?;
+            }
+            let regions_now = state.regions();
+            let dirty = {
+                let att = self.att.as_mut();
+                self.tracker
+                    .as_mut()
+                    .expect("live")
+                    .collect(att, &regions_now, &fresh)?
+            };
+            syncs += 1;
+            let discards = state.discards(&pagemap)?;
+            round += 1;
+            let t_round = Instant::now();
+            let before = Snapshot::take(&counters);
+            let mut must = merge(&state, ps, &dirty, &fresh, &discards);
+            must = with_carried(&state, ps, must, &carried);
+            self.send_round(&mem, &pagemap, &mut state, round, &must)?;
+            self.end_round(round)?;
+            let carried_pages: u64 = carried.iter().map(|(_, r)| r.count as u64).sum();
+            let mut r = before.report(
+                round,
+                dirty.pages() + carried_pages,
+                &counters,
+                t_round.elapsed(),
+                Duration::ZERO,
+                0,
+            );
+            r.dirty_rate = last_rate;
+            r.expected_downtime_ms = expected.as_secs_f64() * 1000.0;
+            rounds.push(r);
+        }
+        let t_stop = t_stop.expect("stopped by now");
+        let threads_stopped = self.att.as_ref().map_or(0, |a| a.thread_count());
+        let totals = self.pipeline_mut().finish(round + 1);
+        if let Some(p) = progress {
+            p.finish();
+        }
+        if let Err(e) = totals {
+            self.connection_lost = true;
+            let sock = self.sock.as_mut().expect("connected");
+            return Err(setup::remote_reason(sock).unwrap_or(e));
+        }
+        let t_transfer = t_stop.elapsed();
+
+        // Wait for the receiver to commit the image.
+        let sock = self.sock.as_mut().expect("connected");
+        sock.set_read_timeout(Some(Duration::from_secs(600))).ok();
+        let ack = match protocol::read_control(sock) {
+            Ok(Control::Ack(a)) => a,
+            Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
+            Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
+            Err(e) => {
+                return Err(SendError::Connection(format!(
+                    "waiting for acknowledgement: {e}"
+                )))
+            }
+        };
+        let downtime = t_stop.elapsed();
+
+        // complete
+        let fallback = self.tracker.as_ref().map_or(0, |t| t.fallback_regions());
+        if let Some(mut t) = self.tracker.take() {
+            t.finish(self.att.as_mut());
+        }
+        let leave = match cfg.on_complete {
+            OnComplete::Stop => Leave::Stopped,
+            OnComplete::Kill => Leave::Killed,
+            OnComplete::Resume => Leave::AsFound,
+        };
+        if let Some(a) = self.att.take() {
+            a.detach(leave)?;
+        }
+        let total_time = t_start.elapsed();
+        let mut report = build_report(cfg, &counters, &state, ps, t_transfer);
+        report.mode = if live { "live" } else { "stop-and-copy" }.into();
+        report.dirty_tracking = tracker_name;
+        report.fallback_regions = fallback;
+        report.threads_stopped = threads_stopped;
+        report.dirty_sync_count = syncs;
+        report.expected_downtime_ms = expected.as_secs_f64() * 1000.0;
+        report.cpu_throttle_percentage =
+            rounds.iter().map(|r| r.throttle_percent).max().unwrap_or(0);
+        report.rounds = rounds;
+        report.cpu_seconds = (stats::cpu_time() - cpu_start).as_secs_f64();
+        report.dest_decompress_busy_ms = ack.decompress_busy_ns as f64 / 1e6;
+        report.dest_commit_ms = ack.commit_ns as f64 / 1e6;
+        report.set_times(total_time, setup_time, downtime, t_transfer);
+        Ok(report)
+    }
+
+    fn end_round(&mut self, round: u32) -> Result<(), SendError> {
+        let cancel = self.cancel;
+        self.pipeline_mut().end_round(round, cancel)
+    }
+
+    fn pipeline_mut(&mut self) -> &mut Pipeline {
+        self.pipeline.as_mut().expect("pipeline started")
+    }
+
+    /// Send the populated pages of `must` (region index, page run, sorted
+    /// by region) as `round`, and mark what the receiver now holds.
+    fn send_round(
+        &mut self,
+        mem: &MemReader,
+        pagemap: &Pagemap,
+        state: &mut RegionState,
+        round: u32,
+        must: &[(usize, Run)],
+    ) -> Result<(), SendError> {
+        let mut i = 0;
+        while i < must.len() {
+            let region = must[i].0;
+            let mut runs = Vec::new();
+            while i < must.len() && must[i].0 == region {
+                runs.push(must[i].1);
+                i += 1;
+            }
+            let (runs, skipped) = state.populated(pagemap, region, &runs)?;
+            Counters::add(&self.pipeline_mut().counters.skipped_pages, skipped);
+            let r = state.list[region].region.clone();
+            let tracker = self.tracker.as_deref_mut();
+            self.pipeline
+                .as_mut()
+                .expect("pipeline started")
+                .send_runs(mem, tracker, self.cancel, round, region as u32, &r, &runs)?;
+            for run in &runs {
+                state.list[region]
+                    .sent
+                    .insert_run(run.first, run.count as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every page of every region, as (region index, run).
+fn whole_regions(state: &RegionState, ps: u64) -> Vec<(usize, Run)> {
+    let mut out = Vec::new();
+    for (i, t) in state.list.iter().enumerate() {
+        let mut runs = Vec::new();
+        dirty::push_run(&mut runs, 0, t.region.len() / ps);
+        out.extend(runs.into_iter().map(|r| (i, r)));
+    }
+    out
+}
+
+/// Everything to send in a round, per region: dirty, fresh (whole new
+/// parts, refreshed regions) and discarded pages, merged.
+fn merge(
+    state: &RegionState,
+    ps: u64,
+    dirty: &dirty::Dirty,
+    fresh: &[(usize, Run)],
+    discards: &[Vec<Run>],
+) -> Vec<(usize, Run)> {
+    let mut out = Vec::new();
+    for (i, t) in state.list.iter().enumerate() {
+        let mut runs = dirty.runs.get(i).cloned().unwrap_or_default();
+        let f: Vec<Run> = fresh
+            .iter()
+            .filter(|(j, _)| *j == i)
+            .map(|(_, r)| *r)
+            .collect();
+        runs = union(&runs, &f);
+        if dirty.refresh.contains(&i) {
+            let mut whole = Vec::new();
+            dirty::push_run(&mut whole, 0, t.region.len() / ps);
+            runs = whole;
+        }
+        if let Some(d) = discards.get(i) {
+            runs = union(&runs, d);
+        }
+        out.extend(runs.into_iter().map(|r| (i, r)));
+    }
+    out
+}
+
+/// Add pages collected earlier but not sent (`carried`, keyed by region
+/// start) to `must`, for the regions that still exist, clipped to their
+/// current size.
+fn with_carried(
+    state: &RegionState,
+    ps: u64,
+    must: Vec<(usize, Run)>,
+    carried: &[(u64, Run)],
+) -> Vec<(usize, Run)> {
+    let mut out = Vec::new();
+    for (i, t) in state.list.iter().enumerate() {
+        let pages = t.region.len() / ps;
+        let mine: Vec<Run> = must
+            .iter()
+            .filter(|(j, _)| *j == i)
+            .map(|(_, r)| *r)
+            .collect();
+        let mut old = Vec::new();
+        for (_, r) in carried.iter().filter(|(s, _)| *s == t.region.start) {
+            if r.first < pages {
+                let end = (r.first + r.count as u64).min(pages);
+                dirty::push_run(&mut old, r.first, end - r.first);
+            }
+        }
+        out.extend(union(&mine, &old).into_iter().map(|r| (i, r)));
+    }
+    out
+}
+
+/// Counter values at the start of a round.
+struct Snapshot {
+    wire: u64,
+    read: u64,
+    normal: u64,
+    zero: u64,
+}
+
+impl Snapshot {
+    fn take(c: &Counters) -> Snapshot {
+        Snapshot {
+            wire: Counters::get(&c.wire_bytes),
+            read: Counters::get(&c.read_bytes),
+            normal: Counters::get(&c.normal_pages),
+            zero: Counters::get(&c.zero_pages),
         }
     }
-    result?;
 
-    // Wait for the receiver to commit the image.
-    sock.set_read_timeout(Some(Duration::from_secs(600))).ok();
-    let ack = match protocol::read_control(&mut sock) {
-        Ok(Control::Ack(a)) => a,
-        Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
-        Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
-        Err(e) => {
-            return Err(SendError::Connection(format!(
-                "waiting for acknowledgement: {e}"
-            )))
+    fn report(
+        &self,
+        round: u32,
+        dirty_pages: u64,
+        c: &Counters,
+        took: Duration,
+        dirtied_over: Duration,
+        throttle: u32,
+    ) -> RoundReport {
+        let bytes = Counters::get(&c.wire_bytes) - self.wire;
+        RoundReport {
+            round,
+            dirty_pages,
+            pages_sent: (Counters::get(&c.normal_pages) - self.normal)
+                + (Counters::get(&c.zero_pages) - self.zero),
+            raw_bytes: Counters::get(&c.read_bytes) - self.read,
+            bytes,
+            duration_ms: took.as_secs_f64() * 1000.0,
+            dirty_rate: if dirtied_over > Duration::ZERO {
+                dirty_pages as f64 / dirtied_over.as_secs_f64()
+            } else {
+                0.0
+            },
+            throughput_mbps: stats::mbps(bytes, took),
+            expected_downtime_ms: 0.0,
+            throttle_percent: throttle,
         }
-    };
-    let downtime = t_stop.elapsed();
+    }
+}
 
-    // complete
-    let leave = match cfg.on_complete {
-        OnComplete::Stop => Leave::Stopped,
-        OnComplete::Kill => Leave::Killed,
-        OnComplete::Resume => Leave::AsFound,
-    };
-    attachment.detach(leave)?;
-    let total_time = t_start.elapsed();
-
-    let c = &counters;
+fn build_report(
+    cfg: &SendConfig,
+    c: &Counters,
+    state: &RegionState,
+    ps: u64,
+    t_transfer: Duration,
+) -> SendReport {
     let g = Counters::get;
     let wire = g(&c.wire_bytes);
     let compressed_pages = g(&c.compressed_pages);
     let compressed_size = g(&c.compressed_bytes);
     let batches = g(&c.batches);
-    let mut report = SendReport {
+    SendReport {
         status: "completed".into(),
-        pid,
-        mode: "stop-and-copy".into(),
+        pid: cfg.pid,
+        mode: String::new(),
+        dirty_tracking: String::new(),
+        fallback_regions: 0,
         total_time_ms: 0.0,
         setup_time_ms: 0.0,
         downtime_ms: 0.0,
+        expected_downtime_ms: 0.0,
         transfer_time_ms: 0.0,
         transferred: wire,
         throughput_mbps: stats::mbps(wire, t_transfer),
-        total,
-        page_size,
-        regions: regions.len(),
-        threads_stopped,
+        total: state.total(),
+        page_size: ps,
+        regions: state.list.len(),
+        threads_stopped: 0,
         normal: g(&c.normal_pages),
-        normal_bytes: g(&c.normal_pages) * page_size,
+        normal_bytes: g(&c.normal_pages) * ps,
         duplicate: g(&c.zero_pages),
         skipped: g(&c.skipped_pages),
-        dirty_sync_count: 1,
+        dirty_sync_count: 0,
+        cpu_throttle_percentage: 0,
         max_bandwidth: cfg.max_bandwidth,
         compression: CompressionReport {
             method: cfg.method.to_string(),
@@ -536,33 +784,17 @@ fn send_inner(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, 
             },
             compressed_size,
             compression_rate: if compressed_size > 0 {
-                (compressed_pages * page_size) as f64 / compressed_size as f64
+                (compressed_pages * ps) as f64 / compressed_size as f64
             } else {
                 0.0
             },
             raw_batches: g(&c.raw_batches),
             thread_busy_percent: stats::busy_percent(&c.worker_busy_ns, t_transfer),
         },
-        cpu_seconds: (stats::cpu_time() - cpu_start).as_secs_f64(),
-        dest_decompress_busy_ms: ack.decompress_busy_ns as f64 / 1e6,
-        dest_commit_ms: ack.commit_ns as f64 / 1e6,
+        cpu_seconds: 0.0,
+        dest_decompress_busy_ms: 0.0,
+        dest_commit_ms: 0.0,
         on_complete: cfg.on_complete.to_string(),
-    };
-    report.set_times(total_time, setup, downtime, t_transfer);
-    Ok(report)
-}
-
-/// After a write failed: did the receiver explain why in an Error frame?
-fn remote_reason(sock: &mut TcpStream) -> Option<SendError> {
-    sock.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    let mut payload = Vec::new();
-    // Skip nothing: the receiver only ever sends Welcome, Ack or Error, and
-    // Welcome was read during the handshake.
-    match protocol::read_frame(sock, &mut payload) {
-        Ok(kind) => match Control::decode(kind, &payload) {
-            Ok(Control::Error { message, .. }) => Some(SendError::Remote(message)),
-            _ => None,
-        },
-        Err(_) => None,
+        rounds: Vec::new(),
     }
 }

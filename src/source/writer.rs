@@ -96,6 +96,7 @@ pub fn spawn_writer(
     max_bandwidth: Option<u64>,
     rx: Receiver<Out>,
     spare: Sender<Vec<u8>>,
+    round_done: Sender<u32>,
     counters: Arc<Counters>,
 ) -> JoinHandle<io::Result<Totals>> {
     std::thread::Builder::new()
@@ -137,7 +138,12 @@ pub fn spawn_writer(
                         break;
                     }
                     match waiting.pop_front() {
-                        Some(Out::Control { frame, .. }) => w.control(&frame)?,
+                        Some(Out::Control { frame, .. }) => {
+                            w.control(&frame)?;
+                            if let Control::RoundEnd(r) = frame {
+                                let _ = round_done.try_send(r);
+                            }
+                        }
                         Some(Out::End { rounds, .. }) => {
                             w.totals.rounds = rounds;
                             let end = Control::End(w.totals.clone());

@@ -1,0 +1,242 @@
+//! Dirty-page tracking: which pages of the target were written since the
+//! last collection.
+//!
+//! Three trackers behind one trait, chosen with `--dirty-tracking`:
+//!
+//! - `uffd-wp`: a userfaultfd created inside the target (injected syscall),
+//!   async write-protect, and one PAGEMAP_SCAN ioctl per region per round
+//!   that returns the written ranges and protects them again atomically.
+//! - `soft-dirty`: clear_refs "4" and bit 55 of /proc/PID/pagemap; the
+//!   target is stopped for the read-and-clear so no write falls between.
+//! - `compare`: a hash of every page as sent; a page is dirty when its
+//!   hash changed. Works on any kernel, costs a full read per round.
+//!
+//! `auto` probes the kernel for real (a page written after clearing must
+//! show up, the ioctls must be accepted) and never falls back silently to a
+//! tracker that would report nothing. Regions a tracker cannot handle (a
+//! file-backed private mapping cannot be registered with userfaultfd) are
+//! tracked by comparison instead.
+
+mod compare;
+pub mod probe;
+mod soft_dirty;
+mod uffd;
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::protocol::Run;
+use crate::target::{Attachment, Region, TargetError};
+
+pub use compare::CompareTracker;
+pub use soft_dirty::SoftDirtyTracker;
+pub use uffd::UffdTracker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    /// The requested tracker does not work on this kernel.
+    #[error("dirty tracking {method} is not available here: {reason}")]
+    Unavailable { method: Method, reason: String },
+    /// A tracking operation failed.
+    #[error("{method} tracking of process {pid} failed: {what}: {source}")]
+    Op {
+        method: Method,
+        pid: i32,
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// `--dirty-tracking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Auto,
+    SoftDirty,
+    UffdWp,
+    Compare,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Method::Auto => "auto",
+            Method::SoftDirty => "soft-dirty",
+            Method::UffdWp => "uffd-wp",
+            Method::Compare => "compare",
+        })
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "auto" => Method::Auto,
+            "soft-dirty" => Method::SoftDirty,
+            "uffd-wp" => Method::UffdWp,
+            "compare" => Method::Compare,
+            _ => {
+                return Err(format!(
+                    "unknown dirty tracking {s:?} (auto, soft-dirty, uffd-wp, compare)"
+                ))
+            }
+        })
+    }
+}
+
+/// Pages written in each region since the last collection, as page runs
+/// relative to each region's start (indexes match the `regions` passed in).
+#[derive(Debug, Default)]
+pub struct Dirty {
+    pub runs: Vec<Vec<Run>>,
+    /// Regions whose tracking state was lost (e.g. remapped in place):
+    /// every populated page must be sent again.
+    pub refresh: Vec<usize>,
+}
+
+impl Dirty {
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().flatten().map(|r| r.count as u64).sum()
+    }
+}
+
+/// A dirty-page tracker for one target process.
+pub trait DirtyTracker {
+    /// The method in use.
+    fn method(&self) -> Method;
+
+    /// Arm tracking of `regions`; called with the target stopped, before the
+    /// bulk copy reads anything.
+    fn arm(&mut self, att: &mut Attachment, regions: &[Region]) -> Result<(), DirtyError>;
+
+    /// Pages written since the last call (or `arm`), re-arming them. The
+    /// region list may have changed since: regions not seen before, and the
+    /// `fresh` parts of changed regions, are armed now and reported neither
+    /// dirty nor refreshed (the caller sends them whole).
+    /// `att` is given when the target is stopped (the final round).
+    fn collect(
+        &mut self,
+        att: Option<&mut Attachment>,
+        regions: &[Region],
+        fresh: &[(usize, Run)],
+    ) -> Result<Dirty, DirtyError>;
+
+    /// The caller sent these pages of `region` with this content (pages
+    /// back to back in `data`).
+    fn sent(&mut self, _region: &Region, _runs: &[Run], _data: &[u8], _page_size: u64) {}
+
+    /// Stop tracking and release everything (the target keeps running
+    /// unaffected). Called on success and failure alike.
+    fn finish(&mut self, att: Option<&mut Attachment>);
+
+    /// Regions tracked by comparison because the primary method could not
+    /// handle them.
+    fn fallback_regions(&self) -> usize {
+        0
+    }
+}
+
+/// Pick and build a tracker for `pid`.
+pub fn create(
+    method: Method,
+    pid: i32,
+    page_size: u64,
+) -> Result<Box<dyn DirtyTracker>, DirtyError> {
+    let kernel = probe::probe();
+    let pick = match method {
+        Method::Auto => {
+            if kernel.uffd_wp_async.is_ok() {
+                Method::UffdWp
+            } else if kernel.soft_dirty.is_ok() {
+                Method::SoftDirty
+            } else {
+                Method::Compare
+            }
+        }
+        m => m,
+    };
+    let unavailable = |reason: &Result<(), String>| DirtyError::Unavailable {
+        method: pick,
+        reason: reason.clone().err().unwrap_or_default(),
+    };
+    Ok(match pick {
+        Method::UffdWp => {
+            kernel
+                .uffd_wp_async
+                .as_ref()
+                .map_err(|_| unavailable(&kernel.uffd_wp_async))?;
+            Box::new(UffdTracker::new(pid, page_size)?)
+        }
+        Method::SoftDirty => {
+            kernel
+                .soft_dirty
+                .as_ref()
+                .map_err(|_| unavailable(&kernel.soft_dirty))?;
+            Box::new(SoftDirtyTracker::new(pid, page_size)?)
+        }
+        Method::Compare | Method::Auto => Box::new(CompareTracker::new(pid, page_size)?),
+    })
+}
+
+/// Merge a sorted list of page indexes into runs.
+pub fn runs_from_pages(pages: impl IntoIterator<Item = u64>) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for p in pages {
+        match runs.last_mut() {
+            Some(r) if r.first + r.count as u64 == p && r.count < u32::MAX => r.count += 1,
+            _ => runs.push(Run { first: p, count: 1 }),
+        }
+    }
+    runs
+}
+
+/// Add the run [first, first+count) to sorted, non-overlapping `runs`,
+/// merging as needed.
+pub fn push_run(runs: &mut Vec<Run>, first: u64, count: u64) {
+    let mut first = first;
+    let mut count = count;
+    while count > 0 {
+        let c = count.min(u32::MAX as u64) as u32;
+        match runs.last_mut() {
+            Some(r)
+                if r.first + r.count as u64 == first
+                    && (r.count as u64 + c as u64) <= u32::MAX as u64 =>
+            {
+                r.count += c
+            }
+            _ => runs.push(Run { first, count: c }),
+        }
+        first += c as u64;
+        count -= c as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs() {
+        assert_eq!(
+            runs_from_pages([1, 2, 3, 7, 9, 10]),
+            vec![
+                Run { first: 1, count: 3 },
+                Run { first: 7, count: 1 },
+                Run { first: 9, count: 2 }
+            ]
+        );
+        let mut v = Vec::new();
+        push_run(&mut v, 0, 2);
+        push_run(&mut v, 2, 3);
+        push_run(&mut v, 8, 1);
+        assert_eq!(
+            v,
+            vec![Run { first: 0, count: 5 }, Run { first: 8, count: 1 }]
+        );
+        assert_eq!("uffd-wp".parse::<Method>().unwrap(), Method::UffdWp);
+        assert!("dirty".parse::<Method>().is_err());
+    }
+}

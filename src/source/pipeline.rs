@@ -1,0 +1,257 @@
+//! The sending pipeline: this thread reads pages into batches, the
+//! compression workers encode them, the writer puts frames on the wire.
+//! Rounds end with a RoundEnd frame that the writer reports back once it is
+//! on the wire, which is how the state machine measures each round.
+
+use std::io;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+
+use super::compress::{self, Job};
+use super::writer::{self, Out};
+use super::{SendConfig, SendError};
+use crate::dirty::DirtyTracker;
+use crate::protocol::{Control, Run, Totals};
+use crate::stats::Counters;
+use crate::target::{MemReader, Region};
+
+pub struct Pipeline {
+    jobs: Option<Sender<Job>>,
+    free: Receiver<Vec<u8>>,
+    out: Option<Sender<Out>>,
+    round_done: Receiver<u32>,
+    workers: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<io::Result<Totals>>>,
+    buffers: usize,
+    max_buffers: usize,
+    jobs_sent: u64,
+    batch_pages: u32,
+    page_size: u64,
+    pub counters: Arc<Counters>,
+}
+
+impl Pipeline {
+    pub fn start(
+        cfg: &SendConfig,
+        sock: &TcpStream,
+        page_size: u64,
+    ) -> Result<Pipeline, SendError> {
+        let n = cfg.compress_threads;
+        let counters = Arc::new(Counters::new(n));
+        let (job_tx, job_rx) = bounded::<Job>(n * 2);
+        let (free_tx, free_rx) = bounded::<Vec<u8>>(n * 4 + 2);
+        let (out_tx, out_rx) = bounded::<Out>(n * 2 + 4);
+        let (spare_tx, spare_rx) = bounded::<Vec<u8>>(n * 4 + 2);
+        let (done_tx, done_rx) = bounded::<u32>(64);
+        let write_sock = sock
+            .try_clone()
+            .map_err(|e| SendError::Connection(e.to_string()))?;
+        let writer = writer::spawn_writer(
+            write_sock,
+            cfg.max_bandwidth,
+            out_rx,
+            spare_tx,
+            done_tx,
+            counters.clone(),
+        );
+        let workers = compress::spawn_workers(
+            n,
+            cfg.method,
+            cfg.level,
+            page_size as usize,
+            job_rx,
+            free_tx,
+            out_tx.clone(),
+            spare_rx,
+            counters.clone(),
+        )?;
+        Ok(Pipeline {
+            jobs: Some(job_tx),
+            free: free_rx,
+            out: Some(out_tx),
+            round_done: done_rx,
+            workers,
+            writer: Some(writer),
+            buffers: 0,
+            max_buffers: n * 4 + 2,
+            jobs_sent: 0,
+            batch_pages: cfg.batch_pages,
+            page_size,
+            counters,
+        })
+    }
+
+    fn stopped() -> SendError {
+        SendError::Connection("the sending pipeline stopped".into())
+    }
+
+    /// Queue a control frame behind every job submitted so far.
+    pub fn control(&mut self, frame: Control) -> Result<(), SendError> {
+        self.out
+            .as_ref()
+            .ok_or_else(Self::stopped)?
+            .send(Out::Control {
+                after_jobs: self.jobs_sent,
+                frame,
+            })
+            .map_err(|_| Self::stopped())
+    }
+
+    /// Read and send the pages of `runs` (relative to `region.start`) as
+    /// part of `round`, in batches of up to `batch_pages` pages.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_runs(
+        &mut self,
+        mem: &MemReader,
+        tracker: Option<&mut (dyn DirtyTracker + '_)>,
+        cancel: &AtomicBool,
+        round: u32,
+        index: u32,
+        region: &Region,
+        runs: &[Run],
+    ) -> Result<(), SendError> {
+        let mut tracker = tracker;
+        let mut batch: Vec<Run> = Vec::new();
+        let mut pages = 0u32;
+        for run in runs {
+            let mut first = run.first;
+            let mut left = run.count;
+            while left > 0 {
+                let take = left.min(self.batch_pages - pages);
+                batch.push(Run { first, count: take });
+                pages += take;
+                first += take as u64;
+                left -= take;
+                if pages == self.batch_pages {
+                    let b = std::mem::take(&mut batch);
+                    self.submit(
+                        mem,
+                        tracker.as_deref_mut(),
+                        cancel,
+                        round,
+                        index,
+                        region,
+                        b,
+                        pages,
+                    )?;
+                    pages = 0;
+                }
+            }
+        }
+        if pages > 0 {
+            self.submit(mem, tracker, cancel, round, index, region, batch, pages)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        mem: &MemReader,
+        tracker: Option<&mut (dyn DirtyTracker + '_)>,
+        cancel: &AtomicBool,
+        round: u32,
+        index: u32,
+        region: &Region,
+        runs: Vec<Run>,
+        pages: u32,
+    ) -> Result<(), SendError> {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(SendError::Cancelled);
+        }
+        let mut data = match self.free.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.buffers < self.max_buffers => {
+                self.buffers += 1;
+                Vec::new()
+            }
+            Err(_) => {
+                Counters::add(&self.counters.busy, 1);
+                self.free.recv().map_err(|_| Self::stopped())?
+            }
+        };
+        let len = pages as usize * self.page_size as usize;
+        data.resize(len, 0);
+        mem.read_runs(region.start, self.page_size, &runs, &mut data)?;
+        if let Some(t) = tracker {
+            t.sent(region, &runs, &data, self.page_size);
+        }
+        Counters::add(&self.counters.read_bytes, len as u64);
+        Counters::add(&self.counters.batches, 1);
+        let jobs = self.jobs.as_ref().ok_or_else(Self::stopped)?;
+        let job = Job {
+            round,
+            region: index,
+            runs,
+            data,
+        };
+        match jobs.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                Counters::add(&self.counters.busy, 1);
+                jobs.send(job).map_err(|_| Self::stopped())?;
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(Self::stopped()),
+        }
+        self.jobs_sent += 1;
+        Ok(())
+    }
+
+    /// End `round` and wait until its RoundEnd frame is on the wire.
+    pub fn end_round(&mut self, round: u32, cancel: &AtomicBool) -> Result<(), SendError> {
+        self.control(Control::RoundEnd(round))?;
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(SendError::Cancelled);
+            }
+            match self.round_done.recv_timeout(Duration::from_millis(50)) {
+                Ok(r) if r == round => return Ok(()),
+                Ok(_) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                    return Err(self.shutdown().err().unwrap_or_else(Self::stopped))
+                }
+            }
+        }
+    }
+
+    /// Queue the End frame and wait for the writer to put everything out.
+    pub fn finish(&mut self, rounds: u32) -> Result<Totals, SendError> {
+        if let Some(out) = &self.out {
+            out.send(Out::End {
+                after_jobs: self.jobs_sent,
+                rounds,
+            })
+            .map_err(|_| Self::stopped())?;
+        }
+        self.shutdown()
+    }
+
+    /// Close the queues and join every thread; the writer's result.
+    pub fn shutdown(&mut self) -> Result<Totals, SendError> {
+        self.jobs = None;
+        self.out = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        match self.writer.take() {
+            Some(w) => match w.join() {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(e)) => Err(SendError::Connection(e.to_string())),
+                Err(_) => Err(SendError::Connection("writer thread panicked".into())),
+            },
+            None => Err(Self::stopped()),
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
