@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 pub const SEND_ARGS: &str = "--dirty-tracking soft-dirty";
 
 #[test]
-#[ignore] // un-ignore when --dirty-tracking lands
+
 fn soft_dirty_migration_in_vm() {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/vmtest");
     let mut child = Command::new(&script)

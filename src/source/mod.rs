@@ -340,9 +340,11 @@ impl<'a> Migration<'a> {
         self.attach_stopped()?;
         let mut state = RegionState::new(self.regions()?, ps);
         let mut t_stop = None;
+        let mut tracking_since = Instant::now();
         if live {
             let mut tracker = dirty::create(cfg.dirty_tracking, pid, ps)?;
             tracker.arm(self.att.as_mut().expect("attached"), &state.regions())?;
+            tracking_since = Instant::now();
             self.tracker = Some(tracker);
             // Run free while we copy: detached, signals reach it as usual.
             if let Some(a) = self.att.take() {
@@ -376,11 +378,13 @@ impl<'a> Migration<'a> {
         let all = whole_regions(&state, ps);
         let t_round = Instant::now();
         let before = Snapshot::take(&counters);
+        self.pipeline_mut().lenient = live;
         self.send_round(&mem, &pagemap, &mut state, round, &all)?;
+        let mut unreadable = self.take_unreadable(&state);
         self.end_round(round)?;
         rounds.push(before.report(round, 0, &counters, t_round.elapsed(), Duration::ZERO, 0));
         let mut auto = AutoConverge::default();
-        let mut last_collect = Instant::now();
+        let mut last_collect = tracking_since;
         let mut expected = Duration::ZERO;
         let mut last_rate: f64;
 
@@ -431,7 +435,8 @@ impl<'a> Migration<'a> {
                 // Leaving the loop, the pages just collected (and re-armed)
                 // are carried into the final round: they were not sent.
                 let carry = |state: &RegionState| {
-                    merge(state, ps, &dirty, &fresh, &discards)
+                    let must = merge(state, ps, &dirty, &fresh, &discards);
+                    with_carried(state, ps, must, &unreadable)
                         .into_iter()
                         .map(|(i, r)| (state.list[i].region.start, r))
                         .collect::<Vec<_>>()
@@ -456,7 +461,9 @@ impl<'a> Migration<'a> {
                 let t_round = Instant::now();
                 let before = Snapshot::take(&counters);
                 let must = merge(&state, ps, &dirty, &fresh, &discards);
+                let must = with_carried(&state, ps, must, &unreadable);
                 self.send_round(&mem, &pagemap, &mut state, round, &must)?;
+                unreadable = self.take_unreadable(&state);
                 self.end_round(round)?;
                 let took = t_round.elapsed();
                 let mut r = before.report(round, dirty_pages, &counters, took, since, auto.percent);
@@ -476,6 +483,8 @@ impl<'a> Migration<'a> {
             }
             t_stop = Some(Instant::now());
             self.attach_stopped()?;
+            // Stopped: every page must read now.
+            self.pipeline_mut().lenient = false;
             let new = self.regions()?;
             let (changed, fresh) = state.update(new);
             if changed {
@@ -569,6 +578,15 @@ impl<'a> Migration<'a> {
         report.dest_commit_ms = ack.commit_ns as f64 / 1e6;
         report.set_times(total_time, setup_time, downtime, t_transfer);
         Ok(report)
+    }
+
+    /// Pages that could not be read this round, keyed by region start, to
+    /// try again next round (their region may be gone by then).
+    fn take_unreadable(&mut self, state: &RegionState) -> Vec<(u64, Run)> {
+        std::mem::take(&mut self.pipeline_mut().unreadable)
+            .into_iter()
+            .map(|(i, r)| (state.list[i as usize].region.start, r))
+            .collect()
     }
 
     fn end_round(&mut self, round: u32) -> Result<(), SendError> {

@@ -26,13 +26,18 @@ pub struct Pipeline {
     out: Option<Sender<Out>>,
     round_done: Receiver<u32>,
     workers: Vec<JoinHandle<()>>,
-    writer: Option<JoinHandle<io::Result<Totals>>>,
+    writer: Option<JoinHandle<io::Result<Option<Totals>>>>,
     buffers: usize,
     max_buffers: usize,
     jobs_sent: u64,
     batch_pages: u32,
     page_size: u64,
     pub counters: Arc<Counters>,
+    /// While the target runs, a page may be unmapped between reading the
+    /// maps and reading the page: such pages are skipped and reported in
+    /// `unreadable` instead of failing the migration.
+    pub lenient: bool,
+    pub unreadable: Vec<(u32, Run)>,
 }
 
 impl Pipeline {
@@ -83,6 +88,8 @@ impl Pipeline {
             batch_pages: cfg.batch_pages,
             page_size,
             counters,
+            lenient: false,
+            unreadable: Vec::new(),
         })
     }
 
@@ -177,7 +184,18 @@ impl Pipeline {
         };
         let len = pages as usize * self.page_size as usize;
         data.resize(len, 0);
-        mem.read_runs(region.start, self.page_size, &runs, &mut data)?;
+        let mut runs = runs;
+        if let Err(e) = mem.read_runs(region.start, self.page_size, &runs, &mut data) {
+            if !self.lenient {
+                return Err(e.into());
+            }
+            runs = self.read_readable(mem, index, region, &runs, &mut data);
+            if runs.is_empty() {
+                let _ = self.free_back(data);
+                return Ok(());
+            }
+        }
+        let len = data.len();
         if let Some(t) = tracker {
             t.sent(region, &runs, &data, self.page_size);
         }
@@ -202,6 +220,40 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Read `runs` page by page into `data`, keeping the pages that can be
+    /// read (back to back) and noting the others in `unreadable`.
+    fn read_readable(
+        &mut self,
+        mem: &MemReader,
+        index: u32,
+        region: &Region,
+        runs: &[Run],
+        data: &mut Vec<u8>,
+    ) -> Vec<Run> {
+        let ps = self.page_size as usize;
+        let mut ok = Vec::new();
+        let mut w = 0;
+        for run in runs {
+            for p in run.first..run.first + run.count as u64 {
+                let addr = region.start + p * ps as u64;
+                if mem.read(addr, &mut data[w..w + ps]).is_ok() {
+                    crate::dirty::push_run(&mut ok, p, 1);
+                    w += ps;
+                } else {
+                    self.unreadable.push((index, Run { first: p, count: 1 }));
+                }
+            }
+        }
+        data.truncate(w);
+        ok
+    }
+
+    fn free_back(&mut self, data: Vec<u8>) -> Result<(), SendError> {
+        self.buffers = self.buffers.saturating_sub(1);
+        drop(data);
+        Ok(())
+    }
+
     /// End `round` and wait until its RoundEnd frame is on the wire.
     pub fn end_round(&mut self, round: u32, cancel: &AtomicBool) -> Result<(), SendError> {
         self.control(Control::RoundEnd(round))?;
@@ -214,7 +266,7 @@ impl Pipeline {
                 Ok(_) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(self.shutdown().err().unwrap_or_else(Self::stopped))
+                    return Err(self.shutdown().err().unwrap_or_else(Self::stopped));
                 }
             }
         }
@@ -229,11 +281,12 @@ impl Pipeline {
             })
             .map_err(|_| Self::stopped())?;
         }
-        self.shutdown()
+        self.shutdown()?.ok_or_else(Self::stopped)
     }
 
-    /// Close the queues and join every thread; the writer's result.
-    pub fn shutdown(&mut self) -> Result<Totals, SendError> {
+    /// Close the queues and join every thread. The writer's totals if it
+    /// wrote End, `None` if stopped before; an error if the socket failed.
+    pub fn shutdown(&mut self) -> Result<Option<Totals>, SendError> {
         self.jobs = None;
         self.out = None;
         for w in self.workers.drain(..) {
@@ -245,7 +298,7 @@ impl Pipeline {
                 Ok(Err(e)) => Err(SendError::Connection(e.to_string())),
                 Err(_) => Err(SendError::Connection("writer thread panicked".into())),
             },
-            None => Err(Self::stopped()),
+            None => Ok(None),
         }
     }
 }

@@ -90,7 +90,8 @@ impl Writer {
 }
 
 /// Start the writer. It returns the totals it sent once the End frame is
-/// out, or the first socket error.
+/// out, `None` if its queue closed before End (a stopped migration), or the
+/// first socket error.
 pub fn spawn_writer(
     sock: TcpStream,
     max_bandwidth: Option<u64>,
@@ -98,7 +99,7 @@ pub fn spawn_writer(
     spare: Sender<Vec<u8>>,
     round_done: Sender<u32>,
     counters: Arc<Counters>,
-) -> JoinHandle<io::Result<Totals>> {
+) -> JoinHandle<io::Result<Option<Totals>>> {
     std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || {
@@ -148,15 +149,15 @@ pub fn spawn_writer(
                             w.totals.rounds = rounds;
                             let end = Control::End(w.totals.clone());
                             w.control(&end)?;
-                            return Ok(w.totals);
+                            return Ok(Some(w.totals));
                         }
                         _ => {}
                     }
                 }
             }
-            Err(io::Error::other(
-                "migration stopped before the end of the stream",
-            ))
+            // Closed without End: the migration was stopped.
+            let _ = w.sock.flush();
+            Ok(None)
         })
         .expect("spawn writer thread")
 }
