@@ -299,6 +299,10 @@ fn a_complete_handmade_stream_commits() {
     );
     assert_eq!(
         protocol::read_frame(&mut s, &mut payload).unwrap(),
+        Kind::Applied
+    );
+    assert_eq!(
+        protocol::read_frame(&mut s, &mut payload).unwrap(),
         Kind::Ack
     );
     let (ok, _, err) = recv.wait();
@@ -357,6 +361,7 @@ fn sigint_resumes_the_source() {
     let out = send.wait_with_output().unwrap();
     assert_one_line_error(&out, "cancelled");
     assert_running(agent.pid);
+    assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
     let (ok, _, err) = recv.wait();
     assert!(!ok, "receiver committed a cancelled migration");
     assert!(err.lines().count() == 1, "{err}");
@@ -370,6 +375,7 @@ fn receiver_dies_mid_stream() {
     let out = send.wait_with_output().unwrap();
     assert_one_line_error(&out, "connection");
     assert_running(agent.pid);
+    assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
     let _ = recv.child.wait();
     // The receiver was killed -9: its staging directory may remain, but
     // nothing is under the final name.

@@ -59,15 +59,6 @@ fn fds(pid: i32) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// VMAs registered with userfaultfd write-protect (smaps flag `uw`).
-fn uffd_wp_vmas(pid: i32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .unwrap()
-        .lines()
-        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
-        .count()
-}
-
 /// Arm and finish uffd-wp tracking on a stopped `pid` (or, where this
 /// kernel lacks it, inject getpid), checking nothing visible changed.
 fn inject_and_compare(pid: i32) {

@@ -47,6 +47,7 @@ fn live(agent_args: &[&str], send_args: &[&str]) -> Outcome {
     );
     assert!(ok, "recv: {err}");
     let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
     let (vok, vout) = agent_verify(&out);
     assert!(vok, "agent verify after {send_args:?}: {vout}\n{report}");
     let v = run(&[
@@ -240,6 +241,7 @@ fn no_convergence_is_an_error_and_the_process_runs_on() {
     let sent = send(agent.pid, &recv, &SLOW_LINK);
     assert_one_line_error(&sent, "does not converge");
     assert_running(agent.pid);
+    assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
     let (ok, _, _) = recv.wait();
     assert!(!ok);
     assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());

@@ -346,6 +346,10 @@ impl Session<'_> {
                 "totals differ: source sent {totals:?}, received {expect:?}"
             )));
         }
+        // The destination has every page: downtime ends here; the commit
+        // (digests, sync, rename) follows and is confirmed by Ack.
+        protocol::write_control(&mut self.sock, &Control::Applied)
+            .map_err(|e| self.bad(format!("sending Applied: {e}")))?;
         let transfer = t0.elapsed();
         let t_commit = Instant::now();
         let regions = Arc::try_unwrap(st.regions)

@@ -18,6 +18,7 @@ pub enum Kind {
     End = 7,
     Ack = 8,
     Error = 9,
+    Applied = 10,
 }
 
 impl Kind {
@@ -32,6 +33,7 @@ impl Kind {
             7 => Kind::End,
             8 => Kind::Ack,
             9 => Kind::Error,
+            10 => Kind::Applied,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -39,7 +41,12 @@ impl Kind {
     /// Largest payload a frame of this kind may have.
     pub fn max_payload(self) -> u32 {
         match self {
-            Kind::Hello | Kind::Welcome | Kind::RoundEnd | Kind::End | Kind::Ack => 4096,
+            Kind::Hello
+            | Kind::Welcome
+            | Kind::RoundEnd
+            | Kind::End
+            | Kind::Ack
+            | Kind::Applied => 4096,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
             Kind::Pages => PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE),
@@ -194,6 +201,9 @@ pub enum Control {
     },
     RoundEnd(u32),
     End(Totals),
+    /// Every page is applied and the totals match; the image is being
+    /// committed. Ends the downtime.
+    Applied,
     Ack(AckInfo),
     Error {
         code: u16,
@@ -280,6 +290,7 @@ impl Control {
                     .u64(t.page_frames)
                     .u64(t.zero_frames);
             }
+            Control::Applied => {}
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
                     .u64(a.zero_pages)
@@ -301,6 +312,7 @@ impl Control {
             Control::Zero { .. } => Kind::Zero,
             Control::RoundEnd(_) => Kind::RoundEnd,
             Control::End(_) => Kind::End,
+            Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
             Control::Error { .. } => Kind::Error,
         }
@@ -372,6 +384,7 @@ impl Control {
                 page_frames: g.u64()?,
                 zero_frames: g.u64()?,
             }),
+            Kind::Applied => Control::Applied,
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -610,6 +623,7 @@ mod tests {
             runs: vec![Run { first: 5, count: 7 }],
         });
         roundtrip(Control::RoundEnd(9));
+        roundtrip(Control::Applied);
         roundtrip(Control::End(Totals {
             rounds: 1,
             normal_pages: 10,
@@ -698,7 +712,7 @@ mod tests {
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut payload = Vec::new();
             let _ = read_frame(&mut &bytes[..], &mut payload);
-            for k in 1..=9u16 {
+            for k in 1..=10u16 {
                 let kind = Kind::from_u16(k).unwrap();
                 let _ = Control::decode(kind, &bytes);
             }
@@ -707,7 +721,7 @@ mod tests {
 
         #[test]
         fn valid_header_random_payload_never_panics(
-            kind in 1u16..=9,
+            kind in 1u16..=10,
             payload in proptest::collection::vec(any::<u8>(), 0..512),
         ) {
             let mut buf = Vec::new();

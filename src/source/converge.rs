@@ -127,6 +127,9 @@ impl Drop for Throttle {
     }
 }
 
+/// An expected downtime this short is not worth another round.
+pub const NOT_WORTH_A_ROUND: Duration = Duration::from_millis(2);
+
 /// Expected downtime for `dirty_bytes` at `wire_rate` bytes/s, given the
 /// compression ratio seen so far.
 pub fn expected_downtime(dirty_bytes: u64, ratio: f64, wire_rate: f64) -> Duration {

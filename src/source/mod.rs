@@ -9,7 +9,8 @@
 //! 3. **iterate** (rounds 1..): re-read the maps (send region changes),
 //!    collect the dirty pages plus pages that vanished, and either send them
 //!    or, when the expected downtime (dirty bytes ÷ measured wire rate,
-//!    with the compression ratio seen so far) fits `--downtime-limit`, go on.
+//!    with the compression ratio seen so far) fits `--downtime-limit` and
+//!    another round would not at least halve it, go on.
 //! 4. **downtime**: stop every thread (also ones born meanwhile), take the
 //!    last dirty set, send it, End, and wait for the receiver's Ack.
 //! 5. **complete**: leave the process stopped, killed or running.
@@ -387,6 +388,7 @@ impl<'a> Migration<'a> {
         let mut last_collect = tracking_since;
         let mut expected = Duration::ZERO;
         let mut last_rate: f64;
+        let mut prev_pending: Option<u64> = None;
 
         // iterate
         if live {
@@ -442,7 +444,24 @@ impl<'a> Migration<'a> {
                         .collect::<Vec<_>>()
                 };
                 last_rate = dirty_pages as f64 / since.as_secs_f64().max(1e-3);
-                if expected <= cfg.downtime_limit {
+                // Within the limit, one more round is still worth it when
+                // it would at least halve the pause: sending P pages takes
+                // P / T seconds, during which rate × P / T pages get dirty.
+                // Both in theory and as observed over the last round (whose
+                // fixed costs the theory does not see).
+                let pages_per_s = rate * ratio / ps as f64;
+                let shrink = if pages_per_s > 0.0 {
+                    last_rate / pages_per_s
+                } else {
+                    1.0
+                };
+                let halving = shrink < 0.5 && prev_pending.is_none_or(|p| pending * 2 <= p);
+                prev_pending = Some(pending);
+                if expected <= cfg.downtime_limit
+                    && (!halving
+                        || expected <= converge::NOT_WORTH_A_ROUND
+                        || round >= cfg.max_iterations)
+                {
                     break carry(&state);
                 }
                 if round >= cfg.max_iterations {
@@ -534,20 +553,25 @@ impl<'a> Migration<'a> {
         }
         let t_transfer = t_stop.elapsed();
 
-        // Wait for the receiver to commit the image.
+        // Wait for the receiver: Applied (every page in place; downtime
+        // ends), then Ack (image committed).
         let sock = self.sock.as_mut().expect("connected");
         sock.set_read_timeout(Some(Duration::from_secs(600))).ok();
-        let ack = match protocol::read_control(sock) {
-            Ok(Control::Ack(a)) => a,
-            Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
-            Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
-            Err(e) => {
-                return Err(SendError::Connection(format!(
-                    "waiting for acknowledgement: {e}"
-                )))
+        let mut downtime = None;
+        let ack = loop {
+            match protocol::read_control(sock) {
+                Ok(Control::Applied) if downtime.is_none() => downtime = Some(t_stop.elapsed()),
+                Ok(Control::Ack(a)) => break a,
+                Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
+                Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
+                Err(e) => {
+                    return Err(SendError::Connection(format!(
+                        "waiting for acknowledgement: {e}"
+                    )))
+                }
             }
         };
-        let downtime = t_stop.elapsed();
+        let downtime = downtime.unwrap_or_else(|| t_stop.elapsed());
 
         // complete
         let fallback = self.tracker.as_ref().map_or(0, |t| t.fallback_regions());

@@ -148,6 +148,16 @@ pub fn assert_running(pid: i32) {
     }
 }
 
+/// VMAs registered with userfaultfd write-protect (smaps flag `uw`): none
+/// must remain once a migration ended, however it ended.
+pub fn uffd_wp_vmas(pid: i32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "uw"))
+        .count()
+}
+
 /// A `procmig recv` listening on a free loopback port.
 pub struct Recv {
     pub child: Child,
