@@ -18,13 +18,15 @@ pub enum Method {
     Zlib,
     Zstd,
     Lz4,
+    /// Chosen per batch by the sender (source::adaptive).
+    Auto,
 }
 
 impl Method {
     /// The level used when none is given: QEMU's multifd defaults (1).
     pub fn default_level(self) -> i32 {
         match self {
-            Method::None | Method::Lz4 => 0,
+            Method::None | Method::Lz4 | Method::Auto => 0,
             Method::Zlib | Method::Zstd => 1,
         }
     }
@@ -34,7 +36,7 @@ impl Method {
         let (lo, hi) = match self {
             Method::Zlib => (0, 9),
             Method::Zstd => (1, 19),
-            Method::None | Method::Lz4 => {
+            Method::None | Method::Lz4 | Method::Auto => {
                 return if level == 0 {
                     Ok(())
                 } else {
@@ -57,6 +59,8 @@ impl Method {
             Method::Zlib => WireCodec::Zlib,
             Method::Zstd => WireCodec::Zstd,
             Method::Lz4 => WireCodec::Lz4,
+            // Nominal: each frame names its own codec.
+            Method::Auto => WireCodec::Zstd,
         }
     }
 
@@ -67,6 +71,7 @@ impl Method {
             Method::Zlib => CAP_ZLIB,
             Method::Zstd => CAP_ZSTD,
             Method::Lz4 => CAP_LZ4,
+            Method::Auto => CAP_ZSTD | CAP_LZ4,
         }
     }
 }
@@ -78,6 +83,7 @@ impl fmt::Display for Method {
             Method::Zlib => "zlib",
             Method::Zstd => "zstd",
             Method::Lz4 => "lz4",
+            Method::Auto => "auto",
         })
     }
 }
@@ -90,9 +96,10 @@ impl FromStr for Method {
             "zlib" => Method::Zlib,
             "zstd" => Method::Zstd,
             "lz4" => Method::Lz4,
+            "auto" => Method::Auto,
             _ => {
                 return Err(format!(
-                    "unknown compression method {s:?} (none, zlib, zstd, lz4)"
+                    "unknown compression method {s:?} (none, zlib, zstd, lz4, auto)"
                 ))
             }
         })
@@ -133,7 +140,7 @@ impl Compressor {
             reason,
         };
         let inner = match method {
-            Method::None => Inner::None,
+            Method::None | Method::Auto => Inner::None,
             Method::Zlib => Inner::Zlib(flate2::Compress::new(
                 flate2::Compression::new(level as u32),
                 true,

@@ -54,8 +54,8 @@ struct SendArgs {
     /// Receiver address, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT")]
     to: String,
-    /// Compression method (QEMU: multifd-compression).
-    #[arg(long, default_value = "zstd", value_parser = ["none", "zlib", "zstd", "lz4"])]
+    /// Compression method (QEMU: multifd-compression); auto picks method and level per batch from the measured link and data.
+    #[arg(long, default_value = "zstd", value_parser = ["none", "zlib", "zstd", "lz4", "auto"])]
     compress: String,
     /// Compression level: zlib 0-9 (0 stores), zstd 1-19; default 1. lz4 has no levels.
     #[arg(long, value_name = "N")]

@@ -88,6 +88,9 @@ pub struct CompressionReport {
     pub raw_batches: u64,
     /// Busy time of each worker, as a percentage of the transfer time.
     pub thread_busy_percent: Vec<f64>,
+    /// With `--compress auto`: batches sent with each method.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub auto_choices: std::collections::BTreeMap<String, u64>,
 }
 
 /// One pre-copy round (QEMU: a dirty-bitmap sync and the pass after it).
@@ -229,6 +232,14 @@ impl fmt::Display for SendReport {
             c.busy_rate * 100.0
         )?;
         writeln!(f, "raw batches: {}", c.raw_batches)?;
+        if !c.auto_choices.is_empty() {
+            let v: Vec<String> = c
+                .auto_choices
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            writeln!(f, "auto choices (batches): {}", v.join(", "))?;
+        }
         let busy: Vec<String> = c
             .thread_busy_percent
             .iter()

@@ -263,3 +263,37 @@ fn verify_reports_differences() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn compress_auto_adapts_to_a_slow_link() {
+    // On a 20 MB/s link the link is the bottleneck: auto must compress
+    // (and pick levels above zstd-1 at times), and the image must be exact.
+    let r = migrate_and_check(
+        &["--size", "24M", "--profile", "text"],
+        &[
+            "--compress",
+            "auto",
+            "--max-bandwidth",
+            "20M",
+            "--mode",
+            "stop-and-copy",
+        ],
+    );
+    assert_eq!(r["compression"]["method"], "auto");
+    let choices = r["compression"]["auto_choices"]
+        .as_object()
+        .expect("auto_choices");
+    let zstd: u64 = choices
+        .iter()
+        .filter(|(k, _)| k.starts_with("zstd"))
+        .map(|(_, v)| v.as_u64().unwrap())
+        .sum();
+    assert!(
+        zstd > 0,
+        "auto never chose zstd on a slow link: {choices:?}"
+    );
+    assert!(
+        r["compression"]["compression_rate"].as_f64().unwrap() > 2.5,
+        "{r}"
+    );
+}

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::adaptive::{Adaptive, AutoWorker};
 use crate::codec::{Compressor, Method};
 use crate::protocol::{self, Control, Kind, Run, WireCodec, HEADER_LEN};
 use crate::stats::Counters;
@@ -49,12 +50,17 @@ pub fn spawn_workers(
     out: Sender<super::writer::Out>,
     spare: Receiver<Vec<u8>>,
     counters: Arc<Counters>,
+    adaptive: Option<Arc<Adaptive>>,
 ) -> Result<Vec<JoinHandle<()>>, crate::codec::CodecError> {
     let mut handles = Vec::with_capacity(threads);
     for index in 0..threads {
         // Create the context here so a bad level fails before any thread runs.
+        let compressor = match &adaptive {
+            Some(ctl) => Strategy::Auto(AutoWorker::new()?, ctl.clone()),
+            None => Strategy::Fixed(Compressor::new(method, level)?),
+        };
         let mut worker = Worker {
-            compressor: Compressor::new(method, level)?,
+            compressor,
             page_size,
             scratch: Vec::new(),
             flags: Vec::new(),
@@ -91,8 +97,22 @@ pub fn spawn_workers(
     Ok(handles)
 }
 
+enum Strategy {
+    Fixed(Compressor),
+    Auto(AutoWorker, Arc<Adaptive>),
+}
+
+impl Strategy {
+    fn compress(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Option<WireCodec> {
+        match self {
+            Strategy::Fixed(c) => c.compress(raw, out),
+            Strategy::Auto(w, ctl) => w.compress(ctl, raw, out),
+        }
+    }
+}
+
 struct Worker {
-    compressor: Compressor,
+    compressor: Strategy,
     page_size: usize,
     scratch: Vec<u8>,
     flags: Vec<bool>,

@@ -24,6 +24,7 @@
 //! thread), `compress-threads` workers compress, one writer owns the
 //! socket, and with auto-converge one thread throttles the target.
 
+mod adaptive;
 mod compress;
 mod converge;
 mod pipeline;
@@ -361,6 +362,7 @@ impl<'a> Migration<'a> {
         let mem = MemReader::open(pid)?;
         let pagemap = Pagemap::open(pid, ps)?;
         self.pipeline = Some(Pipeline::start(cfg, &sock, ps)?);
+        let t_pipeline = Instant::now();
         let counters = self.pipeline.as_ref().expect("started").counters.clone();
         let progress = cfg
             .progress
@@ -551,7 +553,10 @@ impl<'a> Migration<'a> {
             let sock = self.sock.as_mut().expect("connected");
             return Err(setup::remote_reason(sock).unwrap_or(e));
         }
-        let t_transfer = t_stop.elapsed();
+        // From the first page read to the End frame on the wire: the
+        // basis of throughput and worker busy figures (in stop-and-copy
+        // mode this is all downtime; live, it spans every round).
+        let t_transfer = t_pipeline.elapsed();
 
         // Wait for the receiver: Applied (every page in place; downtime
         // ends), then Ack (image committed).
@@ -597,6 +602,9 @@ impl<'a> Migration<'a> {
         report.cpu_throttle_percentage =
             rounds.iter().map(|r| r.throttle_percent).max().unwrap_or(0);
         report.rounds = rounds;
+        if let Some(a) = self.pipeline.as_ref().and_then(|p| p.adaptive.as_ref()) {
+            report.compression.auto_choices = a.summary().into_iter().collect();
+        }
         report.cpu_seconds = (stats::cpu_time() - cpu_start).as_secs_f64();
         report.dest_decompress_busy_ms = ack.decompress_busy_ns as f64 / 1e6;
         report.dest_commit_ms = ack.commit_ns as f64 / 1e6;
@@ -832,6 +840,7 @@ fn build_report(
             },
             raw_batches: g(&c.raw_batches),
             thread_busy_percent: stats::busy_percent(&c.worker_busy_ns, t_transfer),
+            auto_choices: Default::default(),
         },
         cpu_seconds: 0.0,
         dest_decompress_busy_ms: 0.0,

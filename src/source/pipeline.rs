@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
+use super::adaptive::Adaptive;
 use super::compress::{self, Job};
 use super::writer::{self, Out};
 use super::{SendConfig, SendError};
@@ -38,6 +39,8 @@ pub struct Pipeline {
     /// `unreadable` instead of failing the migration.
     pub lenient: bool,
     pub unreadable: Vec<(u32, Run)>,
+    /// `--compress auto`'s controller.
+    pub adaptive: Option<Arc<Adaptive>>,
 }
 
 impl Pipeline {
@@ -53,6 +56,8 @@ impl Pipeline {
         let (out_tx, out_rx) = bounded::<Out>(n * 2 + 4);
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(n * 4 + 2);
         let (done_tx, done_rx) = bounded::<u32>(64);
+        let adaptive =
+            (cfg.method == crate::codec::Method::Auto).then(|| Arc::new(Adaptive::new(n)));
         let write_sock = sock
             .try_clone()
             .map_err(|e| SendError::Connection(e.to_string()))?;
@@ -63,6 +68,7 @@ impl Pipeline {
             spare_tx,
             done_tx,
             counters.clone(),
+            adaptive.clone(),
         );
         let workers = compress::spawn_workers(
             n,
@@ -74,6 +80,7 @@ impl Pipeline {
             out_tx.clone(),
             spare_rx,
             counters.clone(),
+            adaptive.clone(),
         )?;
         Ok(Pipeline {
             jobs: Some(job_tx),
@@ -90,6 +97,7 @@ impl Pipeline {
             counters,
             lenient: false,
             unreadable: Vec::new(),
+            adaptive,
         })
     }
 

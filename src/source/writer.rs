@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use super::adaptive::Adaptive;
 use super::compress::Encoded;
 use crate::protocol::{Control, Totals};
 use crate::stats::Counters;
@@ -59,6 +60,9 @@ impl RateLimiter {
 
 struct Writer {
     sock: BufWriter<TcpStream>,
+    adaptive: Option<Arc<Adaptive>>,
+    /// Bytes and time spent sending since the last link estimate.
+    window: (u64, Duration),
     limiter: Option<RateLimiter>,
     counters: Arc<Counters>,
     totals: Totals,
@@ -70,11 +74,22 @@ impl Writer {
     fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
         // Large frames go in slices so the rate stays smooth.
         for chunk in bytes.chunks(256 << 10) {
+            let t = Instant::now();
             if let Some(l) = &mut self.limiter {
                 l.take(chunk.len());
             }
             self.sock.write_all(chunk)?;
             Counters::add(&self.counters.wire_bytes, chunk.len() as u64);
+            if let Some(a) = &self.adaptive {
+                // The link's speed: bytes over the time spent sending them
+                // (waits for the rate limit and for a full socket included).
+                self.window.0 += chunk.len() as u64;
+                self.window.1 += t.elapsed();
+                if self.window.0 >= 4 << 20 {
+                    a.set_link(self.window.0 as f64 / self.window.1.as_secs_f64().max(1e-6));
+                    self.window = (0, Duration::ZERO);
+                }
+            }
         }
         Ok(())
     }
@@ -99,12 +114,15 @@ pub fn spawn_writer(
     spare: Sender<Vec<u8>>,
     round_done: Sender<u32>,
     counters: Arc<Counters>,
+    adaptive: Option<Arc<Adaptive>>,
 ) -> JoinHandle<io::Result<Option<Totals>>> {
     std::thread::Builder::new()
         .name("writer".into())
         .spawn(move || {
             let mut w = Writer {
                 sock: BufWriter::with_capacity(256 << 10, sock),
+                adaptive,
+                window: (0, Duration::ZERO),
                 limiter: max_bandwidth.map(RateLimiter::new),
                 counters,
                 totals: Totals::default(),
