@@ -2,10 +2,14 @@
 //! pages fastest, from what is measured in this migration.
 //!
 //! The pipeline moves raw bytes at `min(L × r, N × s)`: the link (L wire
-//! bytes/s, measured by the writer as bytes over the time it spent sending,
-//! rate-limiter waits included) times the compression ratio r, or the N
-//! workers' compression speed s (raw bytes per second per thread),
-//! whichever is smaller. Every candidate's r and s are measured on the
+//! bytes/s) times the compression ratio r, or the N workers' compression
+//! speed s (raw bytes per second per thread), whichever is smaller. The
+//! writer measures L as bytes over the time it spent sending them
+//! (rate-limiter waits and a full socket included), only in windows where
+//! sending took most of its time: when the workers are the bottleneck the
+//! socket never fills and its speed is unknown, so L stays unknown (∞)
+//! until the link is saturated once — which the fastest method, chosen
+//! while L is unknown, does quickly. Every candidate's r and s are measured on the
 //! pages being sent: a worker compresses one batch with every candidate at
 //! the start and then one batch in [`PROBE_EVERY`], and the estimates are
 //! moving averages, so the choice follows the data and the link. Batches

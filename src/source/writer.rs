@@ -63,6 +63,7 @@ struct Writer {
     adaptive: Option<Arc<Adaptive>>,
     /// Bytes and time spent sending since the last link estimate.
     window: (u64, Duration),
+    window_start: Instant,
     limiter: Option<RateLimiter>,
     counters: Arc<Counters>,
     totals: Totals,
@@ -82,12 +83,19 @@ impl Writer {
             Counters::add(&self.counters.wire_bytes, chunk.len() as u64);
             if let Some(a) = &self.adaptive {
                 // The link's speed: bytes over the time spent sending them
-                // (waits for the rate limit and for a full socket included).
+                // (rate-limit waits and a full socket included), taken only
+                // from windows where sending was most of the time. When
+                // the workers are the bottleneck, writes return at once
+                // and say nothing about the link.
                 self.window.0 += chunk.len() as u64;
                 self.window.1 += t.elapsed();
+                let wall = self.window_start.elapsed();
                 if self.window.0 >= 4 << 20 {
-                    a.set_link(self.window.0 as f64 / self.window.1.as_secs_f64().max(1e-6));
+                    if self.window.1 >= wall / 2 {
+                        a.set_link(self.window.0 as f64 / self.window.1.as_secs_f64().max(1e-6));
+                    }
                     self.window = (0, Duration::ZERO);
+                    self.window_start = Instant::now();
                 }
             }
         }
@@ -123,6 +131,7 @@ pub fn spawn_writer(
                 sock: BufWriter::with_capacity(256 << 10, sock),
                 adaptive,
                 window: (0, Duration::ZERO),
+                window_start: Instant::now(),
                 limiter: max_bandwidth.map(RateLimiter::new),
                 counters,
                 totals: Totals::default(),
