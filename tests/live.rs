@@ -48,20 +48,7 @@ fn live(agent_args: &[&str], send_args: &[&str]) -> Outcome {
     assert!(ok, "recv: {err}");
     let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
     assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
-    let (vok, vout) = agent_verify(&out);
-    assert!(vok, "agent verify after {send_args:?}: {vout}\n{report}");
-    let v = run(&[
-        "verify",
-        "--pid",
-        &agent.pid.to_string(),
-        "--image",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        v.status.success(),
-        "procmig verify after {send_args:?}: {}",
-        text(&v.stdout)
-    );
+    check_image(&agent, &out, &format!("{send_args:?}: {report}"));
     Outcome {
         report,
         agent,

@@ -30,22 +30,7 @@ fn migrate_and_check(agent_args: &[&str], send_args: &[&str]) -> serde_json::Val
     let (state, tracer) = proc_state(agent.pid).unwrap();
     assert_eq!((state, tracer), ('T', 0), "source after migration");
 
-    let (vok, vout) = agent_verify(&out);
-    assert!(vok, "agent verify failed for {send_args:?}: {vout}");
-    let v = run(&[
-        "verify",
-        "--pid",
-        &agent.pid.to_string(),
-        "--image",
-        out.to_str().unwrap(),
-    ]);
-    assert!(
-        v.status.success(),
-        "procmig verify for {send_args:?}: {}{}",
-        text(&v.stdout),
-        text(&v.stderr)
-    );
-    assert!(text(&v.stdout).contains("identical"));
+    check_image(&agent, &out, &format!("{send_args:?}"));
     // Verify left it stopped as it found it.
     assert_eq!(proc_state(agent.pid).unwrap(), ('T', 0));
 

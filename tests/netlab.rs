@@ -95,21 +95,7 @@ fn migrate_across_a_shaped_100mbit_link() {
     let tc = read(&dir, "tc.txt");
     assert!(tc.contains("tbf"), "no tbf on the link: {tc}");
 
-    let (ok, why) = agent_verify(&img);
-    assert!(ok, "procmig-agent verify: {why}");
-    let v = run(&[
-        "verify",
-        "--pid",
-        &agent.pid.to_string(),
-        "--image",
-        img.to_str().unwrap(),
-    ]);
-    assert!(
-        v.status.success(),
-        "procmig verify: {}{}",
-        text(&v.stdout),
-        text(&v.stderr)
-    );
+    check_image(&agent, &img, "a migration across netlab");
     // netlab deleted its namespaces (named in its qdisc report).
     let lab = tc
         .split_whitespace()

@@ -35,6 +35,10 @@ pub const CANDIDATES: [(Method, i32); 6] = [
 
 /// One batch in this many is compressed with every candidate.
 pub const PROBE_EVERY: u64 = 256;
+/// Observations older than this many windows are not trusted.
+const STALE_WINDOWS: u64 = 48;
+/// Every this many windows, one goes to a candidate not observed lately.
+const EXPLORE_EVERY: u64 = 12;
 /// Bytes of a batch compressed by each candidate when probing.
 const PROBE_BYTES: usize = 64 << 10;
 /// Weight of a new sample in the moving averages.
@@ -68,6 +72,10 @@ impl Estimate {
 pub struct Adaptive {
     threads: usize,
     estimates: Mutex<[Estimate; CANDIDATES.len()]>,
+    /// Raw bytes/s the whole pipeline achieved while each candidate was the
+    /// choice, and in which observation window that was last seen.
+    observed: Mutex<[Option<(f64, u64)>; CANDIDATES.len()]>,
+    windows: AtomicU64,
     /// Link estimate, bytes/s, as f64 bits (0 = unknown).
     link: AtomicU64,
     choice: AtomicUsize,
@@ -81,6 +89,8 @@ impl Adaptive {
         Adaptive {
             threads: threads.max(1),
             estimates: Mutex::new([Estimate::default(); CANDIDATES.len()]),
+            observed: Mutex::new([None; CANDIDATES.len()]),
+            windows: AtomicU64::new(0),
             link: AtomicU64::new(0),
             // zstd-1 until something is measured.
             choice: AtomicUsize::new(2),
@@ -117,19 +127,69 @@ impl Adaptive {
         (link * ratio).min(self.threads as f64 * speed)
     }
 
-    fn decide(&self) {
+    /// Score of each candidate: what the pipeline achieved with it, if
+    /// seen recently, else the model's estimate.
+    fn scores(&self) -> Vec<Option<(f64, bool)>> {
         let est = self.estimates.lock().expect("estimates");
+        let obs = self.observed.lock().expect("observed");
+        let now = self.windows.load(Relaxed);
+        est.iter()
+            .enumerate()
+            .map(|(i, e)| match obs[i] {
+                Some((rate, when)) if now.saturating_sub(when) <= STALE_WINDOWS => {
+                    Some((rate, true))
+                }
+                _ if CANDIDATES[i].0 != Method::None && e.samples == 0 => None,
+                _ => Some((self.throughput(e, i), false)),
+            })
+            .collect()
+    }
+
+    fn decide(&self) {
         let mut best = (self.choice.load(Relaxed), 0.0);
-        for (i, e) in est.iter().enumerate() {
-            if CANDIDATES[i].0 != Method::None && e.samples == 0 {
-                continue;
-            }
-            let t = self.throughput(e, i);
-            if t > best.1 {
-                best = (i, t);
+        for (i, s) in self.scores().into_iter().enumerate() {
+            if let Some((t, _)) = s {
+                if t > best.1 {
+                    best = (i, t);
+                }
             }
         }
         self.choice.store(best.0, Relaxed);
+    }
+
+    /// The writer saw the pipeline move `rate` raw bytes/s while candidate
+    /// `i` was used. Every [`EXPLORE_EVERY`] windows the best-modelled
+    /// candidate not observed lately gets a window of its own, so that the
+    /// model's guesses are checked against the real pipeline.
+    pub fn observe(&self, i: usize, rate: f64) {
+        let n = self.windows.fetch_add(1, Relaxed) + 1;
+        {
+            let mut obs = self.observed.lock().expect("observed");
+            obs[i] = Some(match obs[i] {
+                Some((old, when)) if n - when <= STALE_WINDOWS => (old + ALPHA * (rate - old), n),
+                _ => (rate, n),
+            });
+        }
+        if n % EXPLORE_EVERY == 0 {
+            let scores = self.scores();
+            let untried = scores
+                .iter()
+                .enumerate()
+                .filter_map(|(j, s)| s.filter(|(_, seen)| !seen).map(|(t, _)| (j, t)))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            let best_seen = scores
+                .iter()
+                .filter_map(|s| s.filter(|(_, seen)| *seen).map(|(t, _)| t))
+                .fold(0.0, f64::max);
+            // Only worth a window if the model thinks it could do better.
+            if let Some((j, t)) = untried {
+                if t > best_seen * 0.9 {
+                    self.choice.store(j, Relaxed);
+                    return;
+                }
+            }
+        }
+        self.decide();
     }
 
     /// Whether candidate `i`'s compression speed alone could beat the
@@ -176,6 +236,8 @@ pub fn name(m: Method, level: i32) -> String {
 
 /// A worker's contexts for every candidate.
 pub struct AutoWorker {
+    /// Candidate used for the last batch.
+    pub last: usize,
     contexts: Vec<Compressor>,
     scratch: Vec<u8>,
     batches: u64,
@@ -185,6 +247,7 @@ pub struct AutoWorker {
 impl AutoWorker {
     pub fn new() -> Result<AutoWorker, crate::codec::CodecError> {
         Ok(AutoWorker {
+            last: 0,
             contexts: CANDIDATES
                 .iter()
                 .map(|&(m, l)| Compressor::new(m, l))
@@ -224,6 +287,7 @@ impl AutoWorker {
         }
         self.batches += 1;
         let i = ctl.choice();
+        self.last = i;
         ctl.chosen[i].fetch_add(1, Relaxed);
         let t = Instant::now();
         let start = out.len();

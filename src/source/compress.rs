@@ -35,6 +35,10 @@ pub struct JobTotals {
 pub struct Encoded {
     pub bytes: Vec<u8>,
     pub totals: JobTotals,
+    /// Pages moved (normal + zero), in bytes.
+    pub raw_bytes: u64,
+    /// With `--compress auto`: the candidate used.
+    pub candidate: Option<usize>,
 }
 
 /// Spawn `threads` workers. Each ends when `jobs` closes or `out` does.
@@ -80,11 +84,18 @@ pub fn spawn_workers(
                     let mut buf = spare.try_recv().unwrap_or_default();
                     buf.clear();
                     let totals = worker.encode(&job, &mut buf, &counters);
+                    let raw_bytes = job.data.len() as u64;
+                    let candidate = worker.compressor.candidate();
                     counters.worker_busy_ns[index]
                         .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
                     let _ = free.send(job.data);
                     if out
-                        .send(super::writer::Out::Frames(Encoded { bytes: buf, totals }))
+                        .send(super::writer::Out::Frames(Encoded {
+                            bytes: buf,
+                            totals,
+                            raw_bytes,
+                            candidate,
+                        }))
                         .is_err()
                     {
                         break;
@@ -103,6 +114,13 @@ enum Strategy {
 }
 
 impl Strategy {
+    fn candidate(&self) -> Option<usize> {
+        match self {
+            Strategy::Fixed(_) => None,
+            Strategy::Auto(w, _) => Some(w.last),
+        }
+    }
+
     fn compress(&mut self, raw: &[u8], out: &mut Vec<u8>) -> Option<WireCodec> {
         match self {
             Strategy::Fixed(c) => c.compress(raw, out),
@@ -142,20 +160,13 @@ fn split_zero(
 ) -> (Vec<Run>, Vec<Run>) {
     let mut zero: Vec<Run> = Vec::new();
     let mut normal: Vec<Run> = Vec::new();
-    let push = |v: &mut Vec<Run>, page: u64| match v.last_mut() {
-        Some(r) if r.first + r.count as u64 == page => r.count += 1,
-        _ => v.push(Run {
-            first: page,
-            count: 1,
-        }),
-    };
     is_zero_page.clear();
     let mut pages = data.chunks_exact(page_size);
     for r in runs {
         for p in r.first..r.first + r.count as u64 {
             let z = pages.next().is_some_and(is_zero);
             is_zero_page.push(z);
-            push(if z { &mut zero } else { &mut normal }, p);
+            crate::dirty::push_run(if z { &mut zero } else { &mut normal }, p, 1);
         }
     }
     (zero, normal)

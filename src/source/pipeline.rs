@@ -199,7 +199,9 @@ impl Pipeline {
             }
             runs = self.read_readable(mem, index, region, &runs, &mut data);
             if runs.is_empty() {
-                let _ = self.free_back(data);
+                // Nothing readable: the buffer is dropped, and may be
+                // allocated again later.
+                self.buffers = self.buffers.saturating_sub(1);
                 return Ok(());
             }
         }
@@ -254,12 +256,6 @@ impl Pipeline {
         }
         data.truncate(w);
         ok
-    }
-
-    fn free_back(&mut self, data: Vec<u8>) -> Result<(), SendError> {
-        self.buffers = self.buffers.saturating_sub(1);
-        drop(data);
-        Ok(())
     }
 
     /// End `round` and wait until its RoundEnd frame is on the wire.

@@ -64,6 +64,9 @@ struct Writer {
     /// Bytes and time spent sending since the last link estimate.
     window: (u64, Duration),
     window_start: Instant,
+    /// Auto: the candidate of the current observation window, the raw
+    /// bytes moved with it, and when the window began.
+    observing: Option<(usize, u64, Instant)>,
     limiter: Option<RateLimiter>,
     counters: Arc<Counters>,
     totals: Totals,
@@ -102,6 +105,24 @@ impl Writer {
         Ok(())
     }
 
+    /// Auto: raw bytes/s achieved per candidate, over windows of 16 MiB
+    /// moved with the same candidate.
+    fn observe(&mut self, candidate: Option<usize>, raw: u64) {
+        let (Some(a), Some(c)) = (&self.adaptive, candidate) else {
+            return;
+        };
+        match &mut self.observing {
+            Some((i, bytes, _)) if *i == c => *bytes += raw,
+            _ => self.observing = Some((c, raw, Instant::now())),
+        }
+        if let Some((i, bytes, since)) = self.observing {
+            if bytes >= 16 << 20 {
+                a.observe(i, bytes as f64 / since.elapsed().as_secs_f64().max(1e-6));
+                self.observing = None;
+            }
+        }
+    }
+
     fn control(&mut self, frame: &Control) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
@@ -132,6 +153,7 @@ pub fn spawn_writer(
                 adaptive,
                 window: (0, Duration::ZERO),
                 window_start: Instant::now(),
+                observing: None,
                 limiter: max_bandwidth.map(RateLimiter::new),
                 counters,
                 totals: Totals::default(),
@@ -143,6 +165,7 @@ pub fn spawn_writer(
                 match msg {
                     Out::Frames(enc) => {
                         w.put(&enc.bytes)?;
+                        w.observe(enc.candidate, enc.raw_bytes);
                         let t = enc.totals;
                         w.totals.normal_pages += t.normal_pages;
                         w.totals.zero_pages += t.zero_pages;

@@ -275,3 +275,24 @@ pub fn agent_verify(image: &Path) -> (bool, String) {
         .unwrap();
     (out.status.success(), text(&out.stdout) + &text(&out.stderr))
 }
+
+/// Both checks of an image of `agent`: the agent's own ledger (no stale or
+/// torn page) and a byte-for-byte comparison with the stopped process.
+/// `what` names the case in failure messages.
+pub fn check_image(agent: &Agent, image: &Path, what: &str) {
+    let (ok, out) = agent_verify(image);
+    assert!(ok, "agent verify for {what}: {out}");
+    let v = run(&[
+        "verify",
+        "--pid",
+        &agent.pid.to_string(),
+        "--image",
+        image.to_str().unwrap(),
+    ]);
+    assert!(
+        v.status.success() && text(&v.stdout).contains("identical"),
+        "procmig verify for {what}: {}{}",
+        text(&v.stdout),
+        text(&v.stderr)
+    );
+}
