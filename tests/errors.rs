@@ -316,6 +316,52 @@ fn a_complete_handmade_stream_commits() {
     assert_eq!(dir.entries(), vec!["img"]);
 }
 
+#[test]
+fn force_replaces_an_existing_image_only_when_complete() {
+    let dir = TempDir::new("force");
+    let out = dir.join("img");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old-file"), b"old").unwrap();
+    // A failed migration leaves the old image alone.
+    {
+        let recv = Recv::start(&out, &["--force"]);
+        let mut s = TcpStream::connect(recv.addr()).unwrap();
+        s.write_all(&start_of_stream()).unwrap();
+        drop(s);
+        assert!(!recv.wait().0);
+        assert!(
+            out.join("old-file").exists(),
+            "old image damaged by a failed run"
+        );
+    }
+    // A complete one replaces it.
+    let recv = Recv::start(&out, &["--force"]);
+    let mut b = start_of_stream();
+    b.extend(pages_frame(3, good_xxh3()));
+    Control::RoundEnd(0).encode(&mut b);
+    Control::End(protocol::Totals {
+        rounds: 1,
+        normal_pages: 1,
+        zero_pages: 0,
+        page_frames: 1,
+        zero_frames: 0,
+    })
+    .encode(&mut b);
+    let mut s = TcpStream::connect(recv.addr()).unwrap();
+    s.write_all(&b).unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    assert!(!out.join("old-file").exists());
+    assert!(procmig::image::Image::open(&out).is_ok());
+    assert_eq!(
+        dir.entries(),
+        vec!["img"],
+        "staging or old copies left behind"
+    );
+}
+
 /// A slow migration (bandwidth-capped, incompressible), interrupted.
 fn slow_migration() -> (Agent, TempDir, Recv, std::process::Child) {
     let agent = Agent::start(&[

@@ -38,7 +38,7 @@ pub const PROBE_EVERY: u64 = 256;
 /// Observations older than this many windows are not trusted.
 const STALE_WINDOWS: u64 = 48;
 /// Every this many windows, one goes to a candidate not observed lately.
-const EXPLORE_EVERY: u64 = 12;
+const EXPLORE_EVERY: u64 = 16;
 /// Bytes of a batch compressed by each candidate when probing.
 const PROBE_BYTES: usize = 64 << 10;
 /// Weight of a new sample in the moving averages.
@@ -146,15 +146,21 @@ impl Adaptive {
     }
 
     fn decide(&self) {
-        let mut best = (self.choice.load(Relaxed), 0.0);
+        // Until the link is measured the model would rank raw copying at
+        // memory speed first: then only what was observed competes (and
+        // with nothing observed yet, the current choice stays).
+        let link_known = self.link() > 0.0;
+        let mut best: Option<(usize, f64)> = None;
         for (i, s) in self.scores().into_iter().enumerate() {
-            if let Some((t, _)) = s {
-                if t > best.1 {
-                    best = (i, t);
+            if let Some((t, seen)) = s {
+                if (seen || link_known) && best.is_none_or(|(_, b)| t > b) {
+                    best = Some((i, t));
                 }
             }
         }
-        self.choice.store(best.0, Relaxed);
+        if let Some((i, _)) = best {
+            self.choice.store(i, Relaxed);
+        }
     }
 
     /// The writer saw the pipeline move `rate` raw bytes/s while candidate
@@ -170,7 +176,8 @@ impl Adaptive {
                 _ => (rate, n),
             });
         }
-        if n % EXPLORE_EVERY == 0 {
+        // Early on (windows 2, 4, 8) and then regularly.
+        if n % EXPLORE_EVERY == 0 || (n < EXPLORE_EVERY && n.is_power_of_two() && n > 1) {
             let scores = self.scores();
             let untried = scores
                 .iter()
@@ -181,9 +188,9 @@ impl Adaptive {
                 .iter()
                 .filter_map(|s| s.filter(|(_, seen)| *seen).map(|(t, _)| t))
                 .fold(0.0, f64::max);
-            // Only worth a window if the model thinks it could do better.
+            // Only worth a window if the model expects clearly better.
             if let Some((j, t)) = untried {
-                if t > best_seen * 0.9 {
+                if t > best_seen * 1.1 {
                     self.choice.store(j, Relaxed);
                     return;
                 }
