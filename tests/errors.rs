@@ -205,6 +205,22 @@ fn pages_frame(first: u64, xxh3: u64) -> Vec<u8> {
     b
 }
 
+/// A whole valid stream: one page (page 3 of the region), one round, End.
+fn complete_stream() -> Vec<u8> {
+    let mut b = start_of_stream();
+    b.extend(pages_frame(3, good_xxh3()));
+    Control::RoundEnd(0).encode(&mut b);
+    Control::End(protocol::Totals {
+        rounds: 1,
+        normal_pages: 1,
+        zero_pages: 0,
+        page_frames: 1,
+        zero_frames: 0,
+    })
+    .encode(&mut b);
+    b
+}
+
 fn good_xxh3() -> u64 {
     xxhash_rust::xxh3::xxh3_64(&[0xabu8; 4096])
 }
@@ -279,17 +295,7 @@ fn a_complete_handmade_stream_commits() {
     let dir = TempDir::new("handmade");
     let out = dir.join("img");
     let recv = Recv::start(&out, &[]);
-    let mut b = start_of_stream();
-    b.extend(pages_frame(3, good_xxh3()));
-    Control::RoundEnd(0).encode(&mut b);
-    Control::End(protocol::Totals {
-        rounds: 1,
-        normal_pages: 1,
-        zero_pages: 0,
-        page_frames: 1,
-        zero_frames: 0,
-    })
-    .encode(&mut b);
+    let b = complete_stream();
     let mut s = TcpStream::connect(recv.addr()).unwrap();
     s.write_all(&b).unwrap();
     let mut payload = Vec::new();
@@ -336,17 +342,7 @@ fn force_replaces_an_existing_image_only_when_complete() {
     }
     // A complete one replaces it.
     let recv = Recv::start(&out, &["--force"]);
-    let mut b = start_of_stream();
-    b.extend(pages_frame(3, good_xxh3()));
-    Control::RoundEnd(0).encode(&mut b);
-    Control::End(protocol::Totals {
-        rounds: 1,
-        normal_pages: 1,
-        zero_pages: 0,
-        page_frames: 1,
-        zero_frames: 0,
-    })
-    .encode(&mut b);
+    let b = complete_stream();
     let mut s = TcpStream::connect(recv.addr()).unwrap();
     s.write_all(&b).unwrap();
     let mut rest = Vec::new();
