@@ -54,10 +54,6 @@ impl PageSet {
         }
     }
 
-    pub fn clear(&mut self) {
-        self.chunks.clear();
-    }
-
     /// Ranges of 4096 pages that may hold members: (first page, count).
     pub fn chunk_spans(&self) -> Vec<(u64, u64)> {
         self.chunks

@@ -398,17 +398,8 @@ impl<'a> Migration<'a> {
                 if self.cancel.load(Ordering::Relaxed) {
                     return Err(SendError::Cancelled);
                 }
-                let new = self.regions()?;
-                let (changed, fresh) = state.update(new);
-                if changed {
-                    self.pipeline_mut()
-                        .control(Control::Regions(state.table()))?;
-                }
-                let dirty =
-                    self.tracker
-                        .as_mut()
-                        .expect("live")
-                        .collect(None, &state.regions(), &fresh)?;
+                let fresh = self.sync_regions(&mut state)?;
+                let dirty = self.collect(&state, &fresh)?;
                 syncs += 1;
                 let since = last_collect.elapsed();
                 last_collect = Instant::now();
@@ -506,20 +497,8 @@ impl<'a> Migration<'a> {
             self.attach_stopped()?;
             // Stopped: every page must read now.
             self.pipeline_mut().lenient = false;
-            let new = self.regions()?;
-            let (changed, fresh) = state.update(new);
-            if changed {
-                self.pipeline_mut()
-                    .control(Control::Regions(state.table()))?;
-            }
-            let regions_now = state.regions();
-            let dirty = {
-                let att = self.att.as_mut();
-                self.tracker
-                    .as_mut()
-                    .expect("live")
-                    .collect(att, &regions_now, &fresh)?
-            };
+            let fresh = self.sync_regions(&mut state)?;
+            let dirty = self.collect(&state, &fresh)?;
             syncs += 1;
             let discards = state.discards(&pagemap)?;
             round += 1;
@@ -610,6 +589,29 @@ impl<'a> Migration<'a> {
         report.dest_commit_ms = ack.commit_ns as f64 / 1e6;
         report.set_times(total_time, setup_time, downtime, t_transfer);
         Ok(report)
+    }
+
+    /// Read the maps again; tell the receiver if the table changed. Returns
+    /// the fresh parts (new regions, grown tails).
+    fn sync_regions(&mut self, state: &mut RegionState) -> Result<Vec<(usize, Run)>, SendError> {
+        let new = self.regions()?;
+        let (changed, fresh) = state.update(new);
+        if changed {
+            self.pipeline_mut()
+                .control(Control::Regions(state.table()))?;
+        }
+        Ok(fresh)
+    }
+
+    /// The tracker's dirty pages; with the target stopped (final round)
+    /// the attachment is passed along.
+    fn collect(
+        &mut self,
+        state: &RegionState,
+        fresh: &[(usize, Run)],
+    ) -> Result<dirty::Dirty, SendError> {
+        let tracker = self.tracker.as_mut().expect("live migration has a tracker");
+        Ok(tracker.collect(self.att.as_mut(), &state.regions(), fresh)?)
     }
 
     /// Pages that could not be read this round, keyed by region start, to
