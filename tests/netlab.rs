@@ -38,7 +38,7 @@ fn migrate_across_a_shaped_100mbit_link() {
         sh_quote(img.to_str().unwrap())
     );
     let send = format!(
-        "exec {procmig} send --pid {} --to {{dst}}:4444 --json --compress zstd",
+        "exec {procmig} send --pid {} --to {{dst}}:4444 --json --compress zstd --max-iterations 5 --force-downtime",
         agent.pid
     );
     let out = Command::new("bash")
