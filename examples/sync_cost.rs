@@ -7,8 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use procmig::dirty::{self, probe, Method};
-use procmig::target::{self, Attachment, Leave};
+use procmig::dirty::{self, probe, Tracking};
+use procmig::process::{self, Attachment, Leave};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -18,17 +18,17 @@ fn main() {
         .expect("usage: sync_cost PID [ROUNDS]");
     let rounds: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
     let k = probe::probe();
-    let ps = target::page_size();
+    let ps = process::page_size();
     for (method, ok) in [
-        (Method::UffdWp, k.uffd_wp_async.is_ok()),
-        (Method::SoftDirty, k.soft_dirty.is_ok()),
-        (Method::Compare, true),
+        (Tracking::UffdWp, k.uffd_wp_async.is_ok()),
+        (Tracking::SoftDirty, k.soft_dirty.is_ok()),
+        (Tracking::Compare, true),
     ] {
         if !ok {
             println!("{{\"tracker\":\"{method}\",\"skipped\":true}}");
             continue;
         }
-        let regions = target::read_regions(pid).expect("read maps");
+        let regions = process::read_regions(pid).expect("read maps");
         let total: u64 = regions.iter().map(|r| r.len()).sum();
         let mut tracker = dirty::create(method, pid, ps).expect("tracker");
         let mut att = Attachment::seize(pid).expect("attach");
@@ -37,9 +37,9 @@ fn main() {
         tracker.arm(&mut att, &regions).expect("arm");
         let arm = t.elapsed();
         att.detach(Leave::AsFound).expect("detach");
-        if method == Method::Compare {
+        if method == Tracking::Compare {
             // As a migration would: the bulk copy hands it every page sent.
-            let mem = procmig::target::MemReader::open(pid).expect("mem");
+            let mem = procmig::process::MemReader::open(pid).expect("mem");
             for r in &regions {
                 let mut data = vec![0u8; r.len() as usize];
                 if mem.read(r.start, &mut data).is_ok() {

@@ -13,7 +13,7 @@ use crate::protocol::{WireCodec, CAP_LZ4, CAP_ZLIB, CAP_ZSTD};
 /// A compression method as the user names it (`--compress`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Method {
+pub enum Compression {
     None,
     Zlib,
     Zstd,
@@ -22,21 +22,21 @@ pub enum Method {
     Auto,
 }
 
-impl Method {
+impl Compression {
     /// The level used when none is given: QEMU's multifd defaults (1).
     pub fn default_level(self) -> i32 {
         match self {
-            Method::None | Method::Lz4 | Method::Auto => 0,
-            Method::Zlib | Method::Zstd => 1,
+            Compression::None | Compression::Lz4 | Compression::Auto => 0,
+            Compression::Zlib | Compression::Zstd => 1,
         }
     }
 
     /// Check a `--compress-level` for this method.
     pub fn check_level(self, level: i32) -> Result<(), String> {
         let (lo, hi) = match self {
-            Method::Zlib => (0, 9),
-            Method::Zstd => (1, 19),
-            Method::None | Method::Lz4 | Method::Auto => {
+            Compression::Zlib => (0, 9),
+            Compression::Zstd => (1, 19),
+            Compression::None | Compression::Lz4 | Compression::Auto => {
                 return if level == 0 {
                     Ok(())
                 } else {
@@ -55,48 +55,48 @@ impl Method {
 
     pub fn wire(self) -> WireCodec {
         match self {
-            Method::None => WireCodec::Raw,
-            Method::Zlib => WireCodec::Zlib,
-            Method::Zstd => WireCodec::Zstd,
-            Method::Lz4 => WireCodec::Lz4,
+            Compression::None => WireCodec::Raw,
+            Compression::Zlib => WireCodec::Zlib,
+            Compression::Zstd => WireCodec::Zstd,
+            Compression::Lz4 => WireCodec::Lz4,
             // Nominal: each frame names its own codec.
-            Method::Auto => WireCodec::Zstd,
+            Compression::Auto => WireCodec::Zstd,
         }
     }
 
     /// Capability bit a receiver must offer to decode this method.
     pub fn capability(self) -> u64 {
         match self {
-            Method::None => 0,
-            Method::Zlib => CAP_ZLIB,
-            Method::Zstd => CAP_ZSTD,
-            Method::Lz4 => CAP_LZ4,
-            Method::Auto => CAP_ZSTD | CAP_LZ4,
+            Compression::None => 0,
+            Compression::Zlib => CAP_ZLIB,
+            Compression::Zstd => CAP_ZSTD,
+            Compression::Lz4 => CAP_LZ4,
+            Compression::Auto => CAP_ZSTD | CAP_LZ4,
         }
     }
 }
 
-impl fmt::Display for Method {
+impl fmt::Display for Compression {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Method::None => "none",
-            Method::Zlib => "zlib",
-            Method::Zstd => "zstd",
-            Method::Lz4 => "lz4",
-            Method::Auto => "auto",
+            Compression::None => "none",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+            Compression::Auto => "auto",
         })
     }
 }
 
-impl FromStr for Method {
+impl FromStr for Compression {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
-            "none" => Method::None,
-            "zlib" => Method::Zlib,
-            "zstd" => Method::Zstd,
-            "lz4" => Method::Lz4,
-            "auto" => Method::Auto,
+            "none" => Compression::None,
+            "zlib" => Compression::Zlib,
+            "zstd" => Compression::Zstd,
+            "lz4" => Compression::Lz4,
+            "auto" => Compression::Auto,
             _ => {
                 return Err(format!(
                     "unknown compression method {s:?} (none, zlib, zstd, lz4, auto)"
@@ -111,7 +111,7 @@ pub enum CodecError {
     /// The compressor library refused to start.
     #[error("cannot create {method} context at level {level}: {reason}")]
     Init {
-        method: Method,
+        method: Compression,
         level: i32,
         reason: String,
     },
@@ -133,22 +133,22 @@ enum Inner {
 }
 
 impl Compressor {
-    pub fn new(method: Method, level: i32) -> Result<Compressor, CodecError> {
+    pub fn new(method: Compression, level: i32) -> Result<Compressor, CodecError> {
         let init = |reason: String| CodecError::Init {
             method,
             level,
             reason,
         };
         let inner = match method {
-            Method::None | Method::Auto => Inner::None,
-            Method::Zlib => Inner::Zlib(flate2::Compress::new(
+            Compression::None | Compression::Auto => Inner::None,
+            Compression::Zlib => Inner::Zlib(flate2::Compress::new(
                 flate2::Compression::new(level as u32),
                 true,
             )),
-            Method::Zstd => Inner::Zstd(Box::new(
+            Compression::Zstd => Inner::Zstd(Box::new(
                 zstd::bulk::Compressor::new(level).map_err(|e| init(e.to_string()))?,
             )),
-            Method::Lz4 => Inner::Lz4,
+            Compression::Lz4 => Inner::Lz4,
         };
         Ok(Compressor { inner })
     }
@@ -260,7 +260,7 @@ impl Decompressor {
         Ok(Decompressor {
             zlib: flate2::Decompress::new(true),
             zstd: zstd::bulk::Decompressor::new().map_err(|e| CodecError::Init {
-                method: Method::Zstd,
+                method: Compression::Zstd,
                 level: 0,
                 reason: e.to_string(),
             })?,
@@ -348,11 +348,11 @@ mod tests {
         let data = sample();
         let mut d = Decompressor::new().unwrap();
         for (m, level) in [
-            (Method::Zlib, 1),
-            (Method::Zlib, 9),
-            (Method::Zstd, 1),
-            (Method::Zstd, 19),
-            (Method::Lz4, 0),
+            (Compression::Zlib, 1),
+            (Compression::Zlib, 9),
+            (Compression::Zstd, 1),
+            (Compression::Zstd, 19),
+            (Compression::Lz4, 0),
         ] {
             let mut c = Compressor::new(m, level).unwrap();
             // Twice, to exercise context reuse; with a prefix in `out`.
@@ -374,14 +374,19 @@ mod tests {
     #[test]
     fn incompressible_is_refused() {
         let data = noise(64 * 4096);
-        for m in [Method::Zlib, Method::Zstd, Method::Lz4, Method::None] {
+        for m in [
+            Compression::Zlib,
+            Compression::Zstd,
+            Compression::Lz4,
+            Compression::None,
+        ] {
             let mut c = Compressor::new(m, m.default_level()).unwrap();
             let mut out = Vec::new();
             assert_eq!(c.compress(&data, &mut out), None, "{m}");
             assert!(out.is_empty());
         }
         // zlib level 0 stores, which never shrinks.
-        let mut c = Compressor::new(Method::Zlib, 0).unwrap();
+        let mut c = Compressor::new(Compression::Zlib, 0).unwrap();
         assert_eq!(c.compress(&sample(), &mut Vec::new()), None);
     }
 
@@ -389,7 +394,7 @@ mod tests {
     fn corrupt_input_is_an_error_not_a_panic() {
         let data = sample();
         let mut d = Decompressor::new().unwrap();
-        for m in [Method::Zlib, Method::Zstd, Method::Lz4] {
+        for m in [Compression::Zlib, Compression::Zstd, Compression::Lz4] {
             let mut c = Compressor::new(m, m.default_level()).unwrap();
             let mut out = Vec::new();
             let codec = c.compress(&data, &mut out).unwrap();
@@ -406,12 +411,12 @@ mod tests {
 
     #[test]
     fn levels() {
-        assert!(Method::Zlib.check_level(0).is_ok());
-        assert!(Method::Zlib.check_level(10).is_err());
-        assert!(Method::Zstd.check_level(0).is_err());
-        assert!(Method::Zstd.check_level(19).is_ok());
-        assert!(Method::Lz4.check_level(3).is_err());
-        assert_eq!("zstd".parse::<Method>().unwrap(), Method::Zstd);
-        assert!("gzip".parse::<Method>().is_err());
+        assert!(Compression::Zlib.check_level(0).is_ok());
+        assert!(Compression::Zlib.check_level(10).is_err());
+        assert!(Compression::Zstd.check_level(0).is_err());
+        assert!(Compression::Zstd.check_level(19).is_ok());
+        assert!(Compression::Lz4.check_level(3).is_err());
+        assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd);
+        assert!("gzip".parse::<Compression>().is_err());
     }
 }

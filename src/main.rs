@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
-use procmig::codec::Method;
+use procmig::codec::Compression;
 use procmig::dest::{self, RecvConfig};
 use procmig::image::Image;
+use procmig::process::RegionFilter;
 use procmig::source::{self, Mode, OnComplete, SendConfig, ThrottleParams};
-use procmig::target::RegionFilter;
 use procmig::units::parse_size;
 
 /// Live-migrate the memory of a running Linux process, the way QEMU
@@ -167,7 +167,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
-    let method: Method = a.compress.parse().map_err(anyhow::Error::msg)?;
+    let method: Compression = a.compress.parse().map_err(anyhow::Error::msg)?;
     let level = a.compress_level.unwrap_or(method.default_level());
     method.check_level(level).map_err(anyhow::Error::msg)?;
     let threads = a.compress_threads.unwrap_or_else(source::default_threads);

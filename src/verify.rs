@@ -3,14 +3,14 @@
 use serde::Serialize;
 
 use crate::image::{Image, ImageError};
-use crate::target::{Attachment, MemReader, TargetError};
+use crate::process::{Attachment, MemReader, ProcessError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Target(#[from] ProcessError),
 }
 
 /// One page that differs.
@@ -97,6 +97,6 @@ pub fn verify_process(
             off += n;
         }
     }
-    attachment.detach(crate::target::Leave::AsFound)?;
+    attachment.detach(crate::process::Leave::AsFound)?;
     Ok(report)
 }

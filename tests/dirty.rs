@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use procmig::dirty::{self, probe, Method};
-use procmig::target::{self, Attachment, Leave, MemReader};
+use procmig::dirty::{self, probe, Tracking};
+use procmig::process::{self, Attachment, Leave, MemReader};
 
 /// Offset of the agent's `writes` counter in its header page.
 const WRITES_OFFSET: u64 = 96;
@@ -18,15 +18,15 @@ fn writes(mem: &MemReader, base: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn methods() -> Vec<Method> {
+fn methods() -> Vec<Tracking> {
     let k = probe::probe();
-    let mut v = vec![Method::Compare];
+    let mut v = vec![Tracking::Compare];
     match &k.uffd_wp_async {
-        Ok(()) => v.push(Method::UffdWp),
+        Ok(()) => v.push(Tracking::UffdWp),
         Err(why) => println!("skipped: uffd-wp: {why}"),
     }
     match &k.soft_dirty {
-        Ok(()) => v.push(Method::SoftDirty),
+        Ok(()) => v.push(Tracking::SoftDirty),
         Err(why) => println!("skipped: soft-dirty on this kernel (the VM test covers it): {why}"),
     }
     v
@@ -46,16 +46,16 @@ fn trackers_see_every_rewrite() {
             "--working-set",
             "2M",
         ]);
-        let ps = target::page_size();
+        let ps = process::page_size();
         let mem = MemReader::open(agent.pid).unwrap();
-        let regions = target::read_regions(agent.pid).unwrap();
+        let regions = process::read_regions(agent.pid).unwrap();
         let mut tracker = dirty::create(method, agent.pid, ps).unwrap();
         let mut att = Attachment::seize(agent.pid).unwrap();
         att.stop().unwrap();
         tracker.arm(&mut att, &regions).unwrap();
         att.detach(Leave::AsFound).unwrap();
         // compare needs to know what was "sent": hand it the current pages.
-        if method == Method::Compare {
+        if method == Tracking::Compare {
             for r in &regions {
                 let mut data = vec![0u8; r.len() as usize];
                 if mem.read(r.start, &mut data).is_ok() {

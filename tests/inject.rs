@@ -14,8 +14,8 @@ use std::process::{Command, Stdio};
 use common::*;
 use nix::sys::ptrace;
 use nix::unistd::Pid;
-use procmig::dirty::{self, probe, Method};
-use procmig::target::{self, Attachment, Leave, MemReader};
+use procmig::dirty::{self, probe, Tracking};
+use procmig::process::{self, Attachment, Leave, MemReader};
 
 /// Every thread's registers, as raw words.
 fn registers(att: &Attachment) -> BTreeMap<i32, Vec<u64>> {
@@ -74,8 +74,8 @@ fn inject_and_compare(pid: i32) {
         );
     }
     if probe::probe().uffd_wp_async.is_ok() {
-        let regions = target::read_regions(pid).unwrap();
-        let mut tracker = dirty::create(Method::UffdWp, pid, target::page_size()).unwrap();
+        let regions = process::read_regions(pid).unwrap();
+        let mut tracker = dirty::create(Tracking::UffdWp, pid, process::page_size()).unwrap();
         tracker.arm(&mut att, &regions).unwrap();
         // The userfaultfd made inside the target was closed there again.
         assert_eq!(fds(pid), files, "fd table while tracking");

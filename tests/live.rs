@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use procmig::dirty::{probe, Method};
+use procmig::dirty::{probe, Tracking};
 
 /// Trackers this kernel supports (soft-dirty is covered by tests/vm.rs).
 fn trackers() -> Vec<&'static str> {
@@ -19,7 +19,7 @@ fn trackers() -> Vec<&'static str> {
     } else {
         v.push("soft-dirty");
     }
-    let _ = Method::Auto;
+    let _ = Tracking::Auto;
     v
 }
 

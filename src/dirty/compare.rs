@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 
-use super::{Dirty, DirtyError, DirtyTracker, Method};
+use super::{Dirty, DirtyError, DirtyTracker, Tracking};
+use crate::process::{Attachment, MemReader, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::Run;
-use crate::target::{Attachment, MemReader, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 
 /// Pages read per pass.
 const CHUNK_PAGES: u64 = 256;
@@ -96,8 +96,8 @@ impl CompareTracker {
 }
 
 impl DirtyTracker for CompareTracker {
-    fn method(&self) -> Method {
-        Method::Compare
+    fn method(&self) -> Tracking {
+        Tracking::Compare
     }
 
     fn arm(&mut self, _att: &mut Attachment, regions: &[Region]) -> Result<(), DirtyError> {

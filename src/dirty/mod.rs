@@ -25,8 +25,8 @@ mod uffd;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::process::{Attachment, ProcessError, Region};
 use crate::protocol::Run;
-use crate::target::{Attachment, Region, TargetError};
 
 pub use compare::CompareTracker;
 pub use soft_dirty::SoftDirtyTracker;
@@ -35,14 +35,14 @@ pub use uffd::UffdTracker;
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Target(#[from] ProcessError),
     /// The requested tracker does not work on this kernel.
     #[error("dirty tracking {method} is not available here: {reason}")]
-    Unavailable { method: Method, reason: String },
+    Unavailable { method: Tracking, reason: String },
     /// A tracking operation failed.
     #[error("{method} tracking of process {pid} failed: {what}: {source}")]
     Op {
-        method: Method,
+        method: Tracking,
         pid: i32,
         what: String,
         source: std::io::Error,
@@ -52,32 +52,32 @@ pub enum DirtyError {
 /// `--dirty-tracking`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Method {
+pub enum Tracking {
     Auto,
     SoftDirty,
     UffdWp,
     Compare,
 }
 
-impl fmt::Display for Method {
+impl fmt::Display for Tracking {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            Method::Auto => "auto",
-            Method::SoftDirty => "soft-dirty",
-            Method::UffdWp => "uffd-wp",
-            Method::Compare => "compare",
+            Tracking::Auto => "auto",
+            Tracking::SoftDirty => "soft-dirty",
+            Tracking::UffdWp => "uffd-wp",
+            Tracking::Compare => "compare",
         })
     }
 }
 
-impl FromStr for Method {
+impl FromStr for Tracking {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
-            "auto" => Method::Auto,
-            "soft-dirty" => Method::SoftDirty,
-            "uffd-wp" => Method::UffdWp,
-            "compare" => Method::Compare,
+            "auto" => Tracking::Auto,
+            "soft-dirty" => Tracking::SoftDirty,
+            "uffd-wp" => Tracking::UffdWp,
+            "compare" => Tracking::Compare,
             _ => {
                 return Err(format!(
                     "unknown dirty tracking {s:?} (auto, soft-dirty, uffd-wp, compare)"
@@ -106,7 +106,7 @@ impl Dirty {
 /// A dirty-page tracker for one target process.
 pub trait DirtyTracker {
     /// The method in use.
-    fn method(&self) -> Method;
+    fn method(&self) -> Tracking;
 
     /// Arm tracking of `regions`; called with the target stopped, before the
     /// bulk copy reads anything.
@@ -141,19 +141,19 @@ pub trait DirtyTracker {
 
 /// Pick and build a tracker for `pid`.
 pub fn create(
-    method: Method,
+    method: Tracking,
     pid: i32,
     page_size: u64,
 ) -> Result<Box<dyn DirtyTracker>, DirtyError> {
     let kernel = probe::probe();
     let pick = match method {
-        Method::Auto => {
+        Tracking::Auto => {
             if kernel.uffd_wp_async.is_ok() {
-                Method::UffdWp
+                Tracking::UffdWp
             } else if kernel.soft_dirty.is_ok() {
-                Method::SoftDirty
+                Tracking::SoftDirty
             } else {
-                Method::Compare
+                Tracking::Compare
             }
         }
         m => m,
@@ -163,21 +163,21 @@ pub fn create(
         reason: reason.clone().err().unwrap_or_default(),
     };
     Ok(match pick {
-        Method::UffdWp => {
+        Tracking::UffdWp => {
             kernel
                 .uffd_wp_async
                 .as_ref()
                 .map_err(|_| unavailable(&kernel.uffd_wp_async))?;
             Box::new(UffdTracker::new(pid, page_size)?)
         }
-        Method::SoftDirty => {
+        Tracking::SoftDirty => {
             kernel
                 .soft_dirty
                 .as_ref()
                 .map_err(|_| unavailable(&kernel.soft_dirty))?;
             Box::new(SoftDirtyTracker::new(pid, page_size)?)
         }
-        Method::Compare | Method::Auto => Box::new(CompareTracker::new(pid, page_size)?),
+        Tracking::Compare | Tracking::Auto => Box::new(CompareTracker::new(pid, page_size)?),
     })
 }
 
@@ -236,7 +236,7 @@ mod tests {
             v,
             vec![Run { first: 0, count: 5 }, Run { first: 8, count: 1 }]
         );
-        assert_eq!("uffd-wp".parse::<Method>().unwrap(), Method::UffdWp);
-        assert!("dirty".parse::<Method>().is_err());
+        assert_eq!("uffd-wp".parse::<Tracking>().unwrap(), Tracking::UffdWp);
+        assert!("dirty".parse::<Tracking>().is_err());
     }
 }

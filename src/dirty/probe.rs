@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::soft_dirty::PM_SOFT_DIRTY;
 use super::uffd;
-use crate::target::{page_size, Pagemap};
+use crate::process::{page_size, Pagemap};
 
 /// What the kernel offers; `Err` carries why a feature is unusable.
 #[derive(Debug, Clone)]

@@ -6,9 +6,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 
-use super::{Dirty, DirtyError, DirtyTracker, Method};
+use super::{Dirty, DirtyError, DirtyTracker, Tracking};
+use crate::process::{Attachment, Leave, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::Run;
-use crate::target::{Attachment, Leave, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 
 /// pagemap bit 55: page written since the last clear.
 pub const PM_SOFT_DIRTY: u64 = 1 << 55;
@@ -29,7 +29,7 @@ impl SoftDirtyTracker {
             .write(true)
             .open(format!("/proc/{pid}/clear_refs"))
             .map_err(|source| DirtyError::Op {
-                method: Method::SoftDirty,
+                method: Tracking::SoftDirty,
                 pid,
                 what: "open clear_refs".into(),
                 source,
@@ -47,7 +47,7 @@ impl SoftDirtyTracker {
         self.clear_refs
             .write_all(b"4")
             .map_err(|source| DirtyError::Op {
-                method: Method::SoftDirty,
+                method: Tracking::SoftDirty,
                 pid: self.pid,
                 what: "clear soft-dirty bits".into(),
                 source,
@@ -86,8 +86,8 @@ impl SoftDirtyTracker {
 }
 
 impl DirtyTracker for SoftDirtyTracker {
-    fn method(&self) -> Method {
-        Method::SoftDirty
+    fn method(&self) -> Tracking {
+        Tracking::SoftDirty
     }
 
     fn arm(&mut self, _att: &mut Attachment, _regions: &[Region]) -> Result<(), DirtyError> {

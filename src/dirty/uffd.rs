@@ -18,9 +18,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::{CompareTracker, Dirty, DirtyError, DirtyTracker, Method};
+use super::{CompareTracker, Dirty, DirtyError, DirtyTracker, Tracking};
+use crate::process::{take_remote_fd, Attachment, Region, RegionKind};
 use crate::protocol::Run;
-use crate::target::{take_remote_fd, Attachment, Region, RegionKind};
 
 pub const UFFD_API: u64 = 0xAA;
 pub const UFFD_USER_MODE_ONLY: u64 = 1;
@@ -243,7 +243,7 @@ impl UffdTracker {
     pub fn new(pid: i32, page_size: u64) -> Result<UffdTracker, DirtyError> {
         let pagemap =
             File::open(format!("/proc/{pid}/pagemap")).map_err(|source| DirtyError::Op {
-                method: Method::UffdWp,
+                method: Tracking::UffdWp,
                 pid,
                 what: "open pagemap".into(),
                 source,
@@ -263,7 +263,7 @@ impl UffdTracker {
     fn op(&self, what: String) -> impl FnOnce(io::Error) -> DirtyError {
         let pid = self.pid;
         move |source| DirtyError::Op {
-            method: Method::UffdWp,
+            method: Tracking::UffdWp,
             pid,
             what,
             source,
@@ -287,7 +287,7 @@ impl UffdTracker {
         }
         if remote < 0 {
             return Err(DirtyError::Unavailable {
-                method: Method::UffdWp,
+                method: Tracking::UffdWp,
                 reason: format!(
                     "userfaultfd() inside process {} failed: {}",
                     self.pid,
@@ -312,7 +312,7 @@ impl UffdTracker {
         drop(fd);
         let fd = self.inject_uffd(att)?;
         enable_wp_async(fd.as_raw_fd(), 0).map_err(|e| DirtyError::Unavailable {
-            method: Method::UffdWp,
+            method: Tracking::UffdWp,
             reason: format!("UFFDIO_API with WP_ASYNC | WP_UNPOPULATED: {e}"),
         })?;
         self.shmem = false;
@@ -342,8 +342,8 @@ impl UffdTracker {
 }
 
 impl DirtyTracker for UffdTracker {
-    fn method(&self) -> Method {
-        Method::UffdWp
+    fn method(&self) -> Tracking {
+        Tracking::UffdWp
     }
 
     fn arm(&mut self, att: &mut Attachment, regions: &[Region]) -> Result<(), DirtyError> {

@@ -19,18 +19,18 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::codec::{Compressor, Method};
+use crate::codec::{Compression, Compressor};
 use crate::protocol::WireCodec;
 
 /// Candidates, fastest first. zlib is left out: zstd-1 beats it in both
 /// speed and ratio on every kind of page we measured.
-pub const CANDIDATES: [(Method, i32); 6] = [
-    (Method::None, 0),
-    (Method::Lz4, 0),
-    (Method::Zstd, 1),
-    (Method::Zstd, 3),
-    (Method::Zstd, 6),
-    (Method::Zstd, 9),
+pub const CANDIDATES: [(Compression, i32); 6] = [
+    (Compression::None, 0),
+    (Compression::Lz4, 0),
+    (Compression::Zstd, 1),
+    (Compression::Zstd, 3),
+    (Compression::Zstd, 6),
+    (Compression::Zstd, 9),
 ];
 
 /// One batch in this many is compressed with every candidate.
@@ -119,7 +119,7 @@ impl Adaptive {
     fn throughput(&self, e: &Estimate, i: usize) -> f64 {
         let link = self.link();
         let link = if link > 0.0 { link } else { f64::INFINITY };
-        let (ratio, speed) = if CANDIDATES[i].0 == Method::None {
+        let (ratio, speed) = if CANDIDATES[i].0 == Compression::None {
             (1.0, RAW_SPEED)
         } else {
             (e.ratio, e.speed)
@@ -139,7 +139,7 @@ impl Adaptive {
                 Some((rate, when)) if now.saturating_sub(when) <= STALE_WINDOWS => {
                     Some((rate, true))
                 }
-                _ if CANDIDATES[i].0 != Method::None && e.samples == 0 => None,
+                _ if CANDIDATES[i].0 != Compression::None && e.samples == 0 => None,
                 _ => Some((self.throughput(e, i), false)),
             })
             .collect()
@@ -234,9 +234,9 @@ impl Adaptive {
     }
 }
 
-pub fn name(m: Method, level: i32) -> String {
+pub fn name(m: Compression, level: i32) -> String {
     match m {
-        Method::Zstd | Method::Zlib => format!("{m}-{level}"),
+        Compression::Zstd | Compression::Zlib => format!("{m}-{level}"),
         _ => m.to_string(),
     }
 }
@@ -299,7 +299,7 @@ impl AutoWorker {
         let t = Instant::now();
         let start = out.len();
         let r = self.contexts[i].compress(raw, out);
-        if CANDIDATES[i].0 != Method::None && self.batches % 16 == 0 {
+        if CANDIDATES[i].0 != Compression::None && self.batches % 16 == 0 {
             // Keep the chosen candidate's estimate fresh between probes.
             let size = if r.is_some() {
                 out.len() - start
@@ -329,7 +329,7 @@ mod tests {
         set(&ctl, 4, 4.6, 90e6); // zstd-6
         set(&ctl, 5, 4.8, 40e6); // zstd-9
         ctl.set_link(12.5e6); // 100 Mbit/s: 12.5 × 4.8 = 60 < 2 × 40 = 80
-        assert_eq!(CANDIDATES[ctl.choice()], (Method::Zstd, 9));
+        assert_eq!(CANDIDATES[ctl.choice()], (Compression::Zstd, 9));
         let ctl2 = Adaptive::new(2);
         for (i, r, s) in [
             (1, 2.5, 900e6),
@@ -341,13 +341,13 @@ mod tests {
             set(&ctl2, i, r, s);
         }
         ctl2.set_link(125e6); // 1 Gbit/s: zstd-1 moves min(500, 900) = 500
-        assert_eq!(CANDIDATES[ctl2.choice()], (Method::Zstd, 1));
+        assert_eq!(CANDIDATES[ctl2.choice()], (Compression::Zstd, 1));
         let ctl3 = Adaptive::new(2);
         for (i, r, s) in [(1, 2.5, 900e6), (2, 4.0, 450e6)] {
             set(&ctl3, i, r, s);
         }
         ctl3.set_link(10e9); // loopback: raw copying wins
-        assert_eq!(CANDIDATES[ctl3.choice()], (Method::None, 0));
+        assert_eq!(CANDIDATES[ctl3.choice()], (Compression::None, 0));
     }
 
     #[test]
@@ -357,6 +357,6 @@ mod tests {
             set(&ctl, i, 1.0, 500e6);
         }
         ctl.set_link(125e6);
-        assert_eq!(CANDIDATES[ctl.choice()].0, Method::None);
+        assert_eq!(CANDIDATES[ctl.choice()].0, Compression::None);
     }
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::adaptive::{Adaptive, AutoWorker};
-use crate::codec::{Compressor, Method};
+use crate::codec::{Compression, Compressor};
 use crate::protocol::{self, Control, Kind, Run, WireCodec, HEADER_LEN};
 use crate::stats::Counters;
 
@@ -46,7 +46,7 @@ pub struct Encoded {
 #[allow(clippy::too_many_arguments)]
 pub fn spawn_workers(
     threads: usize,
-    method: Method,
+    method: Compression,
     level: i32,
     page_size: usize,
     jobs: Receiver<Job>,

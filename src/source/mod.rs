@@ -38,13 +38,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::cancel::ShutdownOnCancel;
-use crate::codec::Method;
+use crate::codec::Compression;
 use crate::dirty::{self, DirtyTracker};
 use crate::pageset::union;
+use crate::process::{self, Attachment, Leave, MemReader, Pagemap, ProcessError, RegionFilter};
 use crate::progress::Progress;
 use crate::protocol::{self, error_code, Control, Run};
 use crate::stats::{self, CompressionReport, Counters, RoundReport, SendReport};
-use crate::target::{self, Attachment, Leave, MemReader, Pagemap, RegionFilter, TargetError};
 pub use converge::ThrottleParams;
 use converge::{AutoConverge, Throttle};
 use pipeline::Pipeline;
@@ -89,7 +89,7 @@ pub struct SendConfig {
     pub pid: i32,
     /// `host:port` of the receiver.
     pub to: String,
-    pub method: Method,
+    pub method: Compression,
     pub level: i32,
     pub compress_threads: usize,
     /// Wire bytes per second, after compression.
@@ -100,7 +100,7 @@ pub struct SendConfig {
     pub batch_pages: u32,
     pub progress: bool,
     pub mode: Mode,
-    pub dirty_tracking: dirty::Method,
+    pub dirty_tracking: dirty::Tracking,
     /// downtime-limit.
     pub downtime_limit: Duration,
     /// Rounds after the bulk copy before giving up (or forcing downtime).
@@ -137,7 +137,7 @@ impl SendConfig {
         SendConfig {
             pid,
             to,
-            method: Method::Zstd,
+            method: Compression::Zstd,
             level: 1,
             compress_threads: default_threads(),
             max_bandwidth: None,
@@ -146,7 +146,7 @@ impl SendConfig {
             batch_pages: DEFAULT_BATCH_PAGES,
             progress: false,
             mode: Mode::Live,
-            dirty_tracking: dirty::Method::Auto,
+            dirty_tracking: dirty::Tracking::Auto,
             downtime_limit: Duration::from_millis(300),
             max_iterations: 30,
             auto_converge: false,
@@ -168,7 +168,7 @@ pub fn default_threads() -> usize {
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
-    Target(#[from] TargetError),
+    Target(#[from] ProcessError),
     /// The receiver address does not resolve.
     #[error("cannot resolve receiver address {to:?}: {reason}")]
     Resolve { to: String, reason: String },
@@ -221,8 +221,8 @@ pub fn send(cfg: &SendConfig, cancel: &Arc<AtomicBool>) -> Result<SendReport, Se
         Err(e) => {
             let e = if cancel.load(Ordering::Relaxed) {
                 SendError::Cancelled
-            } else if !target::alive(cfg.pid)
-                && !matches!(e, SendError::Target(TargetError::NoSuchProcess { .. }))
+            } else if !process::alive(cfg.pid)
+                && !matches!(e, SendError::Target(ProcessError::NoSuchProcess { .. }))
             {
                 SendError::Exited(cfg.pid)
             } else {
@@ -253,7 +253,7 @@ impl<'a> Migration<'a> {
         Migration {
             cfg,
             cancel,
-            page_size: target::page_size(),
+            page_size: process::page_size(),
             att: None,
             sock: None,
             tracker: None,
@@ -312,9 +312,9 @@ impl<'a> Migration<'a> {
         Ok(a)
     }
 
-    fn regions(&self) -> Result<Vec<target::Region>, SendError> {
-        let all = target::read_regions(self.cfg.pid)?;
-        Ok(target::select_regions(
+    fn regions(&self) -> Result<Vec<process::Region>, SendError> {
+        let all = process::read_regions(self.cfg.pid)?;
+        Ok(process::select_regions(
             self.cfg.pid,
             all,
             &self.cfg.regions,

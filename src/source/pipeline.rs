@@ -17,9 +17,9 @@ use super::compress::{self, Job};
 use super::writer::{self, Out};
 use super::{SendConfig, SendError};
 use crate::dirty::DirtyTracker;
+use crate::process::{MemReader, Region};
 use crate::protocol::{Control, Run, Totals};
 use crate::stats::Counters;
-use crate::target::{MemReader, Region};
 
 pub struct Pipeline {
     jobs: Option<Sender<Job>>,
@@ -57,7 +57,7 @@ impl Pipeline {
         let (spare_tx, spare_rx) = bounded::<Vec<u8>>(n * 4 + 2);
         let (done_tx, done_rx) = bounded::<u32>(64);
         let adaptive =
-            (cfg.method == crate::codec::Method::Auto).then(|| Arc::new(Adaptive::new(n)));
+            (cfg.method == crate::codec::Compression::Auto).then(|| Arc::new(Adaptive::new(n)));
         let write_sock = sock
             .try_clone()
             .map_err(|e| SendError::Connection(e.to_string()))?;

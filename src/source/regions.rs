@@ -3,8 +3,8 @@
 
 use super::SendError;
 use crate::pageset::PageSet;
+use crate::process::{Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::{RegionEntry, Run};
-use crate::target::{Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 
 /// One region and the pages the receiver may hold data for.
 pub struct Tracked {

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{Attachment, TargetError};
+use super::{Attachment, ProcessError};
 
 /// `syscall` (0f 05) followed by `int3` (cc).
 const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
@@ -29,12 +29,12 @@ impl Attachment {
         tid: i32,
         nr: i64,
         args: [u64; 6],
-    ) -> Result<i64, TargetError> {
+    ) -> Result<i64, ProcessError> {
         let pid = self.pid();
         let t = Pid::from_raw(tid);
-        let err = |op: &'static str| move |errno: Errno| TargetError::Ptrace { pid, op, errno };
+        let err = |op: &'static str| move |errno: Errno| ProcessError::Ptrace { pid, op, errno };
         if !self.is_stopped(tid) {
-            return Err(TargetError::Ptrace {
+            return Err(ProcessError::Ptrace {
                 pid,
                 op: "inject (thread not stopped)",
                 errno: Errno::ESRCH,
@@ -78,7 +78,7 @@ impl Attachment {
                         ptrace::cont(t, None).map_err(err("cont"))?;
                     }
                     Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
-                        return Err(TargetError::Exited { pid });
+                        return Err(ProcessError::Exited { pid });
                     }
                     Err(Errno::EINTR) | Ok(_) => {}
                     Err(e) => return Err(err("wait")(e)),
@@ -86,7 +86,7 @@ impl Attachment {
             }
             let after = ptrace::getregs(t).map_err(err("getregs"))?;
             if after.rip != addr + 3 {
-                return Err(TargetError::Ptrace {
+                return Err(ProcessError::Ptrace {
                     pid,
                     op: "inject (trapped at an unexpected address)",
                     errno: Errno::EFAULT,
@@ -109,8 +109,8 @@ impl Attachment {
         _tid: i32,
         _nr: i64,
         _args: [u64; 6],
-    ) -> Result<i64, TargetError> {
-        Err(TargetError::Ptrace {
+    ) -> Result<i64, ProcessError> {
+        Err(ProcessError::Ptrace {
             pid: self.pid(),
             op: "inject (only implemented on x86-64)",
             errno: Errno::ENOSYS,
@@ -118,10 +118,10 @@ impl Attachment {
     }
 
     /// Inject `close(fd)` into the target.
-    pub fn close_remote_fd(&mut self, tid: i32, fd: i32) -> Result<(), TargetError> {
+    pub fn close_remote_fd(&mut self, tid: i32, fd: i32) -> Result<(), ProcessError> {
         let r = self.inject_syscall(tid, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
         if r < 0 {
-            return Err(TargetError::Remote {
+            return Err(ProcessError::Remote {
                 pid: self.pid(),
                 call: "close",
                 errno: Errno::from_raw(-r as i32),

@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use nix::sys::uio::{process_vm_readv, RemoteIoVec};
 use nix::unistd::Pid;
 
-use super::TargetError;
+use super::ProcessError;
 use crate::protocol::Run;
 
 /// Most iovecs per process_vm_readv call (IOV_MAX).
@@ -20,8 +20,8 @@ pub struct MemReader {
 }
 
 impl MemReader {
-    pub fn open(pid: i32) -> Result<MemReader, TargetError> {
-        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| TargetError::Read {
+    pub fn open(pid: i32) -> Result<MemReader, ProcessError> {
+        let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| ProcessError::Read {
             pid,
             addr: 0,
             len: 0,
@@ -31,7 +31,7 @@ impl MemReader {
     }
 
     /// Read `buf.len()` bytes at `addr`.
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
         let len = buf.len();
         let remote = [RemoteIoVec {
             base: addr as usize,
@@ -54,7 +54,7 @@ impl MemReader {
         page_size: u64,
         runs: &[Run],
         buf: &mut [u8],
-    ) -> Result<(), TargetError> {
+    ) -> Result<(), ProcessError> {
         let mut off = 0usize;
         for group in runs.chunks(MAX_IOV) {
             let remote: Vec<RemoteIoVec> = group
@@ -82,10 +82,10 @@ impl MemReader {
         Ok(())
     }
 
-    fn read_mem_file(&self, addr: u64, buf: &mut [u8]) -> Result<(), TargetError> {
+    fn read_mem_file(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProcessError> {
         self.mem
             .read_exact_at(buf, addr)
-            .map_err(|source| TargetError::Read {
+            .map_err(|source| ProcessError::Read {
                 pid: self.pid,
                 addr,
                 len: buf.len(),

@@ -14,7 +14,7 @@ pub use pagemap::{Pagemap, PM_PRESENT, PM_SWAPPED};
 use nix::errno::Errno;
 
 #[derive(Debug, thiserror::Error)]
-pub enum TargetError {
+pub enum ProcessError {
     /// No such process.
     #[error("no process with pid {pid}")]
     NoSuchProcess { pid: i32 },
@@ -76,9 +76,9 @@ pub fn page_size() -> u64 {
 
 /// Duplicate file descriptor `fd` of process `pid` into this process
 /// (pidfd_open + pidfd_getfd, Linux 5.6+).
-pub fn take_remote_fd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, TargetError> {
+pub fn take_remote_fd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, ProcessError> {
     use std::os::fd::FromRawFd;
-    let fail = |errno| TargetError::GetFd { pid, fd, errno };
+    let fail = |errno| ProcessError::GetFd { pid, fd, errno };
     // SAFETY: plain system calls with integer arguments; the returned
     // descriptors are fresh and owned by us.
     unsafe {

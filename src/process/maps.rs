@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use procfs::process::{MMPermissions, MMapPath, Process};
 
-use super::TargetError;
+use super::ProcessError;
 use crate::protocol::{PROT_R, PROT_SHARED, PROT_W, PROT_X};
 
 /// What backs a region; decides whether absent pages may be skipped.
@@ -144,9 +144,9 @@ fn classify(perms: MMPermissions, path: &MMapPath) -> Option<RegionKind> {
 }
 
 /// Read /proc/PID/maps and return the migrated regions, in address order.
-pub fn read_regions(pid: i32) -> Result<Vec<Region>, TargetError> {
-    let maps_err = |reason: String| TargetError::Maps { pid, reason };
-    let proc = Process::new(pid).map_err(|_| TargetError::NoSuchProcess { pid })?;
+pub fn read_regions(pid: i32) -> Result<Vec<Region>, ProcessError> {
+    let maps_err = |reason: String| ProcessError::Maps { pid, reason };
+    let proc = Process::new(pid).map_err(|_| ProcessError::NoSuchProcess { pid })?;
     let maps = proc.maps().map_err(|e| maps_err(e.to_string()))?;
     let mut out = Vec::new();
     for m in maps {
@@ -182,7 +182,7 @@ pub fn select_regions(
     regions: Vec<Region>,
     filters: &[RegionFilter],
     page_size: u64,
-) -> Result<Vec<Region>, TargetError> {
+) -> Result<Vec<Region>, ProcessError> {
     if filters.is_empty() {
         return Ok(regions);
     }
@@ -216,7 +216,7 @@ pub fn select_regions(
         }
     }
     if let Some(i) = matched.iter().position(|m| !m) {
-        return Err(TargetError::NoMatch {
+        return Err(ProcessError::NoMatch {
             pid,
             filter: filters[i].to_string(),
         });

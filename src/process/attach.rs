@@ -13,7 +13,7 @@ use nix::sys::signal::{self, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::TargetError;
+use super::ProcessError;
 
 /// How to leave the process when detaching.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,21 +46,21 @@ pub struct Attachment {
 }
 
 /// State letter from /proc/PID/stat (R, S, D, T, t, Z, ...).
-pub fn process_state(pid: i32) -> Result<char, TargetError> {
+pub fn process_state(pid: i32) -> Result<char, ProcessError> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|_| TargetError::NoSuchProcess { pid })?;
+        .map_err(|_| ProcessError::NoSuchProcess { pid })?;
     // The command name is in parentheses and may contain anything.
     let after = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
     after
         .split_whitespace()
         .next()
         .and_then(|s| s.chars().next())
-        .ok_or(TargetError::NoSuchProcess { pid })
+        .ok_or(ProcessError::NoSuchProcess { pid })
 }
 
-fn list_threads(pid: i32) -> Result<Vec<i32>, TargetError> {
+fn list_threads(pid: i32) -> Result<Vec<i32>, ProcessError> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .map_err(|_| TargetError::NoSuchProcess { pid })?;
+        .map_err(|_| ProcessError::NoSuchProcess { pid })?;
     let mut tids: Vec<i32> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
@@ -76,16 +76,16 @@ fn ptrace_scope() -> String {
 
 impl Attachment {
     /// Seize every thread of `pid` without stopping it.
-    pub fn seize(pid: i32) -> Result<Attachment, TargetError> {
+    pub fn seize(pid: i32) -> Result<Attachment, ProcessError> {
         if pid <= 0 {
-            return Err(TargetError::NoSuchProcess { pid });
+            return Err(ProcessError::NoSuchProcess { pid });
         }
         if pid as u32 == std::process::id() {
-            return Err(TargetError::SelfTarget);
+            return Err(ProcessError::SelfTarget);
         }
         let state = process_state(pid)?;
         if state == 'Z' || state == 'X' {
-            return Err(TargetError::Exited { pid });
+            return Err(ProcessError::Exited { pid });
         }
         let mut a = Attachment {
             pid: Pid::from_raw(pid),
@@ -96,7 +96,7 @@ impl Attachment {
         };
         a.seize_new_threads()?;
         if a.threads.is_empty() {
-            return Err(TargetError::Exited { pid });
+            return Err(ProcessError::Exited { pid });
         }
         Ok(a)
     }
@@ -132,7 +132,7 @@ impl Attachment {
     }
 
     /// Seize threads not seized yet; returns how many were new.
-    fn seize_new_threads(&mut self) -> Result<usize, TargetError> {
+    fn seize_new_threads(&mut self) -> Result<usize, ProcessError> {
         let pid = self.pid.as_raw();
         let mut new = 0;
         for tid in list_threads(pid)? {
@@ -152,15 +152,15 @@ impl Attachment {
                 }
                 // The thread exited between listing and seizing.
                 Err(Errno::ESRCH) if tid != pid => {}
-                Err(Errno::ESRCH) => return Err(TargetError::Exited { pid }),
+                Err(Errno::ESRCH) => return Err(ProcessError::Exited { pid }),
                 Err(Errno::EPERM) => {
-                    return Err(TargetError::PermissionDenied {
+                    return Err(ProcessError::PermissionDenied {
                         pid,
                         scope: ptrace_scope(),
                     })
                 }
                 Err(e) => {
-                    return Err(TargetError::Ptrace {
+                    return Err(ProcessError::Ptrace {
                         pid,
                         op: "seize",
                         errno: e,
@@ -173,7 +173,7 @@ impl Attachment {
 
     /// Stop every thread (PTRACE_INTERRUPT), including threads created while
     /// stopping: the task list is read again until it no longer changes.
-    pub fn stop(&mut self) -> Result<(), TargetError> {
+    pub fn stop(&mut self) -> Result<(), ProcessError> {
         loop {
             let tids: Vec<i32> = self
                 .threads
@@ -186,7 +186,7 @@ impl Attachment {
                     Ok(()) => {}
                     Err(Errno::ESRCH) => {}
                     Err(e) => {
-                        return Err(TargetError::Ptrace {
+                        return Err(ProcessError::Ptrace {
                             pid: self.pid.as_raw(),
                             op: "interrupt",
                             errno: e,
@@ -204,7 +204,7 @@ impl Attachment {
     }
 
     /// Wait until `tid` reports a stop; forget it if it exited.
-    fn wait_stopped(&mut self, tid: i32) -> Result<(), TargetError> {
+    fn wait_stopped(&mut self, tid: i32) -> Result<(), ProcessError> {
         let pid = self.pid.as_raw();
         loop {
             match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)) {
@@ -220,14 +220,14 @@ impl Attachment {
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
                     self.threads.remove(&tid);
                     if tid == pid || self.threads.is_empty() {
-                        return Err(TargetError::Exited { pid });
+                        return Err(ProcessError::Exited { pid });
                     }
                     return Ok(());
                 }
                 Err(Errno::EINTR) => continue,
                 Ok(_) => continue,
                 Err(e) => {
-                    return Err(TargetError::Ptrace {
+                    return Err(ProcessError::Ptrace {
                         pid,
                         op: "wait",
                         errno: e,
@@ -242,11 +242,11 @@ impl Attachment {
     }
 
     /// Detach from every thread and leave the process as asked.
-    pub fn detach(mut self, leave: Leave) -> Result<(), TargetError> {
+    pub fn detach(mut self, leave: Leave) -> Result<(), ProcessError> {
         self.release(leave)
     }
 
-    fn release(&mut self, leave: Leave) -> Result<(), TargetError> {
+    fn release(&mut self, leave: Leave) -> Result<(), ProcessError> {
         if self.done {
             return Ok(());
         }
@@ -255,7 +255,7 @@ impl Attachment {
         if leave == Leave::Killed {
             return match signal::kill(pid, Signal::SIGKILL) {
                 Ok(()) | Err(Errno::ESRCH) => Ok(()),
-                Err(e) => Err(TargetError::Ptrace {
+                Err(e) => Err(ProcessError::Ptrace {
                     pid: pid.as_raw(),
                     op: "kill",
                     errno: e,

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::TargetError;
+use super::ProcessError;
 
 /// Page present in RAM.
 pub const PM_PRESENT: u64 = 1 << 63;
@@ -18,9 +18,9 @@ pub struct Pagemap {
 }
 
 impl Pagemap {
-    pub fn open(pid: i32, page_size: u64) -> Result<Pagemap, TargetError> {
+    pub fn open(pid: i32, page_size: u64) -> Result<Pagemap, ProcessError> {
         let file = File::open(format!("/proc/{pid}/pagemap"))
-            .map_err(|source| TargetError::Pagemap { pid, source })?;
+            .map_err(|source| ProcessError::Pagemap { pid, source })?;
         Ok(Pagemap {
             pid,
             file,
@@ -29,12 +29,12 @@ impl Pagemap {
     }
 
     /// Read the entries of `out.len()` pages starting at address `start`.
-    pub fn read(&self, start: u64, out: &mut [u64]) -> Result<(), TargetError> {
+    pub fn read(&self, start: u64, out: &mut [u64]) -> Result<(), ProcessError> {
         let bytes: &mut [u8] = bytemuck_u64(out);
         let offset = start / self.page_size * 8;
         self.file
             .read_exact_at(bytes, offset)
-            .map_err(|source| TargetError::Pagemap {
+            .map_err(|source| ProcessError::Pagemap {
                 pid: self.pid,
                 source,
             })?;
