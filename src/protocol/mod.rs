@@ -34,6 +34,7 @@
 //! know. docs/protocol.md has the full byte layout.
 
 mod frame;
+pub mod transport;
 mod wire;
 
 pub use frame::*;
@@ -93,4 +94,39 @@ pub enum DecodeError {
     /// Some field has a value that makes no sense.
     #[error("{0}")]
     Invalid(String),
+}
+
+/// The peer's protocol versions and ours do not overlap.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("peer speaks protocol versions {peer_min}..={peer_max}, this build {MIN_VERSION}..={VERSION}")]
+pub struct VersionMismatch {
+    pub peer_min: u16,
+    pub peer_max: u16,
+}
+
+/// The version both sides speak: the highest in both ranges. The receiver
+/// calls it with the range in Hello, the sender with the single version
+/// the receiver chose in Welcome (so a receiver that answers with a
+/// version this build does not know is refused).
+pub fn negotiate(peer_min: u16, peer_max: u16) -> Result<u16, VersionMismatch> {
+    let v = VERSION.min(peer_max);
+    if peer_min > peer_max || v < MIN_VERSION.max(peer_min) {
+        return Err(VersionMismatch { peer_min, peer_max });
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod negotiate_tests {
+    use super::*;
+
+    #[test]
+    fn highest_common_version() {
+        assert_eq!(negotiate(MIN_VERSION, VERSION), Ok(VERSION));
+        assert_eq!(negotiate(MIN_VERSION, VERSION + 5), Ok(VERSION));
+        assert_eq!(negotiate(VERSION, VERSION), Ok(VERSION));
+        assert!(negotiate(VERSION + 1, VERSION + 2).is_err());
+        assert!(negotiate(0, MIN_VERSION.saturating_sub(1)).is_err());
+        assert!(negotiate(3, 2).is_err());
+    }
 }

@@ -1,0 +1,297 @@
+//! Connections that carry a migration stream, independent of what is under
+//! them.
+//!
+//! A [`Connection`] is split once into a [`Reader`], a [`Writer`] and a
+//! [`Closer`]: the receiver reads on one thread while answering on another,
+//! the sender's writer thread owns the write half while the state machine
+//! reads acknowledgements. The closer ends both directions from any thread,
+//! so a blocked read or write returns at once; that is how cancellation
+//! works, for every kind of connection (see [`CloseOnCancel`]).
+//!
+//! Today a connection is plain TCP. The halves hide the socket so that a
+//! TLS session or a Unix socket can stand behind them later without the
+//! state machines changing. A migration may hold several connections (the
+//! main stream now; a return path, a fault channel or parallel channels
+//! later): each is its own `Connection`, opened with [`connect`] or taken
+//! from the same [`Listener`].
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long a connect may take before the next address is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The address does not resolve.
+    #[error("cannot resolve receiver address {to:?}: {source}")]
+    Resolve { to: String, source: io::Error },
+    /// Every address refused or timed out.
+    #[error("cannot connect to receiver {to}: {source}")]
+    Connect { to: String, source: io::Error },
+}
+
+/// One open connection, not yet split.
+pub struct Connection {
+    tcp: TcpStream,
+    peer: String,
+}
+
+impl Connection {
+    /// Wrap a connected TCP stream (Nagle off: frames are written whole).
+    pub fn from_tcp(tcp: TcpStream) -> io::Result<Connection> {
+        tcp.set_nonblocking(false)?;
+        let _ = tcp.set_nodelay(true);
+        let peer = tcp
+            .peer_addr()
+            .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+        Ok(Connection { tcp, peer })
+    }
+
+    /// The other end, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Split into independent halves and a closer.
+    pub fn split(self) -> io::Result<(Reader, Writer, Closer)> {
+        let read = self.tcp.try_clone()?;
+        let close = self.tcp.try_clone()?;
+        Ok((
+            Reader { tcp: read },
+            Writer { tcp: self.tcp },
+            Closer {
+                tcp: Arc::new(close),
+            },
+        ))
+    }
+}
+
+/// The read half.
+pub struct Reader {
+    tcp: TcpStream,
+}
+
+impl Reader {
+    /// Longest a single read may block (`None`: no limit). A read that
+    /// times out fails with `WouldBlock` or `TimedOut`.
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(t)
+    }
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.read(buf)
+    }
+}
+
+/// The write half.
+pub struct Writer {
+    tcp: TcpStream,
+}
+
+impl Writer {
+    /// Longest a single write may block (`None`: no limit).
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(t)
+    }
+}
+
+impl Write for Writer {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// Ends a connection in both directions from any thread.
+#[derive(Clone)]
+pub struct Closer {
+    tcp: Arc<TcpStream>,
+}
+
+impl Closer {
+    /// Blocked and later reads and writes on either half return.
+    pub fn close(&self) {
+        let _ = self.tcp.shutdown(Shutdown::Both);
+    }
+}
+
+/// While alive, closes a connection as soon as `cancel` is set, so that a
+/// thread blocked on it returns and sees the flag.
+pub struct CloseOnCancel {
+    done: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl CloseOnCancel {
+    pub fn new(cancel: Arc<AtomicBool>, closer: Closer) -> CloseOnCancel {
+        let done = Arc::new(AtomicBool::new(false));
+        let seen = done.clone();
+        let handle = std::thread::Builder::new()
+            .name("cancel-watch".into())
+            .spawn(move || {
+                while !seen.load(Ordering::Relaxed) {
+                    if cancel.load(Ordering::Relaxed) {
+                        closer.close();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+            .ok();
+        CloseOnCancel { done, handle }
+    }
+}
+
+impl Drop for CloseOnCancel {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Connect to `to` (`host:port`), trying each address it resolves to.
+pub fn connect(to: &str) -> Result<Connection, ConnectError> {
+    let addrs: Vec<SocketAddr> = to
+        .to_socket_addrs()
+        .map_err(|source| ConnectError::Resolve {
+            to: to.into(),
+            source,
+        })?
+        .collect();
+    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+    for a in addrs {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT).and_then(Connection::from_tcp) {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e,
+        }
+    }
+    Err(ConnectError::Connect {
+        to: to.into(),
+        source: last,
+    })
+}
+
+/// A bound listening socket.
+pub struct Listener {
+    tcp: TcpListener,
+}
+
+impl Listener {
+    pub fn bind(addr: &str) -> io::Result<Listener> {
+        let tcp = TcpListener::bind(addr)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Listener { tcp })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Wait for a connection until `cancel` is set (`Ok(None)`) or
+    /// `deadline` passes (`TimedOut`).
+    pub fn accept(
+        &self,
+        cancel: &AtomicBool,
+        deadline: Option<Instant>,
+    ) -> io::Result<Option<Connection>> {
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            match self.tcp.accept() {
+                Ok((tcp, _)) => return Connection::from_tcp(tcp).map(Some),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "no connection before the deadline",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Connection, Connection) {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let c = connect(&addr).unwrap();
+        let s = l
+            .accept(&AtomicBool::new(false), None)
+            .unwrap()
+            .expect("a connection");
+        (c, s)
+    }
+
+    #[test]
+    fn halves_carry_bytes_both_ways() {
+        let (c, s) = pair();
+        let (mut cr, mut cw, _) = c.split().unwrap();
+        let (mut sr, mut sw, _) = s.split().unwrap();
+        cw.write_all(b"hello").unwrap();
+        let mut b = [0u8; 5];
+        sr.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        sw.write_all(b"back").unwrap();
+        let mut b = [0u8; 4];
+        cr.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"back");
+    }
+
+    #[test]
+    fn cancel_unblocks_a_reader() {
+        let (c, _s) = pair();
+        let (mut r, _w, closer) = c.split().unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let _watch = CloseOnCancel::new(cancel.clone(), closer);
+        let flag = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let mut b = [0u8; 1];
+        // Returns (EOF or an error) instead of blocking forever.
+        let n = r.read(&mut b).unwrap_or(0);
+        assert_eq!(n, 0);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn accept_honours_cancel_and_deadline() {
+        let l = Listener::bind("127.0.0.1:0").unwrap();
+        assert!(l.accept(&AtomicBool::new(true), None).unwrap().is_none());
+        let e = l
+            .accept(
+                &AtomicBool::new(false),
+                Some(Instant::now() + Duration::from_millis(30)),
+            )
+            .err()
+            .expect("timed out");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
+    fn connect_errors_name_the_address() {
+        let e = connect("no-such-host.invalid:1").err().unwrap();
+        assert!(e.to_string().contains("no-such-host.invalid"), "{e}");
+    }
+}
