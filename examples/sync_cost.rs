@@ -43,7 +43,12 @@ fn main() {
             for r in &regions {
                 let mut data = vec![0u8; r.len() as usize];
                 if mem.read(r.start, &mut data).is_ok() {
-                    tracker.sent(r, &dirty::runs_from_pages(0..r.len() / ps), &data, ps);
+                    tracker.sent(
+                        r,
+                        &procmig::pages::runs_from_pages(0..r.len() / ps),
+                        &data,
+                        ps,
+                    );
                 }
             }
         }

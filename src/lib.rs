@@ -5,7 +5,7 @@ pub mod codec;
 pub mod dest;
 pub mod dirty;
 pub mod image;
-pub mod pageset;
+pub mod pages;
 pub mod process;
 pub mod progress;
 pub mod protocol;

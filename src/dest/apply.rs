@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::staging::RegionFile;
 use crate::codec::Decompressor;
-use crate::pageset::PageSet;
+use crate::pages::PageSet;
 use crate::protocol::{PagesHeader, WireCodec};
 
 /// One frame to apply, with the region files of its round.

@@ -83,7 +83,7 @@ impl CompareTracker {
                         zero
                     };
                     if h != table[(page + i) as usize] {
-                        super::push_run(out, page + i, 1);
+                        crate::pages::push_run(out, page + i, 1);
                     }
                 }
                 page += n;

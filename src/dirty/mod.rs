@@ -181,61 +181,12 @@ pub fn create(
     })
 }
 
-/// Merge a sorted list of page indexes into runs.
-pub fn runs_from_pages(pages: impl IntoIterator<Item = u64>) -> Vec<Run> {
-    let mut runs: Vec<Run> = Vec::new();
-    for p in pages {
-        match runs.last_mut() {
-            Some(r) if r.first + r.count as u64 == p && r.count < u32::MAX => r.count += 1,
-            _ => runs.push(Run { first: p, count: 1 }),
-        }
-    }
-    runs
-}
-
-/// Add the run [first, first+count) to sorted, non-overlapping `runs`,
-/// merging as needed.
-pub fn push_run(runs: &mut Vec<Run>, first: u64, count: u64) {
-    let mut first = first;
-    let mut count = count;
-    while count > 0 {
-        let c = count.min(u32::MAX as u64) as u32;
-        match runs.last_mut() {
-            Some(r)
-                if r.first + r.count as u64 == first
-                    && (r.count as u64 + c as u64) <= u32::MAX as u64 =>
-            {
-                r.count += c
-            }
-            _ => runs.push(Run { first, count: c }),
-        }
-        first += c as u64;
-        count -= c as u64;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn runs() {
-        assert_eq!(
-            runs_from_pages([1, 2, 3, 7, 9, 10]),
-            vec![
-                Run { first: 1, count: 3 },
-                Run { first: 7, count: 1 },
-                Run { first: 9, count: 2 }
-            ]
-        );
-        let mut v = Vec::new();
-        push_run(&mut v, 0, 2);
-        push_run(&mut v, 2, 3);
-        push_run(&mut v, 8, 1);
-        assert_eq!(
-            v,
-            vec![Run { first: 0, count: 5 }, Run { first: 8, count: 1 }]
-        );
+    fn tracking_names() {
         assert_eq!("uffd-wp".parse::<Tracking>().unwrap(), Tracking::UffdWp);
         assert!("dirty".parse::<Tracking>().is_err());
     }

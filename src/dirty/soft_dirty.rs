@@ -74,7 +74,7 @@ impl SoftDirtyTracker {
                     let holds =
                         r.kind != RegionKind::PrivateAnon || e & (PM_PRESENT | PM_SWAPPED) != 0;
                     if e & PM_SOFT_DIRTY != 0 && holds {
-                        super::push_run(&mut dirty.runs[i], page + j as u64, 1);
+                        crate::pages::push_run(&mut dirty.runs[i], page + j as u64, 1);
                     }
                 }
                 page += n as u64;

@@ -409,7 +409,11 @@ impl DirtyTracker for UffdTracker {
             match scanned {
                 Ok(()) => {
                     for (s, e) in found {
-                        super::push_run(&mut dirty.runs[i], (s - r.start) / ps, (e - s) / ps);
+                        crate::pages::push_run(
+                            &mut dirty.runs[i],
+                            (s - r.start) / ps,
+                            (e - s) / ps,
+                        );
                     }
                 }
                 // EPERM: part of the range is not our registered VMA any

@@ -142,12 +142,7 @@ impl RegionEntry {
     }
 }
 
-/// A run of consecutive pages, as page indexes within one region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    pub first: u64,
-    pub count: u32,
-}
+pub use crate::pages::Run;
 
 const RUN_LEN: usize = 12;
 /// round, region, codec + 3 pad, raw_len, n_runs, raw_xxh3.

@@ -98,7 +98,9 @@ pub enum DecodeError {
 
 /// The peer's protocol versions and ours do not overlap.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("peer speaks protocol versions {peer_min}..={peer_max}, this build {MIN_VERSION}..={VERSION}")]
+#[error(
+    "peer speaks protocol versions {peer_min}..={peer_max}, this build {MIN_VERSION}..={VERSION}"
+)]
 pub struct VersionMismatch {
     pub peer_min: u16,
     pub peer_max: u16,

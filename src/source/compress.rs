@@ -166,7 +166,7 @@ fn split_zero(
         for p in r.first..r.first + r.count as u64 {
             let z = pages.next().is_some_and(is_zero);
             is_zero_page.push(z);
-            crate::dirty::push_run(if z { &mut zero } else { &mut normal }, p, 1);
+            crate::pages::push_run(if z { &mut zero } else { &mut normal }, p, 1);
         }
     }
     (zero, normal)

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use crate::cancel::ShutdownOnCancel;
 use crate::codec::Compression;
 use crate::dirty::{self, DirtyTracker};
-use crate::pageset::union;
+use crate::pages::union;
 use crate::process::{self, Attachment, Leave, MemReader, Pagemap, ProcessError, RegionFilter};
 use crate::progress::Progress;
 use crate::protocol::{self, error_code, Control, Run};
@@ -673,7 +673,7 @@ fn whole_regions(state: &RegionState, ps: u64) -> Vec<(usize, Run)> {
     let mut out = Vec::new();
     for (i, t) in state.list.iter().enumerate() {
         let mut runs = Vec::new();
-        dirty::push_run(&mut runs, 0, t.region.len() / ps);
+        crate::pages::push_run(&mut runs, 0, t.region.len() / ps);
         out.extend(runs.into_iter().map(|r| (i, r)));
     }
     out
@@ -699,7 +699,7 @@ fn merge(
         runs = union(&runs, &f);
         if dirty.refresh.contains(&i) {
             let mut whole = Vec::new();
-            dirty::push_run(&mut whole, 0, t.region.len() / ps);
+            crate::pages::push_run(&mut whole, 0, t.region.len() / ps);
             runs = whole;
         }
         if let Some(d) = discards.get(i) {
@@ -731,7 +731,7 @@ fn with_carried(
         for (_, r) in carried.iter().filter(|(s, _)| *s == t.region.start) {
             if r.first < pages {
                 let end = (r.first + r.count as u64).min(pages);
-                dirty::push_run(&mut old, r.first, end - r.first);
+                crate::pages::push_run(&mut old, r.first, end - r.first);
             }
         }
         out.extend(union(&mine, &old).into_iter().map(|r| (i, r)));

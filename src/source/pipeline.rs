@@ -247,7 +247,7 @@ impl Pipeline {
             for p in run.first..run.first + run.count as u64 {
                 let addr = region.start + p * ps as u64;
                 if mem.read(addr, &mut data[w..w + ps]).is_ok() {
-                    crate::dirty::push_run(&mut ok, p, 1);
+                    crate::pages::push_run(&mut ok, p, 1);
                     w += ps;
                 } else {
                     self.unreadable.push((index, Run { first: p, count: 1 }));

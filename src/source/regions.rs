@@ -2,7 +2,7 @@
 //! target's mappings changed since the last round.
 
 use super::SendError;
-use crate::pageset::PageSet;
+use crate::pages::PageSet;
 use crate::process::{Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::{RegionEntry, Run};
 
@@ -83,7 +83,7 @@ impl RegionState {
                 Some(mut t) => {
                     let old_pages = t.region.len() / ps;
                     if pages > old_pages {
-                        crate::dirty::push_run(
+                        crate::pages::push_run(
                             fresh_runs(&mut fresh, i),
                             old_pages,
                             pages - old_pages,
@@ -94,7 +94,7 @@ impl RegionState {
                     t.sent
                 }
                 None => {
-                    crate::dirty::push_run(fresh_runs(&mut fresh, i), 0, pages);
+                    crate::pages::push_run(fresh_runs(&mut fresh, i), 0, pages);
                     PageSet::default()
                 }
             };
@@ -129,7 +129,7 @@ impl RegionState {
                         let page = p + j as u64;
                         if e & (PM_PRESENT | PM_SWAPPED) == 0 && t.sent.contains(page) {
                             t.sent.remove(page);
-                            crate::dirty::push_run(&mut out[i], page, 1);
+                            crate::pages::push_run(&mut out[i], page, 1);
                         }
                     }
                     p += n as u64;
@@ -165,7 +165,7 @@ impl RegionState {
                 pagemap.read(t.region.start + p * ps, &mut entries[..n])?;
                 for (j, e) in entries[..n].iter().enumerate() {
                     if e & (PM_PRESENT | PM_SWAPPED) != 0 {
-                        crate::dirty::push_run(&mut out, p + j as u64, 1);
+                        crate::pages::push_run(&mut out, p + j as u64, 1);
                     } else {
                         skipped += 1;
                     }
