@@ -59,7 +59,7 @@ fn trackers_see_every_rewrite() {
             for r in &regions {
                 let mut data = vec![0u8; r.len() as usize];
                 if mem.read(r.start, &mut data).is_ok() {
-                    let runs = crate::pages::runs_from_pages(0..r.len() / ps);
+                    let runs = procmig::pages::runs_from_pages(0..r.len() / ps);
                     tracker.sent(r, &runs, &data, ps);
                 }
             }
