@@ -5,20 +5,21 @@
 //! batch raw ([`WireCodec::Raw`]). That keeps incompressible data at
 //! memcpy cost and bounds every frame by its raw size.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::protocol::{WireCodec, CAP_LZ4, CAP_ZLIB, CAP_ZSTD};
 
 /// A compression method as the user names it (`--compress`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
+    /// Pages as they are.
     None,
+    /// zlib (deflate), levels 0-9.
     Zlib,
+    /// zstd, levels 1-19.
     Zstd,
+    /// lz4, no levels.
     Lz4,
-    /// Chosen per batch by the sender (source::adaptive).
+    /// Method and level picked per batch from the measured link and data.
     Auto,
 }
 
@@ -76,35 +77,7 @@ impl Compression {
     }
 }
 
-impl fmt::Display for Compression {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Compression::None => "none",
-            Compression::Zlib => "zlib",
-            Compression::Zstd => "zstd",
-            Compression::Lz4 => "lz4",
-            Compression::Auto => "auto",
-        })
-    }
-}
-
-impl FromStr for Compression {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "none" => Compression::None,
-            "zlib" => Compression::Zlib,
-            "zstd" => Compression::Zstd,
-            "lz4" => Compression::Lz4,
-            "auto" => Compression::Auto,
-            _ => {
-                return Err(format!(
-                    "unknown compression method {s:?} (none, zlib, zstd, lz4, auto)"
-                ))
-            }
-        })
-    }
-}
+crate::value_enum_text!(Compression, "compression method");
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {

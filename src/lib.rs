@@ -1,6 +1,7 @@
 //! procmig: live-migrate the memory of a running Linux process.
 
 pub mod cancel;
+pub mod choice;
 pub mod codec;
 pub mod dest;
 pub mod dirty;

@@ -10,9 +10,10 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use procmig::codec::Compression;
 use procmig::dest::{self, RecvConfig};
+use procmig::dirty::Tracking;
 use procmig::image::Image;
 use procmig::process::RegionFilter;
-use procmig::source::{self, Mode, OnComplete, SendConfig, ThrottleParams};
+use procmig::source::{self, MigrationHandle, Mode, OnComplete, SendConfig, ThrottleParams};
 use procmig::units::parse_size;
 
 /// Live-migrate the memory of a running Linux process, the way QEMU
@@ -55,8 +56,8 @@ struct SendArgs {
     #[arg(long, value_name = "HOST:PORT")]
     to: String,
     /// Compression method (QEMU: multifd-compression); auto picks method and level per batch from the measured link and data.
-    #[arg(long, default_value = "zstd", value_parser = ["none", "zlib", "zstd", "lz4", "auto"])]
-    compress: String,
+    #[arg(long, value_enum, default_value_t = Compression::Zstd)]
+    compress: Compression,
     /// Compression level: zlib 0-9 (0 stores), zstd 1-19; default 1. lz4 has no levels.
     #[arg(long, value_name = "N")]
     compress_level: Option<i32>,
@@ -67,17 +68,17 @@ struct SendArgs {
     #[arg(long, value_name = "RATE", value_parser = parse_size)]
     max_bandwidth: Option<u64>,
     /// What to do with the process after a successful migration.
-    #[arg(long, default_value = "stop", value_parser = ["stop", "kill", "resume"])]
-    on_complete: String,
+    #[arg(long, value_enum, default_value_t = OnComplete::Stop)]
+    on_complete: OnComplete,
     /// Migrate only this address range (START-END, hex) or mapping name ([heap], a path). Repeatable.
     #[arg(long, value_name = "RANGE|NAME")]
     region: Vec<RegionFilter>,
     /// live: copy while the process runs, then a short downtime; stop-and-copy: stop it for the whole copy.
-    #[arg(long, default_value = "live", value_parser = ["live", "stop-and-copy"])]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = Mode::Live)]
+    mode: Mode,
     /// How written pages are found between rounds.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "soft-dirty", "uffd-wp", "compare"])]
-    dirty_tracking: String,
+    #[arg(long, value_enum, default_value_t = Tracking::Auto)]
+    dirty_tracking: Tracking,
     /// Longest acceptable pause of the process (QEMU: downtime-limit), e.g. 300ms, 1s.
     #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
     downtime_limit: Duration,
@@ -167,7 +168,7 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 }
 
 fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
-    let method: Compression = a.compress.parse().map_err(anyhow::Error::msg)?;
+    let method = a.compress;
     let level = a.compress_level.unwrap_or(method.default_level());
     method.check_level(level).map_err(anyhow::Error::msg)?;
     let threads = a.compress_threads.unwrap_or_else(source::default_threads);
@@ -182,14 +183,11 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.level = level;
     cfg.compress_threads = threads;
     cfg.max_bandwidth = a.max_bandwidth;
-    cfg.on_complete = a
-        .on_complete
-        .parse::<OnComplete>()
-        .map_err(anyhow::Error::msg)?;
+    cfg.on_complete = a.on_complete;
     cfg.regions = a.region;
     cfg.batch_pages = a.batch_pages;
-    cfg.mode = a.mode.parse::<Mode>().map_err(anyhow::Error::msg)?;
-    cfg.dirty_tracking = a.dirty_tracking.parse().map_err(anyhow::Error::msg)?;
+    cfg.mode = a.mode;
+    cfg.dirty_tracking = a.dirty_tracking;
     cfg.downtime_limit = a.downtime_limit;
     cfg.max_iterations = a.max_iterations;
     cfg.auto_converge = a.auto_converge;
@@ -202,7 +200,8 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     };
     cfg.progress = std::io::stderr().is_terminal();
     let cancel = procmig::cancel::install_signal_flag()?;
-    let report = source::send(&cfg, &cancel)?;
+    let handle = MigrationHandle::new(&cfg, cancel);
+    let report = source::send(&cfg, &handle)?;
     if a.json {
         println!("{}", json(&report));
     } else {

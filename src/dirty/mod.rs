@@ -22,9 +22,6 @@ pub mod probe;
 mod soft_dirty;
 mod uffd;
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::process::{Attachment, ProcessError, Region};
 use crate::protocol::Run;
 
@@ -50,42 +47,20 @@ pub enum DirtyError {
 }
 
 /// `--dirty-tracking`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Tracking {
+    /// The best this kernel offers: uffd-wp, else soft-dirty, else compare.
     Auto,
+    /// The kernel's soft-dirty bits (pagemap bit 55, cleared through clear_refs).
     SoftDirty,
+    /// userfaultfd write-protect in async mode, read with PAGEMAP_SCAN.
     UffdWp,
+    /// Hash every page and compare with what was sent.
     Compare,
 }
 
-impl fmt::Display for Tracking {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Tracking::Auto => "auto",
-            Tracking::SoftDirty => "soft-dirty",
-            Tracking::UffdWp => "uffd-wp",
-            Tracking::Compare => "compare",
-        })
-    }
-}
-
-impl FromStr for Tracking {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "auto" => Tracking::Auto,
-            "soft-dirty" => Tracking::SoftDirty,
-            "uffd-wp" => Tracking::UffdWp,
-            "compare" => Tracking::Compare,
-            _ => {
-                return Err(format!(
-                    "unknown dirty tracking {s:?} (auto, soft-dirty, uffd-wp, compare)"
-                ))
-            }
-        })
-    }
-}
+crate::value_enum_text!(Tracking, "dirty tracking");
 
 /// Pages written in each region since the last collection, as page runs
 /// relative to each region's start (indexes match the `regions` passed in).

@@ -439,6 +439,55 @@ pub fn put_pages_header(
     put_runs(&mut p, runs);
 }
 
+/// Offset of the codec byte in a Pages payload (after round and region).
+const PAGES_CODEC_AT: usize = 8;
+
+/// What [`encode_pages`] put on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PagesEncoded {
+    pub codec: WireCodec,
+    /// Bytes of page data in the frame (compressed, or raw).
+    pub data_len: usize,
+}
+
+/// Append a whole Pages frame for the pages of `runs`, whose contents are
+/// `raw`, back to back. `compress` appends the encoded data to the buffer
+/// and names its codec, or returns `None` when the data does not shrink:
+/// the frame then carries `raw` as it is.
+pub fn encode_pages(
+    buf: &mut Vec<u8>,
+    round: u32,
+    region: u32,
+    runs: &[Run],
+    raw: &[u8],
+    compress: impl FnOnce(&[u8], &mut Vec<u8>) -> Option<WireCodec>,
+) -> PagesEncoded {
+    let start = begin_frame(buf, Kind::Pages);
+    let raw_xxh3 = xxhash_rust::xxh3::xxh3_64(raw);
+    put_pages_header(
+        buf,
+        round,
+        region,
+        WireCodec::Raw,
+        raw.len() as u32,
+        raw_xxh3,
+        runs,
+    );
+    let data_at = buf.len();
+    let codec = match compress(raw, buf) {
+        Some(codec) => codec,
+        None => {
+            buf.truncate(data_at);
+            buf.extend_from_slice(raw);
+            WireCodec::Raw
+        }
+    };
+    buf[start + HEADER_LEN + PAGES_CODEC_AT] = codec as u8;
+    let data_len = buf.len() - data_at;
+    end_frame(buf, start);
+    PagesEncoded { codec, data_len }
+}
+
 /// Decode and check the fixed part of a Pages payload: codec known, run
 /// count within [`MAX_BATCH_PAGES`], and the runs' page total times
 /// `page_size` equal to `raw_len`. Region bounds are checked by the caller,
@@ -572,6 +621,27 @@ pub fn read_control<R: Read>(r: &mut R) -> Result<Control, ReadError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn encode_pages_names_its_codec() {
+        let runs = [Run { first: 3, count: 2 }];
+        let raw = vec![7u8; 2 * 4096];
+        for (codec, out) in [(Some(WireCodec::Zstd), 10), (None, raw.len())] {
+            let mut buf = Vec::new();
+            let e = encode_pages(&mut buf, 4, 1, &runs, &raw, |_, b| {
+                b.extend_from_slice(&[1; 10]);
+                codec
+            });
+            assert_eq!(e.data_len, out);
+            let mut payload = Vec::new();
+            let kind = read_frame(&mut &buf[..], &mut payload).unwrap();
+            assert_eq!(kind, Kind::Pages);
+            let h = decode_pages_header(&payload, 4096).unwrap();
+            assert_eq!(h.codec, codec.unwrap_or(WireCodec::Raw));
+            assert_eq!((h.round, h.region, h.raw_len), (4, 1, raw.len() as u32));
+            assert_eq!(h.raw_xxh3, xxhash_rust::xxh3::xxh3_64(&raw));
+        }
+    }
 
     fn roundtrip(c: Control) {
         let mut buf = Vec::new();

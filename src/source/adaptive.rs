@@ -17,10 +17,48 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::codec::{Compression, Compressor};
 use crate::protocol::WireCodec;
+
+/// The writer's measurement of the link, for [`Adaptive`]: bytes over the
+/// time spent sending them (rate-limit waits and a full socket included),
+/// taken only from windows where sending was most of the time. When the
+/// workers are the bottleneck, writes return at once and say nothing about
+/// the link.
+pub struct LinkMeter {
+    bytes: u64,
+    sending: Duration,
+    since: Instant,
+}
+
+/// Bytes in one measuring window.
+const LINK_WINDOW: u64 = 4 << 20;
+
+impl Default for LinkMeter {
+    fn default() -> Self {
+        LinkMeter {
+            bytes: 0,
+            sending: Duration::ZERO,
+            since: Instant::now(),
+        }
+    }
+}
+
+impl LinkMeter {
+    /// `bytes` took `took` to send; at the end of a window, tell `ctl`.
+    pub fn sent(&mut self, ctl: &Adaptive, bytes: u64, took: Duration) {
+        self.bytes += bytes;
+        self.sending += took;
+        if self.bytes >= LINK_WINDOW {
+            if self.sending >= self.since.elapsed() / 2 {
+                ctl.set_link(self.bytes as f64 / self.sending.as_secs_f64().max(1e-6));
+            }
+            *self = LinkMeter::default();
+        }
+    }
+}
 
 /// Candidates, fastest first. zlib is left out: zstd-1 beats it in both
 /// speed and ratio on every kind of page we measured.

@@ -10,98 +10,55 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::adaptive::{Adaptive, AutoWorker};
+use super::batch::{Encoded, Job, JobTotals, Out};
 use crate::codec::{Compression, Compressor};
-use crate::protocol::{self, Control, Kind, Run, WireCodec, HEADER_LEN};
+use crate::pages::Run;
+use crate::protocol::{self, Control, WireCodec};
 use crate::stats::Counters;
 
-/// A batch of populated pages of one region, read back to back into `data`.
-pub struct Job {
-    pub round: u32,
-    pub region: u32,
-    pub runs: Vec<Run>,
-    pub data: Vec<u8>,
+/// How the workers compress.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerConfig {
+    pub threads: usize,
+    pub compression: Compression,
+    pub level: i32,
+    pub page_size: usize,
 }
 
-/// What a batch turned into.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct JobTotals {
-    pub normal_pages: u64,
-    pub zero_pages: u64,
-    pub page_frames: u64,
-    pub zero_frames: u64,
+/// The queues a worker serves: jobs in, their buffers back through
+/// `free`, frames out to the writer in buffers taken from `spare`.
+#[derive(Clone)]
+pub struct WorkerQueues {
+    pub jobs: Receiver<Job>,
+    pub free: Sender<Vec<u8>>,
+    pub out: Sender<Out>,
+    pub spare: Receiver<Vec<u8>>,
 }
 
-/// Encoded frames of one job, for the writer.
-pub struct Encoded {
-    pub bytes: Vec<u8>,
-    pub totals: JobTotals,
-    /// Pages moved (normal + zero), in bytes.
-    pub raw_bytes: u64,
-    /// With `--compress auto`: the candidate used.
-    pub candidate: Option<usize>,
-}
-
-/// Spawn `threads` workers. Each ends when `jobs` closes or `out` does.
-/// Job buffers go back through `free`; output buffers come from `spare`.
-#[allow(clippy::too_many_arguments)]
+/// Spawn the workers. Each ends when `jobs` closes or `out` does.
 pub fn spawn_workers(
-    threads: usize,
-    method: Compression,
-    level: i32,
-    page_size: usize,
-    jobs: Receiver<Job>,
-    free: Sender<Vec<u8>>,
-    out: Sender<super::writer::Out>,
-    spare: Receiver<Vec<u8>>,
-    counters: Arc<Counters>,
-    adaptive: Option<Arc<Adaptive>>,
+    cfg: &WorkerConfig,
+    queues: &WorkerQueues,
+    counters: &Arc<Counters>,
+    adaptive: Option<&Arc<Adaptive>>,
 ) -> Result<Vec<JoinHandle<()>>, crate::codec::CodecError> {
-    let mut handles = Vec::with_capacity(threads);
-    for index in 0..threads {
+    let mut handles = Vec::with_capacity(cfg.threads);
+    for index in 0..cfg.threads {
         // Create the context here so a bad level fails before any thread runs.
-        let compressor = match &adaptive {
+        let compressor = match adaptive {
             Some(ctl) => Strategy::Auto(AutoWorker::new()?, ctl.clone()),
-            None => Strategy::Fixed(Compressor::new(method, level)?),
+            None => Strategy::Fixed(Compressor::new(cfg.compression, cfg.level)?),
         };
-        let mut worker = Worker {
+        let worker = Worker {
             compressor,
-            page_size,
+            page_size: cfg.page_size,
             scratch: Vec::new(),
             flags: Vec::new(),
         };
-        let (jobs, free, out, spare, counters) = (
-            jobs.clone(),
-            free.clone(),
-            out.clone(),
-            spare.clone(),
-            counters.clone(),
-        );
+        let (queues, counters) = (queues.clone(), counters.clone());
         let h = std::thread::Builder::new()
             .name(format!("compress-{index}"))
-            .spawn(move || {
-                for job in jobs.iter() {
-                    let t = Instant::now();
-                    let mut buf = spare.try_recv().unwrap_or_default();
-                    buf.clear();
-                    let totals = worker.encode(&job, &mut buf, &counters);
-                    let raw_bytes = job.data.len() as u64;
-                    let candidate = worker.compressor.candidate();
-                    counters.worker_busy_ns[index]
-                        .fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                    let _ = free.send(job.data);
-                    if out
-                        .send(super::writer::Out::Frames(Encoded {
-                            bytes: buf,
-                            totals,
-                            raw_bytes,
-                            candidate,
-                        }))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            })
+            .spawn(move || worker.serve(index, queues, counters))
             .expect("spawn compression thread");
         handles.push(h);
     }
@@ -173,16 +130,38 @@ fn split_zero(
 }
 
 impl Worker {
+    fn serve(mut self, index: usize, q: WorkerQueues, counters: Arc<Counters>) {
+        for job in q.jobs.iter() {
+            let t = Instant::now();
+            let mut buf = q.spare.try_recv().unwrap_or_default();
+            buf.clear();
+            let totals = self.encode(&job, &mut buf, &counters);
+            let raw_bytes = job.data.len() as u64;
+            let candidate = self.compressor.candidate();
+            counters.worker_busy_ns[index].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            let _ = q.free.send(job.data);
+            let encoded = Encoded {
+                bytes: buf,
+                totals,
+                raw_bytes,
+                candidate,
+            };
+            if q.out.send(Out::Frames(encoded)).is_err() {
+                break;
+            }
+        }
+    }
+
     fn encode(&mut self, job: &Job, buf: &mut Vec<u8>, counters: &Counters) -> JobTotals {
         let ps = self.page_size;
         let (zero, normal) = split_zero(&job.runs, &job.data, ps, &mut self.flags);
         let mut t = JobTotals::default();
         if !zero.is_empty() {
-            t.zero_pages = zero.iter().map(|r| r.count as u64).sum();
+            t.zero_pages = crate::pages::count(&zero);
             t.zero_frames = 1;
             Control::Zero {
-                round: job.round,
-                region: job.region,
+                round: job.batch.round,
+                region: job.batch.region,
                 runs: zero,
             }
             .encode(buf);
@@ -191,7 +170,7 @@ impl Worker {
         if normal.is_empty() {
             return t;
         }
-        t.normal_pages = normal.iter().map(|r| r.count as u64).sum();
+        t.normal_pages = crate::pages::count(&normal);
         t.page_frames = 1;
         // The non-zero pages, contiguous: the job's data itself when it has
         // no zero page, else gathered into scratch.
@@ -206,33 +185,21 @@ impl Worker {
             }
             &self.scratch
         };
-        let start = protocol::begin_frame(buf, Kind::Pages);
-        let codec_at = buf.len() + 8;
-        protocol::put_pages_header(
+        let compressor = &mut self.compressor;
+        let e = protocol::encode_pages(
             buf,
-            job.round,
-            job.region,
-            WireCodec::Raw,
-            raw.len() as u32,
-            xxhash_rust::xxh3::xxh3_64(raw),
+            job.batch.round,
+            job.batch.region,
             &normal,
+            raw,
+            |raw, out| compressor.compress(raw, out),
         );
-        let data_at = buf.len();
-        let codec = match self.compressor.compress(raw, buf) {
-            Some(codec) => {
-                Counters::add(&counters.compressed_pages, t.normal_pages);
-                Counters::add(&counters.compressed_bytes, (buf.len() - data_at) as u64);
-                codec
-            }
-            None => {
-                Counters::add(&counters.raw_batches, 1);
-                buf.extend_from_slice(raw);
-                WireCodec::Raw
-            }
-        };
-        buf[codec_at] = codec as u8;
-        protocol::end_frame(buf, start);
-        debug_assert!(buf.len() > start + HEADER_LEN);
+        if e.codec == WireCodec::Raw {
+            Counters::add(&counters.raw_batches, 1);
+        } else {
+            Counters::add(&counters.compressed_pages, t.normal_pages);
+            Counters::add(&counters.compressed_bytes, e.data_len as u64);
+        }
         Counters::add(&counters.normal_pages, t.normal_pages);
         t
     }

@@ -3,8 +3,6 @@
 //! Rounds end with a RoundEnd frame that the writer reports back once it is
 //! on the wire, which is how the state machine measures each round.
 
-use std::io;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -13,13 +11,24 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 
 use super::adaptive::Adaptive;
-use super::compress::{self, Job};
-use super::writer::{self, Out};
+use super::batch::{Batch, Job, Out};
+use super::compress::{self, WorkerConfig, WorkerQueues};
+use super::handle::MigrationHandle;
+use super::regions::Carried;
+use super::writer::{self, WriterExit, WriterQueues, WriterShared};
 use super::{SendConfig, SendError};
 use crate::dirty::DirtyTracker;
+use crate::pages::Run;
 use crate::process::{MemReader, Region};
-use crate::protocol::{Control, Run, Totals};
+use crate::protocol::{transport, Control, Totals};
 use crate::stats::Counters;
+
+/// Where a round's pages are read from: the process's memory, and the
+/// tracker that wants to see what was sent (compare hashes it).
+pub struct PageSource<'a> {
+    pub mem: &'a MemReader,
+    pub tracker: Option<&'a mut (dyn DirtyTracker + 'static)>,
+}
 
 pub struct Pipeline {
     jobs: Option<Sender<Job>>,
@@ -27,18 +36,21 @@ pub struct Pipeline {
     out: Option<Sender<Out>>,
     round_done: Receiver<u32>,
     workers: Vec<JoinHandle<()>>,
-    writer: Option<JoinHandle<io::Result<Option<Totals>>>>,
+    writer: Option<JoinHandle<WriterExit>>,
+    /// The connection's write half, back from the writer once it ended.
+    returned: Option<transport::Writer>,
     buffers: usize,
     max_buffers: usize,
     jobs_sent: u64,
     batch_pages: u32,
     page_size: u64,
+    cancel: Arc<AtomicBool>,
     pub counters: Arc<Counters>,
     /// While the target runs, a page may be unmapped between reading the
-    /// maps and reading the page: such pages are skipped and reported in
+    /// maps and reading the page: such pages are skipped and kept in
     /// `unreadable` instead of failing the migration.
     pub lenient: bool,
-    pub unreadable: Vec<(u32, Run)>,
+    pub unreadable: Carried,
     /// `--compress auto`'s controller.
     pub adaptive: Option<Arc<Adaptive>>,
 }
@@ -46,11 +58,12 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn start(
         cfg: &SendConfig,
-        sock: &TcpStream,
+        handle: &MigrationHandle,
+        sock: transport::Writer,
         page_size: u64,
     ) -> Result<Pipeline, SendError> {
         let n = cfg.compress_threads;
-        let counters = Arc::new(Counters::new(n));
+        let counters = handle.counters().clone();
         let (job_tx, job_rx) = bounded::<Job>(n * 2);
         let (free_tx, free_rx) = bounded::<Vec<u8>>(n * 4 + 2);
         let (out_tx, out_rx) = bounded::<Out>(n * 2 + 4);
@@ -58,29 +71,34 @@ impl Pipeline {
         let (done_tx, done_rx) = bounded::<u32>(64);
         let adaptive =
             (cfg.method == crate::codec::Compression::Auto).then(|| Arc::new(Adaptive::new(n)));
-        let write_sock = sock
-            .try_clone()
-            .map_err(|e| SendError::Connection(e.to_string()))?;
         let writer = writer::spawn_writer(
-            write_sock,
-            cfg.max_bandwidth,
-            out_rx,
-            spare_tx,
-            done_tx,
-            counters.clone(),
-            adaptive.clone(),
+            sock,
+            WriterQueues {
+                rx: out_rx,
+                spare: spare_tx,
+                round_done: done_tx,
+            },
+            WriterShared {
+                counters: counters.clone(),
+                tunables: handle.tunables().clone(),
+                adaptive: adaptive.clone(),
+            },
         );
         let workers = compress::spawn_workers(
-            n,
-            cfg.method,
-            cfg.level,
-            page_size as usize,
-            job_rx,
-            free_tx,
-            out_tx.clone(),
-            spare_rx,
-            counters.clone(),
-            adaptive.clone(),
+            &WorkerConfig {
+                threads: n,
+                compression: cfg.method,
+                level: cfg.level,
+                page_size: page_size as usize,
+            },
+            &WorkerQueues {
+                jobs: job_rx,
+                free: free_tx,
+                out: out_tx.clone(),
+                spare: spare_rx,
+            },
+            &counters,
+            adaptive.as_ref(),
         )?;
         Ok(Pipeline {
             jobs: Some(job_tx),
@@ -89,14 +107,16 @@ impl Pipeline {
             round_done: done_rx,
             workers,
             writer: Some(writer),
+            returned: None,
             buffers: 0,
             max_buffers: n * 4 + 2,
             jobs_sent: 0,
             batch_pages: cfg.batch_pages,
             page_size,
+            cancel: handle.cancel_flag().clone(),
             counters,
             lenient: false,
-            unreadable: Vec::new(),
+            unreadable: Carried::default(),
             adaptive,
         })
     }
@@ -118,86 +138,76 @@ impl Pipeline {
     }
 
     /// Read and send the pages of `runs` (relative to `region.start`) as
-    /// part of `round`, in batches of up to `batch_pages` pages.
-    #[allow(clippy::too_many_arguments)]
+    /// part of `batch`'s round and region, in batches of up to
+    /// `batch_pages` pages.
     pub fn send_runs(
         &mut self,
-        mem: &MemReader,
-        tracker: Option<&mut (dyn DirtyTracker + '_)>,
-        cancel: &AtomicBool,
-        round: u32,
-        index: u32,
+        src: &mut PageSource,
+        batch: Batch,
         region: &Region,
         runs: &[Run],
     ) -> Result<(), SendError> {
-        let mut tracker = tracker;
-        let mut batch: Vec<Run> = Vec::new();
+        let mut pending: Vec<Run> = Vec::new();
         let mut pages = 0u32;
         for run in runs {
             let mut first = run.first;
             let mut left = run.count;
             while left > 0 {
                 let take = left.min(self.batch_pages - pages);
-                batch.push(Run { first, count: take });
+                pending.push(Run { first, count: take });
                 pages += take;
                 first += take as u64;
                 left -= take;
                 if pages == self.batch_pages {
-                    let b = std::mem::take(&mut batch);
-                    self.submit(
-                        mem,
-                        tracker.as_deref_mut(),
-                        cancel,
-                        round,
-                        index,
-                        region,
-                        b,
-                        pages,
-                    )?;
+                    self.submit(src, batch, region, std::mem::take(&mut pending), pages)?;
                     pages = 0;
                 }
             }
         }
         if pages > 0 {
-            self.submit(mem, tracker, cancel, round, index, region, batch, pages)?;
+            self.submit(src, batch, region, pending, pages)?;
         }
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A buffer for a batch: a returned one, a new one while under the
+    /// cap, or wait for one (the workers are behind).
+    fn buffer(&mut self) -> Result<Vec<u8>, SendError> {
+        match self.free.try_recv() {
+            Ok(b) => Ok(b),
+            Err(_) if self.buffers < self.max_buffers => {
+                self.buffers += 1;
+                Ok(Vec::new())
+            }
+            Err(_) => {
+                Counters::add(&self.counters.busy, 1);
+                self.free.recv().map_err(|_| Self::stopped())
+            }
+        }
+    }
+
     fn submit(
         &mut self,
-        mem: &MemReader,
-        tracker: Option<&mut (dyn DirtyTracker + '_)>,
-        cancel: &AtomicBool,
-        round: u32,
-        index: u32,
+        src: &mut PageSource,
+        batch: Batch,
         region: &Region,
         runs: Vec<Run>,
         pages: u32,
     ) -> Result<(), SendError> {
-        if cancel.load(Ordering::Relaxed) {
+        if self.cancel.load(Ordering::Relaxed) {
             return Err(SendError::Cancelled);
         }
-        let mut data = match self.free.try_recv() {
-            Ok(b) => b,
-            Err(_) if self.buffers < self.max_buffers => {
-                self.buffers += 1;
-                Vec::new()
-            }
-            Err(_) => {
-                Counters::add(&self.counters.busy, 1);
-                self.free.recv().map_err(|_| Self::stopped())?
-            }
-        };
-        let len = pages as usize * self.page_size as usize;
-        data.resize(len, 0);
+        let mut data = self.buffer()?;
+        data.resize(pages as usize * self.page_size as usize, 0);
         let mut runs = runs;
-        if let Err(e) = mem.read_runs(region.start, self.page_size, &runs, &mut data) {
+        if let Err(e) = src
+            .mem
+            .read_runs(region.start, self.page_size, &runs, &mut data)
+        {
             if !self.lenient {
                 return Err(e.into());
             }
-            runs = self.read_readable(mem, index, region, &runs, &mut data);
+            runs = self.read_readable(src.mem, region, &runs, &mut data);
             if runs.is_empty() {
                 // Nothing readable: the buffer is dropped, and may be
                 // allocated again later.
@@ -205,20 +215,13 @@ impl Pipeline {
                 return Ok(());
             }
         }
-        let len = data.len();
-        if let Some(t) = tracker {
+        if let Some(t) = src.tracker.as_deref_mut() {
             t.sent(region, &runs, &data, self.page_size);
         }
-        Counters::add(&self.counters.read_bytes, len as u64);
+        Counters::add(&self.counters.read_bytes, data.len() as u64);
         Counters::add(&self.counters.batches, 1);
         let jobs = self.jobs.as_ref().ok_or_else(Self::stopped)?;
-        let job = Job {
-            round,
-            region: index,
-            runs,
-            data,
-        };
-        match jobs.try_send(job) {
+        match jobs.try_send(Job { batch, runs, data }) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
                 Counters::add(&self.counters.busy, 1);
@@ -235,7 +238,6 @@ impl Pipeline {
     fn read_readable(
         &mut self,
         mem: &MemReader,
-        index: u32,
         region: &Region,
         runs: &[Run],
         data: &mut Vec<u8>,
@@ -250,7 +252,8 @@ impl Pipeline {
                     crate::pages::push_run(&mut ok, p, 1);
                     w += ps;
                 } else {
-                    self.unreadable.push((index, Run { first: p, count: 1 }));
+                    self.unreadable
+                        .push(region.start, Run { first: p, count: 1 });
                 }
             }
         }
@@ -259,10 +262,10 @@ impl Pipeline {
     }
 
     /// End `round` and wait until its RoundEnd frame is on the wire.
-    pub fn end_round(&mut self, round: u32, cancel: &AtomicBool) -> Result<(), SendError> {
+    pub fn end_round(&mut self, round: u32) -> Result<(), SendError> {
         self.control(Control::RoundEnd(round))?;
         loop {
-            if cancel.load(Ordering::Relaxed) {
+            if self.cancel.load(Ordering::Relaxed) {
                 return Err(SendError::Cancelled);
             }
             match self.round_done.recv_timeout(Duration::from_millis(50)) {
@@ -289,21 +292,28 @@ impl Pipeline {
     }
 
     /// Close the queues and join every thread. The writer's totals if it
-    /// wrote End, `None` if stopped before; an error if the socket failed.
+    /// wrote End, `None` if stopped before; an error if the connection
+    /// failed.
     pub fn shutdown(&mut self) -> Result<Option<Totals>, SendError> {
         self.jobs = None;
         self.out = None;
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
-        match self.writer.take() {
-            Some(w) => match w.join() {
-                Ok(Ok(t)) => Ok(t),
-                Ok(Err(e)) => Err(SendError::Connection(e.to_string())),
-                Err(_) => Err(SendError::Connection("writer thread panicked".into())),
-            },
+        match self.writer.take().map(JoinHandle::join) {
+            Some(Ok(exit)) => {
+                self.returned = Some(exit.sock);
+                exit.result
+                    .map_err(|e| SendError::Connection(e.to_string()))
+            }
+            Some(Err(_)) => Err(SendError::Connection("writer thread panicked".into())),
             None => Ok(None),
         }
+    }
+
+    /// The write half, once the writer has ended.
+    pub fn take_writer(&mut self) -> Option<transport::Writer> {
+        self.returned.take()
     }
 }
 

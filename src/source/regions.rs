@@ -1,10 +1,12 @@
-//! The regions the receiver knows, what it holds of them, and how the
-//! target's mappings changed since the last round.
+//! The regions the receiver knows, what it holds of them, how the
+//! target's mappings changed since the last round, and what each round
+//! sends ([`RoundPlan`]) or leaves for later ([`Carried`]).
 
 use super::SendError;
-use crate::pages::PageSet;
+use crate::dirty::Dirty;
+use crate::pages::{push_run, union, PageSet, Run};
 use crate::process::{Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
-use crate::protocol::{RegionEntry, Run};
+use crate::protocol::RegionEntry;
 
 /// One region and the pages the receiver may hold data for.
 pub struct Tracked {
@@ -83,18 +85,14 @@ impl RegionState {
                 Some(mut t) => {
                     let old_pages = t.region.len() / ps;
                     if pages > old_pages {
-                        crate::pages::push_run(
-                            fresh_runs(&mut fresh, i),
-                            old_pages,
-                            pages - old_pages,
-                        );
+                        push_run(fresh_runs(&mut fresh, i), old_pages, pages - old_pages);
                     } else {
                         t.sent.truncate(pages);
                     }
                     t.sent
                 }
                 None => {
-                    crate::pages::push_run(fresh_runs(&mut fresh, i), 0, pages);
+                    push_run(fresh_runs(&mut fresh, i), 0, pages);
                     PageSet::default()
                 }
             };
@@ -129,7 +127,7 @@ impl RegionState {
                         let page = p + j as u64;
                         if e & (PM_PRESENT | PM_SWAPPED) == 0 && t.sent.contains(page) {
                             t.sent.remove(page);
-                            crate::pages::push_run(&mut out[i], page, 1);
+                            push_run(&mut out[i], page, 1);
                         }
                     }
                     p += n as u64;
@@ -165,7 +163,7 @@ impl RegionState {
                 pagemap.read(t.region.start + p * ps, &mut entries[..n])?;
                 for (j, e) in entries[..n].iter().enumerate() {
                     if e & (PM_PRESENT | PM_SWAPPED) != 0 {
-                        crate::pages::push_run(&mut out, p + j as u64, 1);
+                        push_run(&mut out, p + j as u64, 1);
                     } else {
                         skipped += 1;
                     }
@@ -174,6 +172,114 @@ impl RegionState {
             }
         }
         Ok((out, skipped))
+    }
+}
+
+/// Pages due but not sent yet (collected in the round that decided to go
+/// to downtime, or unreadable this round), keyed by region start: region
+/// indexes change when the table does.
+#[derive(Debug, Default, Clone)]
+pub struct Carried(Vec<(u64, Run)>);
+
+impl Carried {
+    pub fn push(&mut self, region_start: u64, run: Run) {
+        self.0.push((region_start, run));
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.0.iter().map(|(_, r)| r.count as u64).sum()
+    }
+
+    /// The runs of the region at `start`, clipped to its `pages`.
+    fn runs_for(&self, start: u64, pages: u64) -> Vec<Run> {
+        let mut out = Vec::new();
+        for (_, r) in self.0.iter().filter(|(s, _)| *s == start) {
+            if r.first < pages {
+                push_run(&mut out, r.first, r.end().min(pages) - r.first);
+            }
+        }
+        out
+    }
+}
+
+/// What one round sends: page runs per region index, sorted by region.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RoundPlan {
+    runs: Vec<(usize, Run)>,
+}
+
+impl RoundPlan {
+    /// Every page of every region (the bulk round).
+    pub fn whole(state: &RegionState) -> RoundPlan {
+        let mut runs = Vec::new();
+        for (i, t) in state.list.iter().enumerate() {
+            let mut whole = Vec::new();
+            push_run(&mut whole, 0, t.region.len() / state.page_size);
+            runs.extend(whole.into_iter().map(|r| (i, r)));
+        }
+        RoundPlan { runs }
+    }
+
+    /// Dirty pages, fresh parts (new regions, grown tails), regions whose
+    /// tracking was lost (whole), discarded pages and what was carried,
+    /// merged per region; carried pages of regions that are gone are
+    /// dropped, and clipped to a region's current size.
+    pub fn build(
+        state: &RegionState,
+        dirty: &Dirty,
+        fresh: &[(usize, Run)],
+        discards: &[Vec<Run>],
+        carried: &Carried,
+    ) -> RoundPlan {
+        let ps = state.page_size;
+        let mut out = Vec::new();
+        for (i, t) in state.list.iter().enumerate() {
+            let pages = t.region.len() / ps;
+            let mut runs = if dirty.refresh.contains(&i) {
+                let mut whole = Vec::new();
+                push_run(&mut whole, 0, pages);
+                whole
+            } else {
+                let f: Vec<Run> = fresh
+                    .iter()
+                    .filter(|(j, _)| *j == i)
+                    .map(|(_, r)| *r)
+                    .collect();
+                union(&dirty.runs.get(i).cloned().unwrap_or_default(), &f)
+            };
+            if let Some(d) = discards.get(i) {
+                runs = union(&runs, d);
+            }
+            runs = union(&runs, &carried.runs_for(t.region.start, pages));
+            out.extend(runs.into_iter().map(|r| (i, r)));
+        }
+        RoundPlan { runs: out }
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.runs.iter().map(|(_, r)| r.count as u64).sum()
+    }
+
+    /// Not sent now: keep it for a later round.
+    pub fn carry(self, state: &RegionState) -> Carried {
+        Carried(
+            self.runs
+                .into_iter()
+                .map(|(i, r)| (state.list[i].region.start, r))
+                .collect(),
+        )
+    }
+
+    /// The runs, grouped by region index.
+    pub fn per_region(&self) -> Vec<(usize, Vec<Run>)> {
+        let mut out: Vec<(usize, Vec<Run>)> = Vec::new();
+        for &(i, r) in &self.runs {
+            match out.last_mut() {
+                Some((j, runs)) if *j == i => runs.push(r),
+                _ => out.push((i, vec![r])),
+            }
+        }
+        out
     }
 }
 
@@ -222,5 +328,42 @@ mod tests {
         assert!(!s.list[1].sent.contains(8) && s.list[1].sent.contains(7));
         let (changed, fresh) = s.update(s.regions());
         assert!(!changed && fresh.is_empty());
+    }
+
+    #[test]
+    fn round_plan_merges_and_carries_by_region_start() {
+        let mut s = RegionState::new(vec![r(0x1000, 0x5000), r(0x10000, 0x14000)], 0x1000);
+        let dirty = Dirty {
+            runs: vec![vec![Run { first: 0, count: 1 }], vec![]],
+            refresh: vec![1],
+        };
+        let fresh = [(0, Run { first: 3, count: 1 })];
+        let discards = vec![vec![Run { first: 1, count: 1 }], vec![]];
+        let plan = RoundPlan::build(&s, &dirty, &fresh, &discards, &Carried::default());
+        assert_eq!(
+            plan.per_region(),
+            vec![
+                (
+                    0,
+                    vec![Run { first: 0, count: 2 }, Run { first: 3, count: 1 }]
+                ),
+                (1, vec![Run { first: 0, count: 4 }])
+            ]
+        );
+        assert_eq!(plan.pages(), 7);
+        // Carried across a table change: region 0 disappears, region 1
+        // moves to index 0 and shrinks; its pages follow it, clipped.
+        let carried = plan.carry(&s);
+        s.update(vec![r(0x10000, 0x12000)]);
+        let none = Dirty {
+            runs: vec![vec![]],
+            refresh: vec![],
+        };
+        let next = RoundPlan::build(&s, &none, &[], &[], &carried);
+        assert_eq!(
+            next.per_region(),
+            vec![(0, vec![Run { first: 0, count: 2 }])]
+        );
+        assert_eq!(RoundPlan::whole(&s).pages(), 2);
     }
 }

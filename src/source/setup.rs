@@ -1,91 +1,98 @@
 //! Connecting to the receiver and the handshake.
 
-use std::io;
-use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
+use super::handle::MigrationHandle;
 use super::{SendConfig, SendError};
+use crate::protocol::transport::{self, CloseOnCancel, Closer, Reader, Writer};
 use crate::protocol::{self, Control, Hello, ReadError};
 
-pub fn connect(to: &str) -> Result<TcpStream, SendError> {
-    let addrs: Vec<_> = to
-        .to_socket_addrs()
-        .map_err(|e| SendError::Resolve {
-            to: to.into(),
-            reason: e.to_string(),
-        })?
-        .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
+/// The main connection to the receiver, split: the writer half goes to the
+/// pipeline's writer thread (and comes back when it ends), the reader half
+/// stays with the state machine for the receiver's answers.
+pub struct Link {
+    pub to: String,
+    pub reader: Reader,
+    pub writer: Option<Writer>,
+    pub closer: Closer,
+    _watch: CloseOnCancel,
+}
+
+impl Link {
+    /// Connect and shake hands; cancelling the migration closes the link.
+    pub fn open(
+        cfg: &SendConfig,
+        handle: &MigrationHandle,
+        page_size: u64,
+    ) -> Result<Link, SendError> {
+        let conn = transport::connect(&cfg.to)?;
+        let (reader, writer, closer) = conn
+            .split()
+            .map_err(|e| SendError::Connection(e.to_string()))?;
+        let mut link = Link {
+            to: cfg.to.clone(),
+            reader,
+            writer: Some(writer),
+            _watch: CloseOnCancel::new(handle.cancel_flag().clone(), closer.clone()),
+            closer,
+        };
+        link.handshake(cfg, page_size)?;
+        Ok(link)
+    }
+
+    fn handshake(&mut self, cfg: &SendConfig, page_size: u64) -> Result<(), SendError> {
+        let fail = |reason: String| SendError::Handshake {
+            to: self.to.clone(),
+            reason,
+        };
+        let hello = Control::Hello(Hello {
+            version: protocol::VERSION,
+            min_version: protocol::MIN_VERSION,
+            page_size: page_size as u32,
+            capabilities: protocol::CAPABILITIES,
+            codec: cfg.method.wire() as u8,
+            level: cfg.level,
+            compress_threads: cfg.compress_threads as u16,
+            pid: cfg.pid as u32,
+            comm: comm(cfg.pid),
+        });
+        let writer = self.writer.as_mut().expect("handshake comes first");
+        protocol::write_control(writer, &hello).map_err(|e| fail(e.to_string()))?;
+        self.reader.set_timeout(Some(Duration::from_secs(30))).ok();
+        match protocol::read_control(&mut self.reader) {
+            Ok(Control::Welcome(w)) => {
+                if let Err(e) = protocol::negotiate(w.version, w.version) {
+                    return Err(fail(format!(
+                        "receiver speaks protocol version {} ({e})",
+                        w.version
+                    )));
+                }
+                if w.capabilities & cfg.method.capability() != cfg.method.capability() {
+                    return Err(fail(format!("receiver cannot decode {}", cfg.method)));
+                }
+                Ok(())
             }
-            Err(e) => last = e,
+            Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
+            Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
+            Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
+            Err(e) => Err(fail(e.to_string())),
         }
     }
-    Err(SendError::Connect {
-        to: to.into(),
-        source: last,
-    })
+
+    /// After a write failed: did the receiver explain why in an Error frame?
+    pub fn remote_reason(&mut self) -> Option<SendError> {
+        self.reader.set_timeout(Some(Duration::from_secs(2))).ok();
+        // The receiver only ever sends Welcome, Applied, Ack or Error, and
+        // Welcome was read during the handshake.
+        match protocol::read_control(&mut self.reader) {
+            Ok(Control::Error { message, .. }) => Some(SendError::Remote(message)),
+            _ => None,
+        }
+    }
 }
 
 pub fn comm(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
-}
-
-pub fn handshake(sock: &mut TcpStream, cfg: &SendConfig, page_size: u64) -> Result<(), SendError> {
-    let fail = |reason: String| SendError::Handshake {
-        to: cfg.to.clone(),
-        reason,
-    };
-    let hello = Control::Hello(Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: page_size as u32,
-        capabilities: protocol::CAPABILITIES,
-        codec: cfg.method.wire() as u8,
-        level: cfg.level,
-        compress_threads: cfg.compress_threads as u16,
-        pid: cfg.pid as u32,
-        comm: comm(cfg.pid),
-    });
-    protocol::write_control(sock, &hello).map_err(|e| fail(e.to_string()))?;
-    sock.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    match protocol::read_control(sock) {
-        Ok(Control::Welcome(w)) => {
-            if !(protocol::MIN_VERSION..=protocol::VERSION).contains(&w.version) {
-                return Err(fail(format!(
-                    "receiver speaks protocol version {}",
-                    w.version
-                )));
-            }
-            if w.capabilities & cfg.method.capability() != cfg.method.capability() {
-                return Err(fail(format!("receiver cannot decode {}", cfg.method)));
-            }
-            Ok(())
-        }
-        Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
-        Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
-        Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
-        Err(e) => Err(fail(e.to_string())),
-    }
-}
-
-/// After a write failed: did the receiver explain why in an Error frame?
-pub fn remote_reason(sock: &mut TcpStream) -> Option<SendError> {
-    sock.set_read_timeout(Some(Duration::from_secs(2))).ok();
-    let mut payload = Vec::new();
-    // Skip nothing: the receiver only ever sends Welcome, Ack or Error, and
-    // Welcome was read during the handshake.
-    match protocol::read_frame(sock, &mut payload) {
-        Ok(kind) => match Control::decode(kind, &payload) {
-            Ok(Control::Error { message, .. }) => Some(SendError::Remote(message)),
-            _ => None,
-        },
-        Err(_) => None,
-    }
 }

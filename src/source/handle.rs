@@ -1,0 +1,185 @@
+//! The handle of a running migration: its status, its counters, a way to
+//! cancel it, and the parameters that may change while it runs. The signal
+//! handler, the CLI and (later) the control socket all drive a migration
+//! through it; the migration reads the tunables at each batch or round.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::SendConfig;
+use crate::stats::Counters;
+
+/// Where a migration is, with QEMU's names (`query-migrate` status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Attaching, connecting, arming the tracker.
+    Setup = 0,
+    /// Copying while the process runs (bulk and iterate).
+    Active = 1,
+    /// The process is stopped for the final round (QEMU: `device`).
+    Device = 2,
+    Completed = 3,
+    Failed = 4,
+    Cancelled = 5,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Status {
+        match v {
+            0 => Status::Setup,
+            1 => Status::Active,
+            2 => Status::Device,
+            3 => Status::Completed,
+            4 => Status::Failed,
+            _ => Status::Cancelled,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Setup => "setup",
+            Status::Active => "active",
+            Status::Device => "device",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Parameters that may change while the migration runs.
+#[derive(Debug, Default)]
+pub struct Tunables {
+    /// Wire bytes per second; 0 is unlimited.
+    max_bandwidth: AtomicU64,
+    /// In microseconds.
+    downtime_limit_us: AtomicU64,
+}
+
+impl Tunables {
+    /// `max-bandwidth`: wire bytes per second, after compression.
+    pub fn max_bandwidth(&self) -> Option<u64> {
+        Some(self.max_bandwidth.load(Relaxed)).filter(|&b| b > 0)
+    }
+
+    pub fn set_max_bandwidth(&self, bytes_per_sec: Option<u64>) {
+        self.max_bandwidth
+            .store(bytes_per_sec.unwrap_or(0), Relaxed);
+    }
+
+    /// `downtime-limit`.
+    pub fn downtime_limit(&self) -> Duration {
+        Duration::from_micros(self.downtime_limit_us.load(Relaxed))
+    }
+
+    pub fn set_downtime_limit(&self, d: Duration) {
+        self.downtime_limit_us
+            .store(d.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+}
+
+struct Shared {
+    cancel: Arc<AtomicBool>,
+    status: AtomicU8,
+    round: AtomicU32,
+    counters: Arc<Counters>,
+    tunables: Arc<Tunables>,
+}
+
+/// A cheap, cloneable handle on one migration.
+#[derive(Clone)]
+pub struct MigrationHandle {
+    shared: Arc<Shared>,
+}
+
+impl MigrationHandle {
+    /// A handle for a migration with `cfg`. `cancel` may be shared with a
+    /// signal handler (see `cancel::install_signal_flag`).
+    pub fn new(cfg: &SendConfig, cancel: Arc<AtomicBool>) -> MigrationHandle {
+        let tunables = Tunables::default();
+        tunables.set_max_bandwidth(cfg.max_bandwidth);
+        tunables.set_downtime_limit(cfg.downtime_limit);
+        MigrationHandle {
+            shared: Arc::new(Shared {
+                cancel,
+                status: AtomicU8::new(Status::Setup as u8),
+                round: AtomicU32::new(0),
+                counters: Arc::new(Counters::new(cfg.compress_threads)),
+                tunables: Arc::new(tunables),
+            }),
+        }
+    }
+
+    /// Ask the migration to stop; before the handover the process is
+    /// resumed as it was.
+    pub fn cancel(&self) {
+        self.shared.cancel.store(true, Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancel.load(Relaxed)
+    }
+
+    /// The flag itself, for watchers that close connections on cancel.
+    pub fn cancel_flag(&self) -> &Arc<AtomicBool> {
+        &self.shared.cancel
+    }
+
+    pub fn status(&self) -> Status {
+        Status::from_u8(self.shared.status.load(Relaxed))
+    }
+
+    pub(crate) fn set_status(&self, s: Status) {
+        self.shared.status.store(s as u8, Relaxed);
+    }
+
+    /// The round being sent (0 is the bulk copy).
+    pub fn round(&self) -> u32 {
+        self.shared.round.load(Relaxed)
+    }
+
+    pub(crate) fn set_round(&self, r: u32) {
+        self.shared.round.store(r, Relaxed);
+    }
+
+    /// Live counters of pages and bytes.
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.shared.counters
+    }
+
+    pub fn tunables(&self) -> &Arc<Tunables> {
+        &self.shared.tunables
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunables_change_live() {
+        let mut cfg = SendConfig::new(1, "x:1".into());
+        cfg.max_bandwidth = Some(5);
+        let h = MigrationHandle::new(&cfg, Arc::new(AtomicBool::new(false)));
+        let seen = h.clone();
+        assert_eq!(seen.tunables().max_bandwidth(), Some(5));
+        h.tunables().set_max_bandwidth(None);
+        assert_eq!(seen.tunables().max_bandwidth(), None);
+        h.tunables().set_downtime_limit(Duration::from_millis(40));
+        assert_eq!(seen.tunables().downtime_limit(), Duration::from_millis(40));
+        assert_eq!(seen.status(), Status::Setup);
+        h.set_status(Status::Device);
+        assert_eq!(seen.status().as_str(), "device");
+        assert!(!seen.is_cancelled());
+        h.cancel();
+        assert!(seen.is_cancelled());
+    }
+}

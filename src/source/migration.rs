@@ -1,0 +1,517 @@
+//! One migration on the source, as its phases: [`Migration::setup`],
+//! [`Migration::bulk`], [`Migration::iterate`], [`Migration::downtime`],
+//! [`Migration::handover`] and [`Migration::complete`], run in that order
+//! by [`Migration::run`]. What the copy phases share lives in [`Copy`];
+//! what must be undone on any exit (ptrace, tracker, throttle, pipeline,
+//! connection) lives in [`Migration`] and is undone by `cleanup`.
+
+use std::time::{Duration, Instant};
+
+use super::batch::Batch;
+use super::converge::{Decision, Limits, PlanInputs, Planner};
+use super::handle::{MigrationHandle, Status};
+use super::pipeline::{PageSource, Pipeline};
+use super::regions::{Carried, RegionState, RoundPlan};
+use super::report::{self, RoundFacts, Snapshot, Summary};
+use super::setup::Link;
+use super::throttle::Throttle;
+use super::{Mode, OnComplete, SendConfig, SendError};
+use crate::dirty::{self, DirtyTracker};
+use crate::pages::Run;
+use crate::process::{self, Attachment, Leave, MemReader, Pagemap};
+use crate::progress::Progress;
+use crate::protocol::{self, error_code, AckInfo, Control};
+use crate::stats::{self, Counters, RoundReport, SendReport};
+
+/// What the copy phases share, from setup to the report.
+pub(super) struct Copy {
+    state: RegionState,
+    mem: MemReader,
+    pagemap: Pagemap,
+    rounds: Vec<RoundReport>,
+    /// The round being sent or last sent (0 is the bulk copy).
+    round: u32,
+    syncs: u32,
+    planner: Planner,
+    /// Pages due but not sent yet.
+    unsent: Carried,
+    /// The estimate that ended iteration.
+    expected: Duration,
+    /// Pages per second dirtied before the last sync.
+    dirty_rate: f64,
+    last_collect: Instant,
+    t_start: Instant,
+    setup_time: Duration,
+    t_pipeline: Instant,
+    /// When the process was stopped for good.
+    t_stop: Option<Instant>,
+    cpu_start: Duration,
+    progress: Option<Progress>,
+    tracker_name: String,
+}
+
+/// How the handover ended.
+pub(super) struct Handover {
+    ack: AckInfo,
+    downtime: Duration,
+    transfer: Duration,
+    threads_stopped: usize,
+}
+
+/// One migration's state, and what must be undone on any exit.
+pub(super) struct Migration<'a> {
+    cfg: &'a SendConfig,
+    handle: &'a MigrationHandle,
+    page_size: u64,
+    att: Option<Attachment>,
+    link: Option<Link>,
+    tracker: Option<Box<dyn DirtyTracker>>,
+    throttle: Option<Throttle>,
+    pipeline: Option<Pipeline>,
+    /// The writer failed: the connection is not usable for an Error frame.
+    connection_lost: bool,
+}
+
+impl<'a> Migration<'a> {
+    pub fn new(cfg: &'a SendConfig, handle: &'a MigrationHandle) -> Migration<'a> {
+        Migration {
+            cfg,
+            handle,
+            page_size: process::page_size(),
+            att: None,
+            link: None,
+            tracker: None,
+            throttle: None,
+            pipeline: None,
+            connection_lost: false,
+        }
+    }
+
+    fn live(&self) -> bool {
+        self.cfg.mode == Mode::Live
+    }
+
+    pub fn run(&mut self) -> Result<SendReport, SendError> {
+        let mut copy = self.setup()?;
+        self.bulk(&mut copy)?;
+        let carried = if self.live() {
+            self.iterate(&mut copy)?
+        } else {
+            Carried::default()
+        };
+        self.downtime(&mut copy, carried)?;
+        let handover = self.handover(&mut copy)?;
+        self.complete(copy, handover)
+    }
+
+    /// Attach, connect and shake hands, arm the tracker, start the pipeline.
+    fn setup(&mut self) -> Result<Copy, SendError> {
+        let (cfg, ps) = (self.cfg, self.page_size);
+        let t_start = Instant::now();
+        let cpu_start = stats::cpu_time();
+        self.handle.set_status(Status::Setup);
+        self.att = Some(Attachment::seize(cfg.pid)?);
+        let mut link = Link::open(cfg, self.handle, ps)?;
+        let writer = link.writer.take().expect("a fresh link has its writer");
+        self.link = Some(link);
+        self.attach_stopped()?;
+        let state = RegionState::new(self.regions()?, ps);
+        let mut t_stop = None;
+        if self.live() {
+            let mut tracker = dirty::create(cfg.dirty_tracking, cfg.pid, ps)?;
+            tracker.arm(self.att.as_mut().expect("attached"), &state.regions())?;
+            self.tracker = Some(tracker);
+            // Run free while we copy: detached, signals reach it as usual.
+            if let Some(a) = self.att.take() {
+                a.detach(Leave::AsFound)?;
+            }
+            if cfg.auto_converge {
+                self.throttle = Some(Throttle::start(cfg.pid));
+            }
+        } else {
+            t_stop = Some(Instant::now());
+        }
+        let last_collect = Instant::now();
+        let setup_time = t_start.elapsed();
+        let mem = MemReader::open(cfg.pid)?;
+        let pagemap = Pagemap::open(cfg.pid, ps)?;
+        self.pipeline = Some(Pipeline::start(cfg, self.handle, writer, ps)?);
+        let counters = self.handle.counters().clone();
+        let progress = cfg
+            .progress
+            .then(|| Progress::start("send", state.total(), counters));
+        let tracker_name = self
+            .tracker
+            .as_ref()
+            .map_or("none".to_string(), |t| t.method().to_string());
+        Ok(Copy {
+            state,
+            mem,
+            pagemap,
+            rounds: Vec::new(),
+            round: 0,
+            syncs: 0,
+            planner: Planner::default(),
+            unsent: Carried::default(),
+            expected: Duration::ZERO,
+            dirty_rate: 0.0,
+            last_collect,
+            t_start,
+            setup_time,
+            t_pipeline: Instant::now(),
+            t_stop,
+            cpu_start,
+            progress,
+            tracker_name,
+        })
+    }
+
+    /// Round 0: every populated page, while the process runs (live).
+    fn bulk(&mut self, c: &mut Copy) -> Result<(), SendError> {
+        self.handle.set_status(Status::Active);
+        let live = self.live();
+        self.pipeline_mut()
+            .control(Control::Regions(c.state.table()))?;
+        self.pipeline_mut().lenient = live;
+        let plan = RoundPlan::whole(&c.state);
+        let facts = RoundFacts {
+            round: 0,
+            dirty_pages: 0,
+            dirtied_over: Duration::ZERO,
+            expected_downtime: Duration::ZERO,
+            throttle_percent: 0,
+        };
+        let r = self.send_planned(c, &plan, facts)?;
+        c.rounds.push(r);
+        Ok(())
+    }
+
+    /// Rounds of dirty pages until the planner says stop (the pages then
+    /// collected are returned, to go in the final round) or give up.
+    fn iterate(&mut self, c: &mut Copy) -> Result<Carried, SendError> {
+        loop {
+            if self.handle.is_cancelled() {
+                return Err(SendError::Cancelled);
+            }
+            let fresh = self.sync_regions(&mut c.state)?;
+            let dirty = self.collect(&c.state, &fresh)?;
+            c.syncs += 1;
+            let since = c.last_collect.elapsed();
+            c.last_collect = Instant::now();
+            let discards = c.state.discards(&c.pagemap)?;
+            let unsent = std::mem::take(&mut c.unsent);
+            let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &unsent);
+            c.dirty_rate = dirty.pages() as f64 / since.as_secs_f64().max(1e-3);
+            let inputs = self.plan_inputs(c, plan.pages());
+            let limits = self.limits();
+            let p = c.planner.decide(&inputs, &limits);
+            c.expected = p.expected_downtime;
+            match p.decision {
+                Decision::Downtime => return Ok(plan.carry(&c.state)),
+                Decision::GiveUp => {
+                    return Err(SendError::NotConverging {
+                        rounds: c.round,
+                        dirty_pages: plan.pages(),
+                        expected_ms: p.expected_downtime.as_secs_f64() * 1000.0,
+                        limit_ms: limits.downtime_limit.as_millis(),
+                        rate: c.dirty_rate,
+                    })
+                }
+                Decision::Iterate { throttle } => {
+                    if let (Some(pct), Some(t)) = (throttle, &self.throttle) {
+                        t.set(pct);
+                    }
+                    c.round += 1;
+                    let facts = RoundFacts {
+                        round: c.round,
+                        dirty_pages: dirty.pages(),
+                        dirtied_over: since,
+                        expected_downtime: p.expected_downtime,
+                        throttle_percent: c.planner.throttle_percent(),
+                    };
+                    let r = self.send_planned(c, &plan, facts)?;
+                    c.rounds.push(r);
+                }
+            }
+        }
+    }
+
+    /// The planner's view of the rounds so far.
+    fn plan_inputs(&self, c: &Copy, pending_pages: u64) -> PlanInputs {
+        let ps = self.page_size;
+        let (wire, raw, secs) = c.rounds.iter().fold((0u64, 0u64, 0f64), |a, r| {
+            (
+                a.0 + r.bytes,
+                a.1 + r.raw_bytes,
+                a.2 + r.duration_ms / 1000.0,
+            )
+        });
+        let last = c.rounds.last();
+        PlanInputs {
+            round: c.round,
+            pending_bytes: pending_pages * ps,
+            wire_rate: if secs > 0.0 { wire as f64 / secs } else { 0.0 },
+            ratio: if wire > 0 {
+                raw as f64 / wire as f64
+            } else {
+                1.0
+            },
+            dirty_rate: c.dirty_rate * ps as f64,
+            last_round_dirtied: last.map_or(0, |r| r.dirty_pages * ps),
+            last_round_sent: last.map_or(0, |r| r.bytes),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        let cfg = self.cfg;
+        Limits {
+            downtime_limit: self.handle.tunables().downtime_limit(),
+            max_iterations: cfg.max_iterations,
+            force_downtime: cfg.force_downtime,
+            auto_converge: cfg.auto_converge.then_some(cfg.throttle),
+        }
+    }
+
+    /// Live: stop every thread, take the last dirty set, and send it with
+    /// what was carried. (Stop-and-copy stopped the process in setup.)
+    fn downtime(&mut self, c: &mut Copy, carried: Carried) -> Result<(), SendError> {
+        if !self.live() {
+            return Ok(());
+        }
+        if let Some(mut t) = self.throttle.take() {
+            t.finish();
+        }
+        c.t_stop = Some(Instant::now());
+        self.handle.set_status(Status::Device);
+        self.attach_stopped()?;
+        // Stopped: every page must read now.
+        self.pipeline_mut().lenient = false;
+        let fresh = self.sync_regions(&mut c.state)?;
+        let dirty = self.collect(&c.state, &fresh)?;
+        c.syncs += 1;
+        let discards = c.state.discards(&c.pagemap)?;
+        c.round += 1;
+        let facts = RoundFacts {
+            round: c.round,
+            dirty_pages: dirty.pages() + carried.pages(),
+            dirtied_over: Duration::ZERO,
+            expected_downtime: c.expected,
+            throttle_percent: 0,
+        };
+        let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &carried);
+        let mut r = self.send_planned(c, &plan, facts)?;
+        r.dirty_rate = c.dirty_rate;
+        c.rounds.push(r);
+        Ok(())
+    }
+
+    /// End the stream, then wait for the receiver: Applied (every page in
+    /// place; downtime ends), then Ack (image committed).
+    fn handover(&mut self, c: &mut Copy) -> Result<Handover, SendError> {
+        let t_stop = c.t_stop.expect("stopped by now");
+        let threads_stopped = self.att.as_ref().map_or(0, |a| a.thread_count());
+        let totals = self.pipeline_mut().finish(c.round + 1);
+        if let Some(p) = c.progress.take() {
+            p.finish();
+        }
+        let link = self.link.as_mut().expect("connected");
+        if let Err(e) = totals {
+            self.connection_lost = true;
+            return Err(link.remote_reason().unwrap_or(e));
+        }
+        // From the first page read to the End frame on the wire: the basis
+        // of throughput and worker busy figures (in stop-and-copy mode this
+        // is all downtime; live, it spans every round).
+        let transfer = c.t_pipeline.elapsed();
+        link.reader.set_timeout(Some(Duration::from_secs(600))).ok();
+        let mut downtime = None;
+        let ack = loop {
+            match protocol::read_control(&mut link.reader) {
+                Ok(Control::Applied) if downtime.is_none() => downtime = Some(t_stop.elapsed()),
+                Ok(Control::Ack(a)) => break a,
+                Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
+                Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
+                Err(e) => {
+                    return Err(SendError::Connection(format!(
+                        "waiting for acknowledgement: {e}"
+                    )))
+                }
+            }
+        };
+        Ok(Handover {
+            ack,
+            downtime: downtime.unwrap_or_else(|| t_stop.elapsed()),
+            transfer,
+            threads_stopped,
+        })
+    }
+
+    /// Tracking off, the process left as asked, and the report.
+    fn complete(&mut self, c: Copy, h: Handover) -> Result<SendReport, SendError> {
+        let cfg = self.cfg;
+        let fallback_regions = self.tracker.as_ref().map_or(0, |t| t.fallback_regions());
+        if let Some(mut t) = self.tracker.take() {
+            t.finish(self.att.as_mut());
+        }
+        let leave = match cfg.on_complete {
+            OnComplete::Stop => Leave::Stopped,
+            OnComplete::Kill => Leave::Killed,
+            OnComplete::Resume => Leave::AsFound,
+        };
+        if let Some(a) = self.att.take() {
+            a.detach(leave)?;
+        }
+        let auto_choices = self
+            .pipeline
+            .as_ref()
+            .and_then(|p| p.adaptive.as_ref())
+            .map(|a| a.summary())
+            .unwrap_or_default();
+        Ok(report::build(Summary {
+            cfg,
+            counters: self.handle.counters(),
+            state: &c.state,
+            page_size: self.page_size,
+            live: self.live(),
+            tracker: c.tracker_name,
+            fallback_regions,
+            threads_stopped: h.threads_stopped,
+            syncs: c.syncs,
+            expected_downtime: c.expected,
+            rounds: c.rounds,
+            auto_choices,
+            cpu_seconds: (stats::cpu_time() - c.cpu_start).as_secs_f64(),
+            ack: h.ack,
+            total: c.t_start.elapsed(),
+            setup: c.setup_time,
+            downtime: h.downtime,
+            transfer: h.transfer,
+        }))
+    }
+
+    /// Whatever happened: tracking off, throttle off, pipeline joined,
+    /// process resumed as found (dropping the attachment detaches).
+    pub fn cleanup(&mut self) {
+        if let Some(mut t) = self.throttle.take() {
+            t.finish();
+        }
+        if let Some(mut t) = self.tracker.take() {
+            t.finish(self.att.as_mut());
+        }
+        if let Some(mut p) = self.pipeline.take() {
+            if p.shutdown().is_err() {
+                self.connection_lost = true;
+            }
+            if let (Some(link), Some(w)) = (self.link.as_mut(), p.take_writer()) {
+                link.writer = Some(w);
+            }
+        }
+        self.att = None;
+    }
+
+    /// Best effort: tell the receiver why we stop, so it commits nothing
+    /// and says why; then close the connection.
+    pub fn tell_receiver(&mut self, e: &SendError) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        let quiet =
+            self.connection_lost || matches!(e, SendError::Connection(_) | SendError::Remote(_));
+        if let (false, Some(w)) = (quiet, link.writer.as_mut()) {
+            let _ = w.set_timeout(Some(Duration::from_secs(2)));
+            let code = if matches!(e, SendError::Cancelled) {
+                error_code::CANCELLED
+            } else {
+                error_code::FAILED
+            };
+            let message = format!("source: {e}");
+            let _ = protocol::write_control(w, &Control::Error { code, message });
+        }
+        link.closer.close();
+    }
+
+    fn attach_stopped(&mut self) -> Result<&mut Attachment, SendError> {
+        if self.att.is_none() {
+            self.att = Some(Attachment::seize(self.cfg.pid)?);
+        }
+        let a = self.att.as_mut().expect("just set");
+        a.stop()?;
+        Ok(a)
+    }
+
+    fn regions(&self) -> Result<Vec<process::Region>, SendError> {
+        let cfg = self.cfg;
+        let all = process::read_regions(cfg.pid)?;
+        Ok(process::select_regions(
+            cfg.pid,
+            all,
+            &cfg.regions,
+            self.page_size,
+        )?)
+    }
+
+    /// Read the maps again; tell the receiver if the table changed. Returns
+    /// the fresh parts (new regions, grown tails).
+    fn sync_regions(&mut self, state: &mut RegionState) -> Result<Vec<(usize, Run)>, SendError> {
+        let new = self.regions()?;
+        let (changed, fresh) = state.update(new);
+        if changed {
+            self.pipeline_mut()
+                .control(Control::Regions(state.table()))?;
+        }
+        Ok(fresh)
+    }
+
+    /// The tracker's dirty pages; with the target stopped (final round)
+    /// the attachment is passed along.
+    fn collect(
+        &mut self,
+        state: &RegionState,
+        fresh: &[(usize, Run)],
+    ) -> Result<dirty::Dirty, SendError> {
+        let tracker = self.tracker.as_mut().expect("live migration has a tracker");
+        Ok(tracker.collect(self.att.as_mut(), &state.regions(), fresh)?)
+    }
+
+    fn pipeline_mut(&mut self) -> &mut Pipeline {
+        self.pipeline.as_mut().expect("pipeline started")
+    }
+
+    /// Send the populated pages of `plan` as one round, end it, and report
+    /// it. Pages that could not be read are kept in `c.unsent`.
+    fn send_planned(
+        &mut self,
+        c: &mut Copy,
+        plan: &RoundPlan,
+        facts: RoundFacts,
+    ) -> Result<RoundReport, SendError> {
+        let t = Instant::now();
+        let counters = self.handle.counters().clone();
+        let before = Snapshot::take(&counters);
+        self.handle.set_round(facts.round);
+        let batch = |region: usize| Batch {
+            round: facts.round,
+            region: region as u32,
+        };
+        for (i, runs) in plan.per_region() {
+            let (runs, skipped) = c.state.populated(&c.pagemap, i, &runs)?;
+            Counters::add(&counters.skipped_pages, skipped);
+            let region = c.state.list[i].region.clone();
+            let mut src = PageSource {
+                mem: &c.mem,
+                tracker: self.tracker.as_deref_mut(),
+            };
+            self.pipeline
+                .as_mut()
+                .expect("pipeline started")
+                .send_runs(&mut src, batch(i), &region, &runs)?;
+            for run in &runs {
+                c.state.list[i].sent.insert_run(run.first, run.count as u64);
+            }
+        }
+        let pipeline = self.pipeline_mut();
+        c.unsent = std::mem::take(&mut pipeline.unreadable);
+        pipeline.end_round(facts.round)?;
+        Ok(before.report(facts, &counters, t.elapsed()))
+    }
+}
