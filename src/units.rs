@@ -56,6 +56,12 @@ mod tests {
         assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
         assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
         assert_eq!(parse_size("10mb").unwrap(), 10 << 20);
+        assert_eq!(parse_size("3MB").unwrap(), 3 << 20);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        // The agent's --size uses this too: what it refused before.
+        for bad in ["M", "12X", "-1", "99999999999999999999", "20000000T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
         assert!(parse_size("").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());

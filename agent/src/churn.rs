@@ -514,7 +514,7 @@ fn name_mapping(addr: usize, len: usize, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workload::page_size;
+    use procmig::process::page_size;
 
     #[test]
     fn churn_stays_in_bounds_and_consistent() {

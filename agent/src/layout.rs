@@ -152,56 +152,16 @@ pub struct Header {
     pub churn_rate: u64,
 }
 
-/// Byte offsets of the header fields (as documented above).
-pub mod offsets {
-    pub const MAGIC: usize = 0;
-    pub const VERSION: usize = 8;
-    pub const TOTAL_SIZE: usize = 16;
-    pub const PAGE_SIZE: usize = 24;
-    pub const DATA_PAGES: usize = 32;
-    pub const LEDGER_PAGES: usize = 40;
-    pub const PROFILE: usize = 48;
-    pub const SEED: usize = 56;
-    pub const WORKING_SET_PAGES: usize = 64;
-    pub const HOT_PAGES: usize = 72;
-    pub const THREADS: usize = 80;
-    pub const DIRTY_RATE: usize = 88;
-    pub const WRITES: usize = 96;
-    pub const RNG: usize = 104;
-    pub const INFLIGHT: usize = 616;
-    pub const CHURN_EVENTS: usize = 1128;
-    pub const DISCARDS: usize = 1136;
-    pub const KERNEL_WRITES: usize = 1144;
-    pub const DONTNEED_RATE: usize = 1152;
-    pub const KERNEL_WRITE_RATE: usize = 1160;
-    pub const CHURN_RATE: usize = 1168;
-    pub const END: usize = 1176;
-}
-
+// The table at the top of this file documents these offsets; the struct
+// is the one definition, and the layout must not change by accident.
 const _: () = {
-    assert!(offset_of!(Header, magic) == offsets::MAGIC);
-    assert!(offset_of!(Header, version) == offsets::VERSION);
-    assert!(offset_of!(Header, total_size) == offsets::TOTAL_SIZE);
-    assert!(offset_of!(Header, page_size) == offsets::PAGE_SIZE);
-    assert!(offset_of!(Header, data_pages) == offsets::DATA_PAGES);
-    assert!(offset_of!(Header, ledger_pages) == offsets::LEDGER_PAGES);
-    assert!(offset_of!(Header, profile) == offsets::PROFILE);
-    assert!(offset_of!(Header, seed) == offsets::SEED);
-    assert!(offset_of!(Header, working_set_pages) == offsets::WORKING_SET_PAGES);
-    assert!(offset_of!(Header, hot_pages) == offsets::HOT_PAGES);
-    assert!(offset_of!(Header, threads) == offsets::THREADS);
-    assert!(offset_of!(Header, dirty_rate) == offsets::DIRTY_RATE);
-    assert!(offset_of!(Header, writes) == offsets::WRITES);
-    assert!(offset_of!(Header, rng) == offsets::RNG);
-    assert!(offset_of!(Header, inflight) == offsets::INFLIGHT);
-    assert!(offset_of!(Header, churn_events) == offsets::CHURN_EVENTS);
-    assert!(offset_of!(Header, discards) == offsets::DISCARDS);
-    assert!(offset_of!(Header, kernel_writes) == offsets::KERNEL_WRITES);
-    assert!(offset_of!(Header, dontneed_rate) == offsets::DONTNEED_RATE);
-    assert!(offset_of!(Header, kernel_write_rate) == offsets::KERNEL_WRITE_RATE);
-    assert!(offset_of!(Header, churn_rate) == offsets::CHURN_RATE);
-    assert!(size_of::<Header>() == offsets::END);
+    assert!(offset_of!(Header, inflight) == 616);
+    assert!(offset_of!(Header, churn_rate) == 1168);
+    assert!(size_of::<Header>() == HEADER_LEN);
 };
+
+/// Bytes of the header.
+pub const HEADER_LEN: usize = 1176;
 
 /// Where things are in a region of a given size and page size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -320,34 +280,34 @@ fn word(bytes: &[u8], off: usize) -> u64 {
 
 impl HeaderView {
     /// Parse the header from the first bytes of a region. `None` if there
-    /// are fewer than [`offsets::END`] bytes.
+    /// are fewer than [`HEADER_LEN`] bytes.
     pub fn parse(bytes: &[u8]) -> Option<HeaderView> {
-        if bytes.len() < offsets::END {
+        if bytes.len() < HEADER_LEN {
             return None;
         }
         Some(HeaderView {
-            magic: word(bytes, offsets::MAGIC),
-            version: word(bytes, offsets::VERSION),
-            total_size: word(bytes, offsets::TOTAL_SIZE),
-            page_size: word(bytes, offsets::PAGE_SIZE),
-            data_pages: word(bytes, offsets::DATA_PAGES),
-            ledger_pages: word(bytes, offsets::LEDGER_PAGES),
-            profile: word(bytes, offsets::PROFILE),
-            seed: word(bytes, offsets::SEED),
-            working_set_pages: word(bytes, offsets::WORKING_SET_PAGES),
-            hot_pages: word(bytes, offsets::HOT_PAGES),
-            threads: word(bytes, offsets::THREADS),
-            dirty_rate: word(bytes, offsets::DIRTY_RATE),
-            writes: word(bytes, offsets::WRITES),
+            magic: word(bytes, offset_of!(Header, magic)),
+            version: word(bytes, offset_of!(Header, version)),
+            total_size: word(bytes, offset_of!(Header, total_size)),
+            page_size: word(bytes, offset_of!(Header, page_size)),
+            data_pages: word(bytes, offset_of!(Header, data_pages)),
+            ledger_pages: word(bytes, offset_of!(Header, ledger_pages)),
+            profile: word(bytes, offset_of!(Header, profile)),
+            seed: word(bytes, offset_of!(Header, seed)),
+            working_set_pages: word(bytes, offset_of!(Header, working_set_pages)),
+            hot_pages: word(bytes, offset_of!(Header, hot_pages)),
+            threads: word(bytes, offset_of!(Header, threads)),
+            dirty_rate: word(bytes, offset_of!(Header, dirty_rate)),
+            writes: word(bytes, offset_of!(Header, writes)),
             inflight: (0..MAX_THREADS)
-                .map(|t| word(bytes, offsets::INFLIGHT + 8 * t))
+                .map(|t| word(bytes, offset_of!(Header, inflight) + 8 * t))
                 .collect(),
-            churn_events: word(bytes, offsets::CHURN_EVENTS),
-            discards: word(bytes, offsets::DISCARDS),
-            kernel_writes: word(bytes, offsets::KERNEL_WRITES),
-            dontneed_rate: word(bytes, offsets::DONTNEED_RATE),
-            kernel_write_rate: word(bytes, offsets::KERNEL_WRITE_RATE),
-            churn_rate: word(bytes, offsets::CHURN_RATE),
+            churn_events: word(bytes, offset_of!(Header, churn_events)),
+            discards: word(bytes, offset_of!(Header, discards)),
+            kernel_writes: word(bytes, offset_of!(Header, kernel_writes)),
+            dontneed_rate: word(bytes, offset_of!(Header, dontneed_rate)),
+            kernel_write_rate: word(bytes, offset_of!(Header, kernel_write_rate)),
+            churn_rate: word(bytes, offset_of!(Header, churn_rate)),
         })
     }
 }

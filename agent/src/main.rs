@@ -62,7 +62,9 @@ use clap_mangen::roff::{bold, roman, Roff};
 use churn::Churn;
 use content::Profile;
 use layout::{Layout, BASE, MAX_THREADS};
-use workload::{map_region, page_size, KernelPipe, Params, Pool, Ram};
+use procmig::process::page_size;
+use procmig::units::parse_size;
+use workload::{map_region, KernelPipe, Params, Pool, Ram};
 
 const LONG_ABOUT: &str = "\
 Stand-in for guest RAM: a process that maps a RAM region at a fixed address, \
@@ -177,43 +179,6 @@ struct SampleArgs {
     seed: u64,
 }
 
-/// Parse a byte count: digits with an optional K, M, G or T suffix (powers
-/// of 1024), optionally followed by `iB` or `B`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (digits, shift) = match t.char_indices().last() {
-        Some((at, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                _ => {
-                    return Err(format!(
-                        "bad size {s:?}: unknown suffix {c:?} (use K, M, G or T)"
-                    ))
-                }
-            };
-            (&t[..at], shift)
-        }
-        _ => (t, 0),
-    };
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!(
-            "bad size {s:?}: expected a number with an optional K, M, G or T suffix"
-        ));
-    }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("bad size {s:?}: number too large"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("bad size {s:?}: number too large"))
-}
-
 /// Parse `--exit-after`: a non-negative number of seconds.
 fn parse_seconds(s: &str) -> Result<f64, String> {
     let v: f64 = s
@@ -226,10 +191,6 @@ fn parse_seconds(s: &str) -> Result<f64, String> {
         ));
     }
     Ok(v)
-}
-
-fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn main() -> ExitCode {
@@ -271,7 +232,9 @@ fn run(args: &RunArgs) -> Result<Never, String> {
         working_set_pages: args.working_set.map(|b| b.div_ceil(layout.page_size)),
         hot_pages: args.hot_pages,
         threads: usize::from(args.threads),
-        fill_threads: args.fill_threads.map_or_else(cpus, usize::from),
+        fill_threads: args
+            .fill_threads
+            .map_or_else(procmig::source::default_threads, usize::from),
         dontneed_rate: args.dontneed_rate,
         kernel_write_rate: args.kernel_writes,
         churn_rate: args.churn,
@@ -386,7 +349,7 @@ fn run(args: &RunArgs) -> Result<Never, String> {
 
 fn verify_cmd(args: &VerifyArgs) -> ExitCode {
     let started = Instant::now();
-    match verify::verify_image(&args.dir, cpus()) {
+    match verify::verify_image(&args.dir, procmig::source::default_threads()) {
         Ok(report) => {
             if args.json {
                 println!("{}", report.to_json());
@@ -563,29 +526,6 @@ fn man_sections(w: &mut dyn Write) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("64m"), Ok(64 << 20));
-        assert_eq!(parse_size("1G"), Ok(1 << 30));
-        assert_eq!(parse_size("8K"), Ok(8192));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("3MB"), Ok(3 << 20));
-        assert_eq!(parse_size("1T"), Ok(1 << 40));
-        for bad in [
-            "",
-            "M",
-            "12X",
-            "-1",
-            "1.5G",
-            "99999999999999999999",
-            "20000000T",
-        ] {
-            assert!(parse_size(bad).is_err(), "{bad:?}");
-        }
-    }
 
     #[test]
     fn seconds() {

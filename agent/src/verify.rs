@@ -647,7 +647,7 @@ mod tests {
     #[test]
     fn counter_mismatch_alone_fails() {
         let mut b = Built::new(Profile::Text, 100, 50);
-        let at = crate::layout::offsets::WRITES;
+        let at = std::mem::offset_of!(crate::layout::Header, writes);
         b.bytes()[at..at + 8].copy_from_slice(&49u64.to_ne_bytes());
         let report = b.verify();
         assert!(!report.ok());
@@ -740,7 +740,11 @@ mod tests {
             // Discarded at generation 0 too.
             b.set_gen(70, DISCARDED);
             b.page(70).fill(0);
-            set_word(&mut b, crate::layout::offsets::DISCARDS, 2);
+            set_word(
+                &mut b,
+                std::mem::offset_of!(crate::layout::Header, discards),
+                2,
+            );
             let report = b.verify();
             assert!(report.ok(), "{profile}: {:?}", report.lines());
             assert_eq!(report.discarded, 2);
@@ -757,7 +761,11 @@ mod tests {
         // The ledger says discarded, but the page still holds its last
         // generation: the migration failed to zero it.
         b.set_gen(p, DISCARDED | g);
-        set_word(&mut b, crate::layout::offsets::DISCARDS, 1);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, discards),
+            1,
+        );
         let report = b.verify();
         let bad = only_bad(&report);
         assert_eq!(
@@ -798,7 +806,11 @@ mod tests {
             b.set_gen(i, DISCARDED | g);
             b.page(i).fill(0);
         }
-        set_word(&mut b, crate::layout::offsets::DISCARDS, 1);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, discards),
+            1,
+        );
         let report = b.verify();
         assert_eq!(report.bad_total, 0);
         assert!(!report.ok());
@@ -808,9 +820,17 @@ mod tests {
             "{:?}",
             report.problems
         );
-        set_word(&mut b, crate::layout::offsets::DISCARDS, 2);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, discards),
+            2,
+        );
         assert!(b.verify().ok());
-        set_word(&mut b, crate::layout::offsets::KERNEL_WRITES, 31);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, kernel_writes),
+            31,
+        );
         assert!(b.verify().problems[0].contains("kernel_writes counter is 31"));
     }
 
@@ -821,7 +841,11 @@ mod tests {
         let g = b.gen(p);
         // Stopped after flagging the ledger, before the madvise.
         b.set_gen(p, DISCARDED | g);
-        set_word(&mut b, crate::layout::offsets::INFLIGHT + 8, p + 1);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, inflight) + 8,
+            p + 1,
+        );
         let report = b.verify();
         assert!(report.ok(), "{:?}", report.lines());
         assert_eq!(report.discarded, 1);
@@ -837,7 +861,11 @@ mod tests {
         b.page(p).fill(0);
         assert_eq!(b.verify().in_flight[0].state, Flight::Current);
         // Without the slot the counter is short.
-        set_word(&mut b, crate::layout::offsets::INFLIGHT + 8, 0);
+        set_word(
+            &mut b,
+            std::mem::offset_of!(crate::layout::Header, inflight) + 8,
+            0,
+        );
         assert!(!b.verify().ok());
     }
 
@@ -890,7 +918,7 @@ mod tests {
         assert!(err.contains("magic"), "{err}");
         b.bytes()[0] ^= 1;
 
-        let at = crate::layout::offsets::DATA_PAGES;
+        let at = std::mem::offset_of!(crate::layout::Header, data_pages);
         b.bytes()[at] ^= 1;
         let err = verify_region(b.bytes(), BASE, 1).unwrap_err();
         assert!(err.contains("inconsistent"), "{err}");

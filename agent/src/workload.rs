@@ -533,17 +533,6 @@ pub fn pace(rate: f64, mut step: impl FnMut()) -> ! {
     }
 }
 
-/// The system page size.
-pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if ps > 0 {
-        ps as u64
-    } else {
-        4096
-    }
-}
-
 /// Map `len` bytes of anonymous private memory at exactly `base`, refusing
 /// to replace an existing mapping. Transparent huge pages are disabled on
 /// it so that dirty tracking stays per 4 KiB page. The mapping is never
