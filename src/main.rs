@@ -82,9 +82,9 @@ struct SendArgs {
     /// Longest acceptable pause of the process (QEMU: downtime-limit), e.g. 300ms, 1s.
     #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
     downtime_limit: Duration,
-    /// Rounds after the bulk copy before giving up (or forcing downtime).
-    #[arg(long, value_name = "N", default_value_t = 30)]
-    max_iterations: u32,
+    /// Rounds after the bulk copy before giving up (or forcing downtime) [default: 30, and give up after 3 rounds in a row that the process dirties memory faster than it can be sent].
+    #[arg(long, value_name = "N")]
+    max_iterations: Option<u32>,
     /// Throttle a process that dirties memory faster than the link drains it (QEMU: auto-converge).
     #[arg(long)]
     auto_converge: bool,
@@ -189,7 +189,10 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.mode = a.mode;
     cfg.dirty_tracking = a.dirty_tracking;
     cfg.downtime_limit = a.downtime_limit;
-    cfg.max_iterations = a.max_iterations;
+    if let Some(n) = a.max_iterations {
+        cfg.max_iterations = n;
+        cfg.stop_early = false;
+    }
     cfg.auto_converge = a.auto_converge;
     cfg.force_downtime = a.force_downtime;
     cfg.throttle = ThrottleParams {
@@ -201,7 +204,15 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.progress = std::io::stderr().is_terminal();
     let cancel = procmig::cancel::install_signal_flag()?;
     let handle = MigrationHandle::new(&cfg, cancel);
-    let report = source::send(&cfg, &handle)?;
+    let report = match source::send(&cfg, &handle) {
+        Ok(r) => r,
+        Err(e) => {
+            if a.json {
+                println!("{}", json(&handle.failure(cfg.pid, &e)));
+            }
+            return Err(e.into());
+        }
+    };
     if a.json {
         println!("{}", json(&report));
     } else {
@@ -225,7 +236,20 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     let listener = dest::Listener::bind(cfg)?;
     // Scripts wait for this line (and read the port from it with --listen 0).
     eprintln!("procmig recv: listening on {}", listener.local_addr()?);
-    let report = listener.run(&cancel)?;
+    let report = match listener.run(&cancel) {
+        Ok(r) => r,
+        Err(e) => {
+            if a.json {
+                let status = match e {
+                    dest::RecvError::Cancelled => "cancelled",
+                    _ => "failed",
+                };
+                let v = serde_json::json!({"status": status, "error": e.to_string()});
+                println!("{}", json(&v));
+            }
+            return Err(e.into());
+        }
+    };
     if a.json {
         println!("{}", json(&report));
     } else {

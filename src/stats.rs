@@ -64,7 +64,8 @@ pub fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn ms(d: Duration) -> f64 {
+/// Milliseconds, as reports show them.
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -156,19 +157,21 @@ pub struct SendReport {
     pub rounds: Vec<RoundReport>,
 }
 
-impl SendReport {
-    pub fn set_times(
-        &mut self,
-        total: Duration,
-        setup: Duration,
-        downtime: Duration,
-        transfer: Duration,
-    ) {
-        self.total_time_ms = ms(total);
-        self.setup_time_ms = ms(setup);
-        self.downtime_ms = ms(downtime);
-        self.transfer_time_ms = ms(transfer);
-    }
+/// The source's report when a migration fails or is cancelled: what was
+/// done before, so an orchestrator still sees the rounds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SendFailure {
+    /// `failed` or `cancelled`.
+    pub status: String,
+    pub error: String,
+    pub pid: i32,
+    /// The phase it was in: setup, active (pre-copy) or device (stopped).
+    pub failed_in: String,
+    /// Bytes put on the wire.
+    pub transferred: u64,
+    pub normal: u64,
+    pub duplicate: u64,
+    pub rounds: Vec<RoundReport>,
 }
 
 fn kb(b: u64) -> u64 {

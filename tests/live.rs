@@ -268,3 +268,49 @@ fn auto_converge_throttles() {
     let pct = o.report["cpu_throttle_percentage"].as_u64().unwrap();
     assert!(pct >= 20, "throttle {pct}: {}", o.report);
 }
+
+#[test]
+fn no_convergence_is_known_early_and_reported_as_json() {
+    // No --max-iterations: procmig gives up after a few rounds in which
+    // the writer outran the link, not after 30, and --json still prints
+    // a report with every round so far.
+    let agent = Agent::start(&FAST_WRITER);
+    let dir = TempDir::new("early");
+    let recv = Recv::start(&dir.join("img"), &["--json"]);
+    let sent = send(
+        agent.pid,
+        &recv,
+        &[
+            "--max-bandwidth",
+            "20M",
+            "--downtime-limit",
+            "20ms",
+            "--compress",
+            "lz4",
+            "--json",
+        ],
+    );
+    assert_one_line_error(&sent, "does not converge");
+    let report: serde_json::Value = serde_json::from_slice(&sent.stdout).unwrap();
+    assert_eq!(report["status"], "failed", "{report}");
+    assert_eq!(report["failed_in"], "active", "{report}");
+    assert!(report["error"]
+        .as_str()
+        .unwrap()
+        .contains("--auto-converge"));
+    let rounds = report["rounds"].as_array().unwrap();
+    // The bulk round and at most 3 (+1 for a fluke) iterate rounds.
+    assert!(
+        (2..=5).contains(&rounds.len()),
+        "{} rounds: {report}",
+        rounds.len()
+    );
+    assert!(report["transferred"].as_u64().unwrap() > 0);
+    assert_running(agent.pid);
+    assert_eq!(uffd_wp_vmas(agent.pid), 0, "write-protect left registered");
+    let (ok, out, _) = recv.wait();
+    assert!(!ok);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}

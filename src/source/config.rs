@@ -55,6 +55,9 @@ pub struct SendConfig {
     pub downtime_limit: Duration,
     /// Rounds after the bulk copy before giving up (or forcing downtime).
     pub max_iterations: u32,
+    /// Give up as soon as the process has outrun the link for a few syncs
+    /// in a row (on unless the user set max_iterations).
+    pub stop_early: bool,
     pub auto_converge: bool,
     pub throttle: ThrottleParams,
     /// Go to downtime after max_iterations even if the estimate is over
@@ -78,13 +81,17 @@ impl SendConfig {
             mode: Mode::Live,
             dirty_tracking: dirty::Tracking::Auto,
             downtime_limit: Duration::from_millis(300),
-            max_iterations: 30,
+            max_iterations: DEFAULT_MAX_ITERATIONS,
+            stop_early: true,
             auto_converge: false,
             throttle: ThrottleParams::default(),
             force_downtime: false,
         }
     }
 }
+
+/// Rounds after the bulk copy when the user sets no cap.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 30;
 
 /// Pages per batch: 64 pages (256 KiB) gives zstd-1 nearly its whole-file
 /// ratio while keeping per-batch latency low (see docs/benchmarks.md).

@@ -100,6 +100,10 @@ pub struct PlanInputs {
 pub struct Limits {
     pub downtime_limit: Duration,
     pub max_iterations: u32,
+    /// Give up (or, with force_downtime, stop) once the dirty rate has
+    /// stayed above what can be sent for [`HOPELESS_SYNCS`] syncs in a row,
+    /// instead of running to max_iterations.
+    pub stop_early: bool,
     pub force_downtime: bool,
     pub auto_converge: Option<ThrottleParams>,
 }
@@ -121,11 +125,17 @@ pub struct Plan {
     pub expected_downtime: Duration,
 }
 
-/// Decides, sync after sync. Its only state is what it saw at the previous
-/// sync and auto-converge's counters.
+/// Syncs in a row with the dirty rate above the rate pages can be sent
+/// at, after which pre-copy is taken not to converge.
+pub const HOPELESS_SYNCS: u32 = 3;
+
+/// Decides, sync after sync. Its only state is what it saw at previous
+/// syncs and auto-converge's counters.
 #[derive(Debug, Default)]
 pub struct Planner {
     prev_pending: Option<u64>,
+    /// Syncs in a row at which the process dirtied faster than we send.
+    outrun: u32,
     auto: AutoConverge,
 }
 
@@ -149,8 +159,23 @@ impl Planner {
             1.0
         };
         let halving = shrink < 0.5 && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
+        // Outrun: dirtied at least as fast as we send, or the rest shrank
+        // by less than a tenth since the last sync (a working set
+        // rewritten every round: its size wobbles by a few pages).
+        // The bulk round says little about the dirty rate: count from the
+        // first iterate round on.
+        let stuck = self
+            .prev_pending
+            .is_some_and(|p| i.pending_bytes as f64 > p as f64 * 0.9);
         self.prev_pending = Some(i.pending_bytes);
-        let at_cap = i.round >= l.max_iterations;
+        self.outrun = if i.round > 0 && (shrink >= 1.0 || stuck) {
+            self.outrun + 1
+        } else {
+            0
+        };
+        // auto-converge needs rounds to throttle: it is never hopeless early.
+        let hopeless = l.stop_early && l.auto_converge.is_none() && self.outrun >= HOPELESS_SYNCS;
+        let at_cap = i.round >= l.max_iterations || hopeless;
         let decision = if expected <= l.downtime_limit
             && (!halving || expected <= NOT_WORTH_A_ROUND || at_cap)
         {
@@ -207,6 +232,7 @@ mod tests {
         Limits {
             downtime_limit: Duration::from_millis(300),
             max_iterations: 5,
+            stop_early: false,
             force_downtime: false,
             auto_converge: None,
         }
@@ -300,5 +326,61 @@ mod tests {
         // At the cap, auto-converge finishes instead of failing.
         let cap = PlanInputs { round: 5, ..hot };
         assert_eq!(p.decide(&cap, &l).decision, Decision::Downtime);
+    }
+
+    #[test]
+    fn gives_up_early_when_the_process_outruns_the_link() {
+        let l = Limits {
+            stop_early: true,
+            max_iterations: 30,
+            ..limits()
+        };
+        // Dirtying at 200 MB/s against 100 MB/s sent: hopeless.
+        let mut p = Planner::default();
+        let mut last = None;
+        for round in 0..=HOPELESS_SYNCS {
+            last = Some(p.decide(&inputs(round, 100_000_000, 200e6), &l).decision);
+            if round < HOPELESS_SYNCS {
+                assert!(matches!(last, Some(Decision::Iterate { .. })), "{round}");
+            }
+        }
+        assert_eq!(last, Some(Decision::GiveUp));
+        // A slower writer, whose rest shrinks, keeps iterating; so does a
+        // fast one under an explicit cap.
+        let mut p = Planner::default();
+        let mut pending = 1_000_000_000f64;
+        for round in 0..6 {
+            let d = p.decide(&inputs(round, pending as u64, 60e6), &l).decision;
+            assert!(matches!(d, Decision::Iterate { .. }), "{round}");
+            pending *= 0.6;
+        }
+        // A working set rewritten every round: the rest hardly shrinks,
+        // even when the measured rate is a little under the link's.
+        let mut p = Planner::default();
+        let d = (0..=HOPELESS_SYNCS)
+            .map(|round| {
+                let pending = 100_000_000 - round as u64 * 4096;
+                p.decide(&inputs(round, pending, 95e6), &l).decision
+            })
+            .last();
+        assert_eq!(d, Some(Decision::GiveUp));
+        let mut p = Planner::default();
+        for round in 0..5 {
+            let d = p
+                .decide(&inputs(round, 100_000_000, 200e6), &limits())
+                .decision;
+            assert!(matches!(d, Decision::Iterate { .. }), "{round}");
+        }
+        // With force-downtime it stops instead of failing.
+        let forced = Limits {
+            force_downtime: true,
+            ..l
+        };
+        let mut p = Planner::default();
+        for round in 0..HOPELESS_SYNCS {
+            p.decide(&inputs(round, 100_000_000, 200e6), &forced);
+        }
+        let d = p.decide(&inputs(HOPELESS_SYNCS, 100_000_000, 200e6), &forced);
+        assert_eq!(d.decision, Decision::Downtime);
     }
 }

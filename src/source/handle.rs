@@ -4,11 +4,11 @@
 //! through it; the migration reads the tunables at each batch or round.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::SendConfig;
-use crate::stats::Counters;
+use crate::stats::{Counters, RoundReport, SendFailure};
 
 /// Where a migration is, with QEMU's names (`query-migrate` status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,9 @@ impl Tunables {
 struct Shared {
     cancel: Arc<AtomicBool>,
     status: AtomicU8,
+    /// The status before it became failed or cancelled.
+    failed_in: AtomicU8,
+    rounds: Mutex<Vec<RoundReport>>,
     round: AtomicU32,
     counters: Arc<Counters>,
     tunables: Arc<Tunables>,
@@ -111,6 +114,8 @@ impl MigrationHandle {
             shared: Arc::new(Shared {
                 cancel,
                 status: AtomicU8::new(Status::Setup as u8),
+                failed_in: AtomicU8::new(Status::Setup as u8),
+                rounds: Mutex::new(Vec::new()),
                 round: AtomicU32::new(0),
                 counters: Arc::new(Counters::new(cfg.compress_threads)),
                 tunables: Arc::new(tunables),
@@ -138,7 +143,40 @@ impl MigrationHandle {
     }
 
     pub(crate) fn set_status(&self, s: Status) {
-        self.shared.status.store(s as u8, Relaxed);
+        let old = self.shared.status.swap(s as u8, Relaxed);
+        if matches!(s, Status::Failed | Status::Cancelled) {
+            self.shared.failed_in.store(old, Relaxed);
+        }
+    }
+
+    /// Rounds completed so far.
+    pub fn rounds(&self) -> Vec<RoundReport> {
+        self.shared
+            .rounds
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn push_round(&self, r: &RoundReport) {
+        if let Ok(mut v) = self.shared.rounds.lock() {
+            v.push(r.clone());
+        }
+    }
+
+    /// What a failed or cancelled migration did before it stopped.
+    pub fn failure(&self, pid: i32, error: &dyn std::fmt::Display) -> SendFailure {
+        let c = self.counters();
+        SendFailure {
+            status: self.status().to_string(),
+            error: error.to_string(),
+            pid,
+            failed_in: Status::from_u8(self.shared.failed_in.load(Relaxed)).to_string(),
+            transferred: Counters::get(&c.wire_bytes),
+            normal: Counters::get(&c.normal_pages),
+            duplicate: Counters::get(&c.zero_pages),
+            rounds: self.rounds(),
+        }
     }
 
     /// The round being sent (0 is the bulk copy).

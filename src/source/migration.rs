@@ -177,7 +177,7 @@ impl<'a> Migration<'a> {
         let facts = RoundFacts {
             round: 0,
             dirty_pages: 0,
-            dirtied_over: Duration::ZERO,
+            dirty_rate: 0.0,
             expected_downtime: Duration::ZERO,
             throttle_percent: 0,
         };
@@ -215,6 +215,7 @@ impl<'a> Migration<'a> {
                         expected_ms: p.expected_downtime.as_secs_f64() * 1000.0,
                         limit_ms: limits.downtime_limit.as_millis(),
                         rate: c.dirty_rate,
+                        send_rate: inputs.wire_rate * inputs.ratio / self.page_size as f64,
                     })
                 }
                 Decision::Iterate { throttle } => {
@@ -225,7 +226,7 @@ impl<'a> Migration<'a> {
                     let facts = RoundFacts {
                         round: c.round,
                         dirty_pages: dirty.pages(),
-                        dirtied_over: since,
+                        dirty_rate: c.dirty_rate,
                         expected_downtime: p.expected_downtime,
                         throttle_percent: c.planner.throttle_percent(),
                     };
@@ -267,6 +268,7 @@ impl<'a> Migration<'a> {
         Limits {
             downtime_limit: self.handle.tunables().downtime_limit(),
             max_iterations: cfg.max_iterations,
+            stop_early: cfg.stop_early,
             force_downtime: cfg.force_downtime,
             auto_converge: cfg.auto_converge.then_some(cfg.throttle),
         }
@@ -294,13 +296,12 @@ impl<'a> Migration<'a> {
         let facts = RoundFacts {
             round: c.round,
             dirty_pages: dirty.pages() + carried.pages(),
-            dirtied_over: Duration::ZERO,
+            dirty_rate: c.dirty_rate,
             expected_downtime: c.expected,
             throttle_percent: 0,
         };
         let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &carried);
-        let mut r = self.send_planned(c, &plan, facts)?;
-        r.dirty_rate = c.dirty_rate;
+        let r = self.send_planned(c, &plan, facts)?;
         c.rounds.push(r);
         Ok(())
     }
@@ -512,6 +513,8 @@ impl<'a> Migration<'a> {
         let pipeline = self.pipeline_mut();
         c.unsent = std::mem::take(&mut pipeline.unreadable);
         pipeline.end_round(facts.round)?;
-        Ok(before.report(facts, &counters, t.elapsed()))
+        let r = before.report(facts, &counters, t.elapsed());
+        self.handle.push_round(&r);
+        Ok(r)
     }
 }

@@ -50,7 +50,9 @@ use crate::dirty;
 use crate::process::{self, ProcessError};
 use crate::protocol::transport;
 use crate::stats::SendReport;
-pub use config::{default_threads, Mode, OnComplete, SendConfig, DEFAULT_BATCH_PAGES};
+pub use config::{
+    default_threads, Mode, OnComplete, SendConfig, DEFAULT_BATCH_PAGES, DEFAULT_MAX_ITERATIONS,
+};
 pub use converge::ThrottleParams;
 pub use handle::{MigrationHandle, Status, Tunables};
 use migration::Migration;
@@ -86,13 +88,16 @@ pub enum SendError {
     #[error("process {0} exited during the migration")]
     Exited(i32),
     /// Pre-copy did not converge within the iteration cap.
-    #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms, dirty rate {rate:.0} pages/s); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
+    #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
     NotConverging {
         rounds: u32,
         dirty_pages: u64,
         expected_ms: f64,
         limit_ms: u128,
+        /// Pages dirtied per second.
         rate: f64,
+        /// Pages sent per second.
+        send_rate: f64,
     },
 }
 

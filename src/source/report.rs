@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::regions::RegionState;
 use super::SendConfig;
 use crate::protocol::AckInfo;
-use crate::stats::{self, CompressionReport, Counters, RoundReport, SendReport};
+use crate::stats::{self, ms, CompressionReport, Counters, RoundReport, SendReport};
 
 /// Round reports start from the counters at the round's start.
 pub struct Snapshot {
@@ -21,8 +21,9 @@ pub struct RoundFacts {
     pub round: u32,
     /// Pages the tracker reported written (0 for the bulk round).
     pub dirty_pages: u64,
-    /// Over how long they were dirtied.
-    pub dirtied_over: Duration,
+    /// Pages per second dirtied before the round (the last measured rate,
+    /// for the final round).
+    pub dirty_rate: f64,
     pub expected_downtime: Duration,
     pub throttle_percent: u32,
 }
@@ -46,14 +47,10 @@ impl Snapshot {
                 + (Counters::get(&c.zero_pages) - self.zero),
             raw_bytes: Counters::get(&c.read_bytes) - self.read,
             bytes,
-            duration_ms: took.as_secs_f64() * 1000.0,
-            dirty_rate: if f.dirtied_over > Duration::ZERO {
-                f.dirty_pages as f64 / f.dirtied_over.as_secs_f64()
-            } else {
-                0.0
-            },
+            duration_ms: ms(took),
+            dirty_rate: f.dirty_rate,
             throughput_mbps: stats::mbps(bytes, took),
-            expected_downtime_ms: f.expected_downtime.as_secs_f64() * 1000.0,
+            expected_downtime_ms: ms(f.expected_downtime),
             throttle_percent: f.throttle_percent,
         }
     }
@@ -79,10 +76,6 @@ pub struct Summary<'a> {
     pub setup: Duration,
     pub downtime: Duration,
     pub transfer: Duration,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 fn compression(s: &Summary) -> CompressionReport {
