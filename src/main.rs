@@ -276,6 +276,9 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         for d in &report.first_differences {
             println!("  {:#x} {} ({})", d.addr, d.what, d.region);
         }
+        if let Some(c) = report.caveat() {
+            println!("note: {c}");
+        }
     }
     Ok(if report.identical() {
         ExitCode::SUCCESS

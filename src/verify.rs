@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::image::{Image, ImageError};
-use crate::process::{Attachment, MemReader, ProcessError};
+use crate::process::{process_state, Attachment, MemReader, ProcessError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -30,11 +30,26 @@ pub struct VerifyReport {
     pub pages_differing: u64,
     /// The first differing pages (at most `max_listed`).
     pub first_differences: Vec<Difference>,
+    /// The process was running (not stopped) when verify began: its
+    /// memory has moved on since it was migrated, so differences are
+    /// expected and say nothing about the image.
+    pub was_running: bool,
 }
 
 impl VerifyReport {
     pub fn identical(&self) -> bool {
         self.pages_differing == 0
+    }
+
+    /// What a reader should know besides the numbers, if anything.
+    pub fn caveat(&self) -> Option<String> {
+        (self.was_running && !self.identical()).then(|| {
+            format!(
+                "process {} was running when verify started, so its memory has moved on since the migration; \
+                 to compare, migrate with --on-complete stop (the default) and verify the stopped process",
+                self.pid
+            )
+        })
     }
 }
 
@@ -48,6 +63,8 @@ pub fn verify_process(
     image: &Image,
     max_listed: usize,
 ) -> Result<VerifyReport, VerifyError> {
+    // 'T' (stopped) or 't' (traced): anything else runs and changes.
+    let was_running = !matches!(process_state(pid)?, 'T' | 't');
     let mut attachment = Attachment::seize(pid)?;
     attachment.stop()?;
     let mem = MemReader::open(pid)?;
@@ -58,6 +75,7 @@ pub fn verify_process(
         pages_compared: 0,
         pages_differing: 0,
         first_differences: Vec::new(),
+        was_running,
     };
     let mut buf = vec![0u8; CHUNK as usize];
     for rec in &image.manifest.regions {

@@ -285,3 +285,45 @@ fn compress_auto_adapts_to_a_slow_link() {
         "{r}"
     );
 }
+
+#[test]
+fn verify_says_when_the_process_ran_on() {
+    // Resumed after the migration, a busy process moves on: verify must
+    // say so instead of only reporting differences.
+    let agent = Agent::start(&["--size", "4M", "--dirty-rate", "20000"]);
+    let dir = TempDir::new("ranon");
+    let out = dir.join("img");
+    let recv = Recv::start(&out, &[]);
+    let sent = send(
+        agent.pid,
+        &recv,
+        &[
+            "--on-complete",
+            "resume",
+            "--max-iterations",
+            "3",
+            "--force-downtime",
+        ],
+    );
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    assert!(recv.wait().0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let v = loop {
+        let v = run(&[
+            "verify",
+            "--pid",
+            &agent.pid.to_string(),
+            "--image",
+            out.to_str().unwrap(),
+        ]);
+        if v.status.code() == Some(1) || std::time::Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v.stdout));
+    let s = text(&v.stdout);
+    assert!(s.contains("DIFFERENT"), "{s}");
+    assert!(s.contains("was running when verify started"), "{s}");
+    assert_running(agent.pid);
+}
