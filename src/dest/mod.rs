@@ -3,26 +3,24 @@
 //! image atomically. On any failure the staging directory is removed and
 //! the source is told why in an Error frame.
 
-mod apply;
 mod staging;
+mod workers;
 
 use std::io::{self, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::{bounded, Receiver as Rx, Sender};
 
 use crate::protocol::{
     self, error_code, AckInfo, Control, Hello, Kind, ReadError, RegionEntry, Run, Totals, Welcome,
     WireCodec,
 };
 use crate::stats::{self, RecvReport};
-use apply::{ApplyJob, Regions, RoundMap};
 use staging::Staging;
 pub use staging::StagingError;
+use workers::{ApplyJob, Regions, RoundMap, WorkerPool};
 
 /// Everything `procmig recv` needs, validated.
 #[derive(Debug, Clone)]
@@ -302,11 +300,7 @@ impl Session<'_> {
         };
 
         let threads = self.cfg.decompress_threads.max(1);
-        let busy = Arc::new((0..threads).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
-        let (job_tx, job_rx) = bounded::<ApplyJob>(threads * 2);
-        let (done_tx, done_rx) = bounded::<Result<(), String>>(threads * 4 + 8);
-        let (free_tx, free_rx) = bounded::<Vec<u8>>(threads * 4 + 4);
-        let workers = apply::spawn_workers(threads, job_rx, done_tx, free_tx, busy.clone());
+        let mut pool = WorkerPool::spawn(threads);
         let total: u64 = table.iter().map(|e| e.end - e.start).sum();
         let progress_counters = Arc::new(stats::Counters::new(0));
         let progress = self
@@ -314,24 +308,14 @@ impl Session<'_> {
             .progress
             .then(|| crate::progress::Progress::start("recv", total, progress_counters.clone()));
 
-        let mut pipeline = Pipeline {
-            jobs: Some(job_tx),
-            done: done_rx,
-            free: free_rx,
-            in_flight: 0,
-        };
-        let result = self.stream_loop(&mut r, &mut st, &mut pipeline, &progress_counters);
+        let result = self.stream_loop(&mut r, &mut st, &mut pool, &progress_counters);
         // Stop the workers in every case before touching the mappings again.
-        let drained = pipeline.drain();
-        drop(pipeline);
-        for w in workers {
-            let _ = w.join();
-        }
+        let drained = pool.finish();
         if let Some(p) = progress {
             p.finish();
         }
         let totals = result?;
-        drained.map_err(|e| self.bad(e))?;
+        drained.map_err(|e| self.bad(e.to_string()))?;
 
         let got = &st.got;
         let expect = Totals {
@@ -359,7 +343,11 @@ impl Session<'_> {
         st.staging
             .commit(&regions.files, hello.pid, &hello.comm, ps)?;
         let commit = t_commit.elapsed();
-        let busy_ns: u64 = busy.iter().map(|b| b.load(Ordering::Relaxed)).sum();
+        let busy_ns: u64 = pool
+            .busy_ns()
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum();
         protocol::write_control(
             &mut self.sock,
             &Control::Ack(AckInfo {
@@ -385,7 +373,7 @@ impl Session<'_> {
             rounds: totals.rounds,
             codec: codec_name(st.codec),
             decompress_threads: threads,
-            thread_busy_percent: stats::busy_percent(&busy, transfer),
+            thread_busy_percent: stats::busy_percent(pool.busy_ns(), transfer),
             commit_ms: commit.as_secs_f64() * 1000.0,
             cpu_seconds: (stats::cpu_time() - cpu0).as_secs_f64(),
         })
@@ -429,7 +417,7 @@ impl Session<'_> {
         &self,
         r: &mut impl io::Read,
         st: &mut Stream,
-        pipeline: &mut Pipeline,
+        pool: &mut WorkerPool,
         progress: &stats::Counters,
     ) -> Result<Totals, RecvError> {
         let ps = st.regions.page_size;
@@ -443,11 +431,10 @@ impl Session<'_> {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(RecvError::Cancelled);
             }
-            pipeline.poll().map_err(|e| self.bad(e))?;
-            let mut buf = pipeline
-                .free
-                .try_recv()
-                .unwrap_or(std::mem::take(&mut payload));
+            pool.poll().map_err(|e| self.bad(e.to_string()))?;
+            let mut buf = pool
+                .spare_buffer()
+                .unwrap_or_else(|| std::mem::take(&mut payload));
             let kind = protocol::read_frame(r, &mut buf).map_err(|e| self.read_err(e))?;
             let frame_len = (protocol::HEADER_LEN + buf.len()) as u64;
             st.got.bytes += frame_len;
@@ -472,13 +459,12 @@ impl Session<'_> {
                     .populated
                     .fetch_add(pages, Ordering::Relaxed);
                 stats::Counters::add(&progress.read_bytes, h.raw_len as u64);
-                pipeline
-                    .submit(ApplyJob {
-                        header: h,
-                        payload: buf,
-                        regions: st.regions.clone(),
-                    })
-                    .map_err(|e| self.bad(e))?;
+                pool.submit(ApplyJob {
+                    header: h,
+                    payload: buf,
+                    regions: st.regions.clone(),
+                })
+                .map_err(|e| self.bad(e.to_string()))?;
                 continue;
             }
             let control = Control::decode(kind, &buf).map_err(|e| self.bad(e.to_string()))?;
@@ -510,14 +496,8 @@ impl Session<'_> {
                         return Err(self.bad("region table changed in the middle of a round"));
                     }
                     self.check_table(&table, ps)?;
-                    pipeline.barrier().map_err(|e| self.bad(e))?;
-                    let old = std::mem::replace(
-                        &mut st.regions,
-                        Arc::new(Regions {
-                            files: Vec::new(),
-                            page_size: ps,
-                        }),
-                    );
+                    pool.barrier().map_err(|e| self.bad(e.to_string()))?;
+                    let old = std::mem::replace(&mut st.regions, Arc::new(Regions::empty(ps)));
                     let old = Arc::try_unwrap(old)
                         .map_err(|_| self.bad("internal: region files still shared"))?;
                     let files = st.staging.reconcile(old.files, &table, ps)?;
@@ -530,13 +510,13 @@ impl Session<'_> {
                     if rd != round {
                         return Err(self.bad(format!("RoundEnd {rd} in round {round}")));
                     }
-                    pipeline.barrier().map_err(|e| self.bad(e))?;
+                    pool.barrier().map_err(|e| self.bad(e.to_string()))?;
                     map.clear();
                     round += 1;
                     round_started = false;
                 }
                 Control::End(totals) => {
-                    pipeline.barrier().map_err(|e| self.bad(e))?;
+                    pool.barrier().map_err(|e| self.bad(e.to_string()))?;
                     return Ok(totals);
                 }
                 Control::Error { message, .. } => return Err(RecvError::Aborted(message)),
@@ -571,79 +551,5 @@ fn codec_name(c: Option<WireCodec>) -> String {
         Some(WireCodec::Zlib) => "zlib".into(),
         Some(WireCodec::Zstd) => "zstd".into(),
         Some(WireCodec::Lz4) => "lz4".into(),
-    }
-}
-
-/// The dispatcher's view of the worker pool.
-struct Pipeline {
-    jobs: Option<Sender<ApplyJob>>,
-    done: Rx<Result<(), String>>,
-    free: Rx<Vec<u8>>,
-    in_flight: usize,
-}
-
-impl Pipeline {
-    fn take_result(&mut self, r: Result<(), String>) -> Result<(), String> {
-        self.in_flight -= 1;
-        r
-    }
-
-    /// Collect finished jobs without waiting; the first error ends it.
-    fn poll(&mut self) -> Result<(), String> {
-        while let Ok(r) = self.done.try_recv() {
-            self.take_result(r)?;
-        }
-        Ok(())
-    }
-
-    fn submit(&mut self, job: ApplyJob) -> Result<(), String> {
-        let jobs = self.jobs.clone().ok_or("pipeline closed")?;
-        // Keep `done` drained while waiting for room, so workers never block.
-        let mut job = job;
-        loop {
-            match jobs.send_timeout(job, Duration::from_millis(50)) {
-                Ok(()) => break,
-                Err(crossbeam_channel::SendTimeoutError::Timeout(j)) => {
-                    job = j;
-                    self.poll()?;
-                }
-                Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => {
-                    return Err("decompression workers stopped".into())
-                }
-            }
-        }
-        self.in_flight += 1;
-        Ok(())
-    }
-
-    /// Wait until every submitted job is applied.
-    fn barrier(&mut self) -> Result<(), String> {
-        while self.in_flight > 0 {
-            let r = self
-                .done
-                .recv()
-                .map_err(|_| "decompression workers stopped".to_string())?;
-            self.take_result(r)?;
-        }
-        Ok(())
-    }
-
-    /// Close the job queue and wait for what is in flight.
-    fn drain(&mut self) -> Result<(), String> {
-        self.jobs = None;
-        let mut first = Ok(());
-        while self.in_flight > 0 {
-            match self.done.recv() {
-                Ok(r) => {
-                    if let Err(e) = self.take_result(r) {
-                        if first.is_ok() {
-                            first = Err(e);
-                        }
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        first
     }
 }
