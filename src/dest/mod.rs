@@ -3,6 +3,7 @@
 //! image atomically. On any failure the staging directory is removed and
 //! the source is told why in an Error frame.
 
+mod report;
 mod staging;
 mod workers;
 
@@ -18,6 +19,7 @@ use crate::protocol::{
     WireCodec,
 };
 use crate::stats::{self, RecvReport};
+use report::{Received, Summary};
 use staging::Staging;
 pub use staging::StagingError;
 use workers::{ApplyJob, Regions, RoundMap, WorkerPool};
@@ -174,16 +176,6 @@ struct Session<'a> {
     cancel: &'a AtomicBool,
 }
 
-/// Read-side counters.
-#[derive(Default)]
-struct Got {
-    normal_pages: u64,
-    zero_pages: u64,
-    page_frames: u64,
-    zero_frames: u64,
-    bytes: u64,
-}
-
 impl Session<'_> {
     fn bad(&self, reason: impl Into<String>) -> RecvError {
         RecvError::Stream {
@@ -295,7 +287,7 @@ impl Session<'_> {
                 page_size: ps,
             }),
             staging,
-            got: Got::default(),
+            got: Received::default(),
             codec: None,
         };
 
@@ -317,14 +309,7 @@ impl Session<'_> {
         let totals = result?;
         drained.map_err(|e| self.bad(e.to_string()))?;
 
-        let got = &st.got;
-        let expect = Totals {
-            rounds: totals.rounds,
-            normal_pages: got.normal_pages,
-            zero_pages: got.zero_pages,
-            page_frames: got.page_frames,
-            zero_frames: got.zero_frames,
-        };
+        let expect = st.got.totals(totals.rounds);
         if expect != totals {
             return Err(self.bad(format!(
                 "totals differ: source sent {totals:?}, received {expect:?}"
@@ -358,25 +343,21 @@ impl Session<'_> {
             }),
         )
         .map_err(|e| self.bad(format!("sending acknowledgement: {e}")))?;
-        Ok(RecvReport {
-            status: "completed".into(),
-            out: self.cfg.out.display().to_string(),
+        Ok(RecvReport::from(Summary {
+            out: &self.cfg.out,
             source_pid: hello.pid,
-            source_comm: hello.comm,
-            total_time_ms: t0.elapsed().as_secs_f64() * 1000.0,
-            received: st.got.bytes,
-            throughput_mbps: stats::mbps(st.got.bytes, transfer),
+            source_comm: &hello.comm,
+            received: &st.got,
+            rounds: totals.rounds,
             regions: n_regions,
             total,
-            normal: st.got.normal_pages,
-            duplicate: st.got.zero_pages,
-            rounds: totals.rounds,
-            codec: codec_name(st.codec),
-            decompress_threads: threads,
-            thread_busy_percent: stats::busy_percent(pool.busy_ns(), transfer),
-            commit_ms: commit.as_secs_f64() * 1000.0,
-            cpu_seconds: (stats::cpu_time() - cpu0).as_secs_f64(),
-        })
+            codec: st.codec,
+            busy_ns: pool.busy_ns(),
+            elapsed: t0.elapsed(),
+            transfer,
+            commit,
+            cpu: stats::cpu_time() - cpu0,
+        }))
     }
 
     /// Check a run list against the region table and this round's map.
@@ -530,7 +511,7 @@ impl Session<'_> {
 struct Stream {
     regions: Arc<Regions>,
     staging: Staging,
-    got: Got,
+    got: Received,
     codec: Option<WireCodec>,
 }
 
@@ -541,15 +522,5 @@ fn zero_pages(rf: &staging::RegionFile, runs: &[Run], ps: u64) {
         // SAFETY: the run was checked against the region's page count, and
         // no worker writes these pages now (RoundMap).
         unsafe { std::ptr::write_bytes(rf.ptr().add(at), 0, len) };
-    }
-}
-
-fn codec_name(c: Option<WireCodec>) -> String {
-    match c {
-        None => "none".into(),
-        Some(WireCodec::Raw) => "none".into(),
-        Some(WireCodec::Zlib) => "zlib".into(),
-        Some(WireCodec::Zstd) => "zstd".into(),
-        Some(WireCodec::Lz4) => "lz4".into(),
     }
 }
