@@ -185,7 +185,7 @@ impl Staging {
     /// Digest and sync every region, write the manifest, and rename the
     /// staging directory to the output path.
     pub fn commit(
-        mut self,
+        &mut self,
         regions: &[RegionFile],
         pid: u32,
         comm: &str,
@@ -193,28 +193,7 @@ impl Staging {
     ) -> Result<(), StagingError> {
         let mut records = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
-            let path = self.dir.join(image::region_file_name(i));
-            fs::rename(&r.path, &path).map_err(write_err(&path))?;
-            let digest = match &r.map {
-                Some(m) => {
-                    m.flush().map_err(write_err(&path))?;
-                    // SAFETY: every writer thread has finished (the caller
-                    // passed the final barrier), so nothing mutates the
-                    // mapping while this slice lives.
-                    let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
-                    image::digest(bytes)
-                }
-                None => image::digest(&[]),
-            };
-            records.push(RegionRecord {
-                start: r.entry.start,
-                end: r.entry.end,
-                perms: r.entry.perms(),
-                name: r.entry.name.clone(),
-                file: image::region_file_name(i),
-                populated_pages: r.populated.load(Ordering::Relaxed),
-                xxh3: image::hex_digest(digest),
-            });
+            records.push(self.finish_region(i, r)?);
         }
         let manifest = Manifest {
             format: image::FORMAT_NAME.into(),
@@ -238,8 +217,39 @@ impl Staging {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(write_err(&self.dir))?;
+        self.rename_into_place()
+    }
 
-        // Replace an existing output only now, when the new one is complete.
+    /// Give region `i` its final name, sync it, and describe it for the
+    /// manifest.
+    fn finish_region(&self, i: usize, r: &RegionFile) -> Result<RegionRecord, StagingError> {
+        let path = self.dir.join(image::region_file_name(i));
+        fs::rename(&r.path, &path).map_err(write_err(&path))?;
+        let digest = match &r.map {
+            Some(m) => {
+                m.flush().map_err(write_err(&path))?;
+                // SAFETY: every writer thread has finished (the caller
+                // passed the final barrier), so nothing mutates the
+                // mapping while this slice lives.
+                let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
+                image::digest(bytes)
+            }
+            None => image::digest(&[]),
+        };
+        Ok(RegionRecord {
+            start: r.entry.start,
+            end: r.entry.end,
+            perms: r.entry.perms(),
+            name: r.entry.name.clone(),
+            file: image::region_file_name(i),
+            populated_pages: r.populated.load(Ordering::Relaxed),
+            xxh3: image::hex_digest(digest),
+        })
+    }
+
+    /// Rename the complete staging directory to the output path, replacing
+    /// an existing output (with --force) only now.
+    fn rename_into_place(&mut self) -> Result<(), StagingError> {
         let old = self.out.with_file_name(format!(
             ".{}.old-{}",
             self.out

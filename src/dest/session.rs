@@ -1,0 +1,662 @@
+//! One migration on one connection, as an explicit state machine: which
+//! frames each state accepts, what is checked, and where each leads.
+//!
+//! ```text
+//!  state                    frame            checks and action                          next state
+//!  -----------------------  ---------------  -----------------------------------------  ----------------------
+//!  AwaitHello               Hello            versions overlap (else an Error frame      AwaitRegions
+//!                                            with code VERSION), page size, codec;
+//!                                            send Welcome
+//!                           anything else    "expected Hello"                           failed
+//!  AwaitRegions             Regions          bounds of each region, total cap;          InRound{0, false}
+//!                                            create the region files
+//!                           Error            the source aborted                         failed
+//!                           anything else    "expected Regions"                         failed
+//!  InRound{round, started}  Pages            of this round; runs inside the region;     InRound{round, true}
+//!                                            no page twice this round; to a worker
+//!                           Zero             the same checks; zero the pages            InRound{round, true}
+//!                                            (round 0: the files are still zero)
+//!                           Regions          only before any page of the round          InRound{round, false}
+//!                                            ("region table changed in the middle
+//!                                            of a round"); table checks, barrier,
+//!                                            files kept, resized, created, removed
+//!                           RoundEnd(round)  of this round; barrier (the whole round    InRound{round+1, false}
+//!                                            is applied); forget the round's pages
+//!                           End(totals)      barrier; stop the workers; totals          Applied
+//!                                            compared; send Applied (downtime ends)
+//!                           Error            the source aborted                         failed
+//!                           anything else    "unexpected ... frame"                     failed
+//!  Applied                  (none read)      digest, sync, rename into place;           Committed
+//!                                            send Ack
+//!  Committed                (none read)      the report                                 (done)
+//! ```
+//!
+//! Failure, from any state: the workers are stopped, the staging directory
+//! is removed, and the source is sent an Error frame with the reason,
+//! unless it is the source that aborted. A cancel (SIGINT/SIGTERM) is
+//! checked before each frame is read.
+
+use std::io::BufReader;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::report::{Received, Summary};
+use super::staging::{RegionFile, Staging, StagingError};
+use super::workers::{ApplyError, ApplyJob, Regions, RoundMap, WorkerPool};
+use super::{RecvConfig, RecvError, StreamError};
+use crate::progress::Progress;
+use crate::protocol::transport::{Reader, Writer};
+use crate::protocol::{
+    self, error_code, AckInfo, Control, DecodeError, Hello, Kind, PagesHeader, ReadError,
+    RegionEntry, Run, Totals, Welcome, WireCodec,
+};
+use crate::stats::{self, Counters, RecvReport};
+
+/// Most bytes of virtual address space an image may describe (the x86-64
+/// user address space); the region files are sparse.
+const MAX_TOTAL: u64 = 1 << 47;
+
+/// Where the session stands; the table above says what each state accepts.
+enum State {
+    AwaitHello,
+    AwaitRegions,
+    /// Receiving round `round`; `started` once it had a Pages or Zero frame
+    /// (a new region table may only come before that).
+    InRound {
+        round: u32,
+        started: bool,
+    },
+    /// Every page is applied and Applied was sent; the image is not yet
+    /// committed.
+    Applied {
+        rounds: u32,
+        transfer: Duration,
+    },
+    Committed(Box<RecvReport>),
+}
+
+/// Why a session ended early, before the peer's name is put on it.
+enum Stop {
+    Stream(StreamError),
+    Aborted(String),
+    Staging(StagingError),
+    Cancelled,
+}
+
+impl From<StreamError> for Stop {
+    fn from(e: StreamError) -> Stop {
+        Stop::Stream(e)
+    }
+}
+
+impl From<StagingError> for Stop {
+    fn from(e: StagingError) -> Stop {
+        Stop::Staging(e)
+    }
+}
+
+impl From<ReadError> for Stop {
+    fn from(e: ReadError) -> Stop {
+        Stop::Stream(e.into())
+    }
+}
+
+impl From<DecodeError> for Stop {
+    fn from(e: DecodeError) -> Stop {
+        Stop::Stream(e.into())
+    }
+}
+
+impl From<ApplyError> for Stop {
+    fn from(e: ApplyError) -> Stop {
+        Stop::Stream(e.into())
+    }
+}
+
+impl Stop {
+    fn into_error(self, peer: String) -> RecvError {
+        match self {
+            Stop::Stream(source) => RecvError::Stream { peer, source },
+            Stop::Aborted(message) => RecvError::Aborted(message),
+            Stop::Staging(e) => RecvError::Staging(e),
+            Stop::Cancelled => RecvError::Cancelled,
+        }
+    }
+}
+
+/// One frame read in a round.
+enum Frame {
+    Pages(PagesHeader, Vec<u8>),
+    Control(Control),
+}
+
+/// The migrating process, as Hello describes it.
+#[derive(Default)]
+struct Source {
+    pid: u32,
+    comm: String,
+    page_size: u64,
+}
+
+/// One migration being received.
+pub struct Session<'a> {
+    cfg: &'a RecvConfig,
+    cancel: &'a AtomicBool,
+    peer: String,
+    reader: BufReader<Reader>,
+    writer: Writer,
+    /// Filled in by Hello.
+    source: Source,
+    /// Declared before the region files and the staging directory, so that
+    /// when dropped the workers stop before those go.
+    pool: WorkerPool,
+    regions: Arc<Regions>,
+    staging: Staging,
+    /// Pages seen in the current round.
+    round_map: RoundMap,
+    received: Received,
+    codec: Option<WireCodec>,
+    /// A buffer to read the next frame into when no worker gave one back.
+    spare: Vec<u8>,
+    counters: Arc<Counters>,
+    progress: Option<Progress>,
+    started: Instant,
+    cpu0: Duration,
+}
+
+impl<'a> Session<'a> {
+    pub fn new(
+        cfg: &'a RecvConfig,
+        peer: String,
+        reader: Reader,
+        writer: Writer,
+        staging: Staging,
+        cancel: &'a AtomicBool,
+    ) -> Session<'a> {
+        Session {
+            cfg,
+            cancel,
+            peer,
+            reader: BufReader::with_capacity(1 << 20, reader),
+            writer,
+            source: Source::default(),
+            pool: WorkerPool::spawn(cfg.decompress_threads.max(1)),
+            regions: Arc::new(Regions::empty(0)),
+            staging,
+            round_map: RoundMap::default(),
+            received: Received::default(),
+            codec: None,
+            spare: Vec::new(),
+            counters: Arc::new(Counters::new(0)),
+            progress: None,
+            started: Instant::now(),
+            cpu0: stats::cpu_time(),
+        }
+    }
+
+    /// Receive the migration: run the state machine to Committed, or fail.
+    pub fn run(mut self) -> Result<RecvReport, RecvError> {
+        let stop = match self.drive() {
+            Ok(report) => return Ok(report),
+            Err(stop) => stop,
+        };
+        // Stop the workers before the mappings go; the first error wins.
+        let _ = self.stop_workers();
+        let Session {
+            staging,
+            mut writer,
+            peer,
+            ..
+        } = self;
+        drop(staging);
+        let e = stop.into_error(peer);
+        // Tell the source why, unless it is the one that failed.
+        if !matches!(e, RecvError::Aborted(_)) {
+            let _ = writer.set_timeout(Some(Duration::from_secs(2)));
+            let _ = protocol::write_control(
+                &mut writer,
+                &Control::Error {
+                    code: error_code::FAILED,
+                    message: e.to_string(),
+                },
+            );
+        }
+        Err(e)
+    }
+
+    fn drive(&mut self) -> Result<RecvReport, Stop> {
+        let mut state = State::AwaitHello;
+        loop {
+            if !matches!(state, State::Applied { .. } | State::Committed(_)) {
+                // Before each frame is read.
+                self.check_cancel()?;
+            }
+            state = match state {
+                State::AwaitHello => self.await_hello()?,
+                State::AwaitRegions => self.await_regions()?,
+                State::InRound { round, started } => self.in_round(round, started)?,
+                State::Applied { rounds, transfer } => self.commit(rounds, transfer)?,
+                State::Committed(report) => return Ok(*report),
+            };
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), Stop> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(Stop::Cancelled);
+        }
+        Ok(())
+    }
+
+    /// Read one frame into a reused buffer.
+    fn read(&mut self) -> Result<(Kind, Vec<u8>), Stop> {
+        let mut buf = self
+            .pool
+            .spare_buffer()
+            .unwrap_or_else(|| std::mem::take(&mut self.spare));
+        let kind = protocol::read_frame(&mut self.reader, &mut buf)?;
+        Ok((kind, buf))
+    }
+
+    /// Read one frame that must be a control frame.
+    fn read_control(&mut self) -> Result<Control, Stop> {
+        let (kind, buf) = self.read()?;
+        let control = Control::decode(kind, &buf);
+        self.spare = buf;
+        Ok(control?)
+    }
+
+    fn send(&mut self, control: &Control) -> std::io::Result<()> {
+        protocol::write_control(&mut self.writer, control)
+    }
+
+    fn await_hello(&mut self) -> Result<State, Stop> {
+        let hello = match self.read_control() {
+            Ok(Control::Hello(h)) => h,
+            Ok(other) => {
+                return Err(StreamError::Expected {
+                    expected: Kind::Hello,
+                    got: other.kind(),
+                }
+                .into())
+            }
+            Err(Stop::Stream(StreamError::Decode(e))) => {
+                return Err(StreamError::NotProcmig(e).into())
+            }
+            Err(e) => return Err(e),
+        };
+        self.on_hello(hello)
+    }
+
+    fn on_hello(&mut self, hello: Hello) -> Result<State, Stop> {
+        let version = match protocol::negotiate(hello.min_version, hello.version) {
+            Ok(v) => v,
+            Err(mismatch) => {
+                let e = StreamError::Version(mismatch);
+                let _ = self.send(&Control::Error {
+                    code: error_code::VERSION,
+                    message: e.to_string(),
+                });
+                return Err(e.into());
+            }
+        };
+        let ps = hello.page_size;
+        if !ps.is_power_of_two() || !(4096..=protocol::MAX_PAGE_SIZE).contains(&ps) {
+            return Err(StreamError::PageSize(ps).into());
+        }
+        WireCodec::from_u8(hello.codec)?;
+        self.send(&Control::Welcome(Welcome {
+            version,
+            capabilities: protocol::CAPABILITIES,
+            decompress_threads: self.cfg.decompress_threads as u16,
+        }))
+        .map_err(StreamError::SendWelcome)?;
+        self.source = Source {
+            pid: hello.pid,
+            comm: hello.comm,
+            page_size: ps as u64,
+        };
+        self.regions = Arc::new(Regions::empty(ps as u64));
+        Ok(State::AwaitRegions)
+    }
+
+    fn await_regions(&mut self) -> Result<State, Stop> {
+        let table = match self.read_control()? {
+            Control::Regions(t) => t,
+            Control::Error { message, .. } => return Err(Stop::Aborted(message)),
+            other => {
+                return Err(StreamError::Expected {
+                    expected: Kind::Regions,
+                    got: other.kind(),
+                }
+                .into())
+            }
+        };
+        self.replace_table(&table)?;
+        let total: u64 = table.iter().map(|e| e.end - e.start).sum();
+        self.progress = self
+            .cfg
+            .progress
+            .then(|| Progress::start("recv", total, self.counters.clone()));
+        Ok(State::InRound {
+            round: 0,
+            started: false,
+        })
+    }
+
+    /// Read and handle one frame of round `round`.
+    fn in_round(&mut self, round: u32, started: bool) -> Result<State, Stop> {
+        self.pool.poll()?;
+        let frame = self.read_in_round()?;
+        let control = match frame {
+            Frame::Pages(h, payload) => return self.on_pages(round, h, payload),
+            Frame::Control(c) => c,
+        };
+        match control {
+            Control::Zero {
+                round: of,
+                region,
+                runs,
+            } => self.on_zero(round, of, region, &runs),
+            Control::Regions(table) => self.on_regions(round, started, &table),
+            Control::RoundEnd(of) => self.on_round_end(round, of),
+            Control::End(totals) => self.on_end(totals),
+            Control::Error { message, .. } => Err(Stop::Aborted(message)),
+            other => Err(StreamError::Unexpected(other.kind()).into()),
+        }
+    }
+
+    /// Read a frame during a round: counted, and Pages frames decoded in
+    /// place.
+    fn read_in_round(&mut self) -> Result<Frame, Stop> {
+        let (kind, buf) = self.read()?;
+        let frame_len = (protocol::HEADER_LEN + buf.len()) as u64;
+        self.received.bytes += frame_len;
+        Counters::add(&self.counters.wire_bytes, frame_len);
+        if kind == Kind::Pages {
+            let h = protocol::decode_pages_header(&buf, self.source.page_size as u32)?;
+            return Ok(Frame::Pages(h, buf));
+        }
+        let control = Control::decode(kind, &buf);
+        self.spare = buf;
+        Ok(Frame::Control(control?))
+    }
+
+    fn on_pages(&mut self, round: u32, h: PagesHeader, payload: Vec<u8>) -> Result<State, Stop> {
+        if h.round != round {
+            return Err(StreamError::FrameRound {
+                kind: Kind::Pages,
+                got: h.round,
+                round,
+            }
+            .into());
+        }
+        self.check_runs(round, h.region, &h.runs)?;
+        if h.codec != WireCodec::Raw {
+            self.codec = Some(h.codec);
+        }
+        let pages = h.raw_len as u64 / self.source.page_size;
+        self.received.normal_pages += pages;
+        self.received.page_frames += 1;
+        self.regions.files[h.region as usize]
+            .populated
+            .fetch_add(pages, Ordering::Relaxed);
+        Counters::add(&self.counters.read_bytes, h.raw_len as u64);
+        self.pool.submit(ApplyJob {
+            header: h,
+            payload,
+            regions: self.regions.clone(),
+        })?;
+        Ok(State::InRound {
+            round,
+            started: true,
+        })
+    }
+
+    fn on_zero(&mut self, round: u32, of: u32, region: u32, runs: &[Run]) -> Result<State, Stop> {
+        if of != round {
+            return Err(StreamError::FrameRound {
+                kind: Kind::Zero,
+                got: of,
+                round,
+            }
+            .into());
+        }
+        self.check_runs(round, region, runs)?;
+        let ps = self.source.page_size;
+        let n: u64 = runs.iter().map(|r| r.count as u64).sum();
+        self.received.zero_pages += n;
+        self.received.zero_frames += 1;
+        let rf = &self.regions.files[region as usize];
+        rf.populated.fetch_add(n, Ordering::Relaxed);
+        Counters::add(&self.counters.read_bytes, n * ps);
+        // Round 0 writes into fresh sparse files, still zero there.
+        if round > 0 {
+            zero_pages(rf, runs, ps);
+        }
+        Ok(State::InRound {
+            round,
+            started: true,
+        })
+    }
+
+    fn on_regions(
+        &mut self,
+        round: u32,
+        started: bool,
+        table: &[RegionEntry],
+    ) -> Result<State, Stop> {
+        if started {
+            return Err(StreamError::TableMidRound.into());
+        }
+        self.replace_table(table)?;
+        Ok(State::InRound { round, started })
+    }
+
+    fn on_round_end(&mut self, round: u32, of: u32) -> Result<State, Stop> {
+        if of != round {
+            return Err(StreamError::RoundEnd { got: of, round }.into());
+        }
+        self.pool.barrier()?;
+        self.round_map.clear();
+        Ok(State::InRound {
+            round: round + 1,
+            started: false,
+        })
+    }
+
+    fn on_end(&mut self, totals: Totals) -> Result<State, Stop> {
+        self.pool.barrier()?;
+        // Stop the workers before touching the mappings again.
+        self.stop_workers()?;
+        let received = self.received.totals(totals.rounds);
+        if received != totals {
+            return Err(StreamError::TotalsDiffer {
+                sent: totals,
+                received,
+            }
+            .into());
+        }
+        // The destination has every page: downtime ends here; the commit
+        // (digests, sync, rename) follows and is confirmed by Ack.
+        self.send(&Control::Applied)
+            .map_err(StreamError::SendApplied)?;
+        Ok(State::Applied {
+            rounds: totals.rounds,
+            transfer: self.started.elapsed(),
+        })
+    }
+
+    fn commit(&mut self, rounds: u32, transfer: Duration) -> Result<State, Stop> {
+        let t_commit = Instant::now();
+        let regions = self.take_regions()?;
+        let total: u64 = regions.files.iter().map(|f| f.len()).sum();
+        let source = &self.source;
+        self.staging
+            .commit(&regions.files, source.pid, &source.comm, source.page_size)?;
+        let commit = t_commit.elapsed();
+        let busy_ns = self.pool.busy_ns();
+        let ack = AckInfo {
+            normal_pages: self.received.normal_pages,
+            zero_pages: self.received.zero_pages,
+            decompress_busy_ns: busy_ns.iter().map(|b| b.load(Ordering::Relaxed)).sum(),
+            commit_ns: commit.as_nanos() as u64,
+        };
+        self.send(&Control::Ack(ack))
+            .map_err(StreamError::SendAck)?;
+        let report = RecvReport::from(Summary {
+            out: &self.cfg.out,
+            source_pid: self.source.pid,
+            source_comm: &self.source.comm,
+            received: &self.received,
+            rounds,
+            regions: regions.files.len(),
+            total,
+            codec: self.codec,
+            busy_ns: self.pool.busy_ns(),
+            elapsed: self.started.elapsed(),
+            transfer,
+            commit,
+            cpu: stats::cpu_time() - self.cpu0,
+        });
+        Ok(State::Committed(Box::new(report)))
+    }
+
+    /// Stop the workers (waiting for what is in flight) and the progress
+    /// line. Afterwards nothing but this thread touches the mappings.
+    fn stop_workers(&mut self) -> Result<(), ApplyError> {
+        let r = self.pool.finish();
+        if let Some(p) = self.progress.take() {
+            p.finish();
+        }
+        r
+    }
+
+    /// The region files, owned alone again (the workers hold none after a
+    /// barrier).
+    fn take_regions(&mut self) -> Result<Regions, StreamError> {
+        let ps = self.source.page_size;
+        let shared = std::mem::replace(&mut self.regions, Arc::new(Regions::empty(ps)));
+        Arc::try_unwrap(shared).map_err(|_| StreamError::RegionsShared)
+    }
+
+    /// Move to a new region table (the first one, or one between rounds'
+    /// pages): check it, let the workers finish with the old files, and
+    /// keep, resize, create or remove files to match.
+    fn replace_table(&mut self, table: &[RegionEntry]) -> Result<(), Stop> {
+        let ps = self.source.page_size;
+        check_table(table, ps)?;
+        self.pool.barrier()?;
+        let old = self.take_regions()?;
+        let files = self.staging.reconcile(old.files, table, ps)?;
+        self.regions = Arc::new(Regions {
+            files,
+            page_size: ps,
+        });
+        Ok(())
+    }
+
+    /// Check a run list against the region table and this round's map.
+    fn check_runs(&mut self, round: u32, region: u32, runs: &[Run]) -> Result<(), StreamError> {
+        let rf =
+            self.regions
+                .files
+                .get(region as usize)
+                .ok_or_else(|| StreamError::NoSuchRegion {
+                    region,
+                    regions: self.regions.files.len(),
+                })?;
+        for run in runs {
+            let end = run.first.checked_add(run.count as u64);
+            if end.is_none_or(|e| e > rf.pages) {
+                return Err(StreamError::RegionOutOfRange {
+                    region,
+                    first: run.first,
+                    count: run.count,
+                    pages: rf.pages,
+                });
+            }
+            if !self.round_map.mark(region, run.first, run.count) {
+                return Err(StreamError::PageTwice {
+                    page: run.first,
+                    region,
+                    round,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Regions must be page-aligned, non-empty, in order, and not overlap, and
+/// all of them together at most [`MAX_TOTAL`] bytes.
+fn check_table(table: &[RegionEntry], ps: u64) -> Result<(), StreamError> {
+    let mut prev = 0u64;
+    let mut total = 0u64;
+    for (index, r) in table.iter().enumerate() {
+        if r.start % ps != 0 || r.end % ps != 0 || r.start >= r.end || r.start < prev {
+            return Err(StreamError::RegionBounds {
+                index,
+                start: r.start,
+                end: r.end,
+            });
+        }
+        prev = r.end;
+        total = total.saturating_add(r.end - r.start);
+    }
+    if total > MAX_TOTAL {
+        return Err(StreamError::TooLarge {
+            total,
+            max: MAX_TOTAL,
+        });
+    }
+    Ok(())
+}
+
+fn zero_pages(rf: &RegionFile, runs: &[Run], ps: u64) {
+    for run in runs {
+        let at = (run.first * ps) as usize;
+        let len = run.count as usize * ps as usize;
+        // SAFETY: the run was checked against the region's page count, and
+        // no worker writes these pages now (RoundMap).
+        unsafe { std::ptr::write_bytes(rf.ptr().add(at), 0, len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, end: u64) -> RegionEntry {
+        RegionEntry {
+            start,
+            end,
+            prot: 3,
+            name: String::new(),
+        }
+    }
+
+    #[test]
+    fn table_checks() {
+        assert!(check_table(&[entry(0x1000, 0x3000), entry(0x3000, 0x4000)], 4096).is_ok());
+        for bad in [
+            vec![entry(0x1001, 0x3000)],
+            vec![entry(0x3000, 0x3000)],
+            vec![entry(0x3000, 0x5000), entry(0x1000, 0x2000)],
+        ] {
+            let e = check_table(&bad, 4096).unwrap_err();
+            assert!(e.to_string().contains("has bad bounds"), "{e}");
+        }
+        let e = check_table(&[entry(0, MAX_TOTAL + 4096)], 4096).unwrap_err();
+        assert!(matches!(e, StreamError::TooLarge { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_read_timeout_is_idleness() {
+        let e = StreamError::from(ReadError::Io(std::io::ErrorKind::WouldBlock.into()));
+        assert_eq!(e.to_string(), "no data for 120 s");
+        let e = StreamError::from(ReadError::Closed);
+        assert_eq!(e.to_string(), "connection closed by peer");
+    }
+}
