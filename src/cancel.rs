@@ -1,11 +1,9 @@
-//! Turning SIGINT/SIGTERM into a clean stop: a flag the pipelines poll, and
-//! a watcher that shuts a socket down so blocked reads and writes return.
+//! Turning SIGINT/SIGTERM into a clean stop: a flag the migrations poll
+//! (and that `transport::CloseOnCancel` watches to close connections, so
+//! blocked reads and writes return).
 
-use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 /// Set the returned flag on SIGINT and SIGTERM instead of dying, so that
 /// the source process is resumed and the staging image removed. A second
@@ -17,38 +15,4 @@ pub fn install_signal_flag() -> std::io::Result<Arc<AtomicBool>> {
         signal_hook::flag::register(sig, flag.clone())?;
     }
     Ok(flag)
-}
-
-/// While alive, shuts `sock` down as soon as `cancel` is set.
-pub struct ShutdownOnCancel {
-    done: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl ShutdownOnCancel {
-    pub fn new(cancel: Arc<AtomicBool>, sock: &TcpStream) -> ShutdownOnCancel {
-        let done = Arc::new(AtomicBool::new(false));
-        let handle = sock.try_clone().ok().map(|sock| {
-            let done = done.clone();
-            std::thread::spawn(move || {
-                while !done.load(Ordering::Relaxed) {
-                    if cancel.load(Ordering::Relaxed) {
-                        let _ = sock.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        });
-        ShutdownOnCancel { done, handle }
-    }
-}
-
-impl Drop for ShutdownOnCancel {
-    fn drop(&mut self) {
-        self.done.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
