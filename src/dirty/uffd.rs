@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::{CompareTracker, Dirty, DirtyError, DirtyTracker, Tracking};
+use crate::process::thp::{self, HugeMapping};
 use crate::process::{take_remote_fd, Attachment, Region, RegionKind};
 use crate::protocol::Run;
 
@@ -237,6 +238,9 @@ pub struct UffdTracker {
     registered: HashSet<(u64, u64)>,
     fallback: CompareTracker,
     vec: Vec<PageRegion>,
+    /// Mappings that held huge pages when tracking began: collapsed again
+    /// when it ends (see process::thp).
+    huge: Vec<HugeMapping>,
 }
 
 impl UffdTracker {
@@ -257,6 +261,7 @@ impl UffdTracker {
             registered: HashSet::new(),
             fallback: CompareTracker::new(pid, page_size)?,
             vec: vec![PageRegion::default(); 4096],
+            huge: Vec::new(),
         })
     }
 
@@ -347,6 +352,7 @@ impl DirtyTracker for UffdTracker {
     }
 
     fn arm(&mut self, att: &mut Attachment, regions: &[Region]) -> Result<(), DirtyError> {
+        self.huge = thp::huge_mappings(self.pid);
         self.create_fd(att)?;
         let mut rest = Vec::new();
         for r in regions {
@@ -467,6 +473,9 @@ impl DirtyTracker for UffdTracker {
             drop(fd);
         }
         self.registered.clear();
+        // Best effort: a range that cannot be collapsed (memory pressure,
+        // a kernel before 6.1) stays as the kernel left it.
+        let _ = thp::collapse(self.pid, &std::mem::take(&mut self.huge));
         self.fallback.finish(att);
     }
 

@@ -5,6 +5,7 @@ mod inject;
 mod maps;
 mod mem;
 mod pagemap;
+pub mod thp;
 
 pub use attach::{process_state, Attachment, Leave};
 pub use maps::{read_regions, select_regions, Region, RegionFilter, RegionKind};
