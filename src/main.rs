@@ -280,6 +280,15 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
             println!("note: {c}");
         }
     }
+    if !a.json {
+        for (reason, n, names) in procmig::process::summarize(&report.not_compared) {
+            let more = if n > names.len() { ", ..." } else { "" };
+            println!(
+                "not compared: {n} mappings ({}{more}): {reason}",
+                names.join(", ")
+            );
+        }
+    }
     Ok(if report.identical() {
         ExitCode::SUCCESS
     } else {

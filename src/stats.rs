@@ -154,6 +154,8 @@ pub struct SendReport {
     /// Receiver: time to check, sync and commit the image.
     pub dest_commit_ms: f64,
     pub on_complete: String,
+    /// Mappings not migrated, with the reason.
+    pub left_out: Vec<crate::process::LeftOut>,
     pub rounds: Vec<RoundReport>,
 }
 
@@ -257,6 +259,14 @@ impl fmt::Display for SendReport {
         )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
         writeln!(f, "on complete: {}", self.on_complete)?;
+        for (reason, n, names) in crate::process::summarize(&self.left_out) {
+            let more = if n > names.len() { ", ..." } else { "" };
+            writeln!(
+                f,
+                "left out: {n} mappings ({}{more}): {reason}",
+                names.join(", ")
+            )?;
+        }
         writeln!(f, "rounds:\n  round  dirty pages  pages sent   wire kbytes  time ms  dirty pages/s      mbps  exp. downtime ms  throttle")?;
         for r in &self.rounds {
             writeln!(

@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::image::{Image, ImageError};
-use crate::process::{process_state, Attachment, MemReader, ProcessError};
+use crate::process::{process_state, read_mappings, Attachment, LeftOut, MemReader, ProcessError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -34,6 +34,9 @@ pub struct VerifyReport {
     /// memory has moved on since it was migrated, so differences are
     /// expected and say nothing about the image.
     pub was_running: bool,
+    /// Mappings of the process that were not compared (not in the image),
+    /// with the reason.
+    pub not_compared: Vec<LeftOut>,
 }
 
 impl VerifyReport {
@@ -76,6 +79,7 @@ pub fn verify_process(
         pages_differing: 0,
         first_differences: Vec::new(),
         was_running,
+        not_compared: not_compared(pid, image)?,
     };
     let mut buf = vec![0u8; CHUNK as usize];
     for rec in &image.manifest.regions {
@@ -117,4 +121,28 @@ pub fn verify_process(
     }
     attachment.detach(crate::process::Leave::AsFound)?;
     Ok(report)
+}
+
+/// The mappings of `pid` that `image` does not hold: those procmig leaves
+/// out by design, and migrated kinds the image lacks (a `--region` filter,
+/// or mappings made since the migration).
+fn not_compared(pid: i32, image: &Image) -> Result<Vec<LeftOut>, VerifyError> {
+    let (regions, mut left) = read_mappings(pid)?;
+    let held = |start: u64, end: u64| {
+        image
+            .manifest
+            .regions
+            .iter()
+            .any(|r| r.start <= start && end <= r.start + r.len())
+    };
+    for r in regions.into_iter().filter(|r| !held(r.start, r.end)) {
+        left.push(LeftOut {
+            start: r.start,
+            end: r.end,
+            name: r.name,
+            reason: "not in the image",
+        });
+    }
+    left.sort_by_key(|l| l.start);
+    Ok(left)
 }

@@ -2,10 +2,13 @@
 //!
 //! Migrated: every private writable mapping (heap, stacks, anonymous
 //! memory, a binary's .data/.bss) and every shared writable mapping whose
-//! contents live only in memory (shared anonymous memory, memfd, SysV shm).
-//! Not migrated: read-only and executable-only mappings (they match their
-//! files), shared mappings of regular files (the file is the state), and
-//! kernel-provided [vdso], [vvar], [vsyscall].
+//! contents live only in memory (shared anonymous memory, /dev/zero,
+//! memfd, SysV shm, and files on memory-only filesystems: /dev/shm and
+//! other tmpfs, ramfs, hugetlbfs).
+//! Not migrated, and listed with the reason ([`LeftOut`]): read-only and
+//! executable-only mappings (they match their files), shared mappings of
+//! files on disk (the file is the state), and kernel-provided [vdso],
+//! [vvar], [vsyscall].
 
 use std::fmt;
 use std::str::FromStr;
@@ -101,57 +104,136 @@ fn path_name(p: &MMapPath) -> String {
     }
 }
 
-/// Classify one mapping; `None` if it is not migrated.
-fn classify(perms: MMPermissions, path: &MMapPath) -> Option<RegionKind> {
+/// A mapping that is not migrated, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LeftOut {
+    pub start: u64,
+    pub end: u64,
+    pub name: String,
+    pub reason: &'static str,
+}
+
+/// Why mappings are left out (the texts reports show).
+pub mod reason {
+    pub const READ_ONLY: &str = "not writable: its contents match its file or the kernel's";
+    pub const KERNEL: &str = "provided by the kernel ([vdso], [vvar], [vsyscall], ...)";
+    pub const SHARED_DISK_FILE: &str = "shared mapping of a file on disk: the file holds its data";
+    pub const SHARED_OTHER: &str = "shared mapping of a kind procmig does not migrate";
+}
+
+/// Filesystems whose files live only in memory (statfs f_type).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Whether the file mapped at `start-end` of `pid` lives only in memory
+/// (tmpfs, /dev/shm, ramfs, hugetlbfs). Asked through
+/// /proc/PID/map_files, which reaches the file even when it was unlinked,
+/// then through its path.
+fn memory_only_file(pid: i32, start: u64, end: u64, path: &std::path::Path) -> bool {
+    // f_type is i64 here, narrower on some architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = |p: &std::path::Path| {
+        nix::sys::statfs::statfs(p)
+            .ok()
+            .map(|s| s.filesystem_type().0 as i64)
+    };
+    let via_map = std::path::PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
+    let plain = std::path::PathBuf::from(path.to_string_lossy().trim_end_matches(" (deleted)"));
+    magic(&via_map)
+        .or_else(|| magic(&plain))
+        .is_some_and(|m| matches!(m, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC))
+}
+
+/// Classify one mapping: how it is migrated, or why it is not.
+/// `memory_only` tells, for a shared file mapping, whether its file lives
+/// only in memory (asked only then).
+fn classify(
+    perms: MMPermissions,
+    path: &MMapPath,
+    memory_only: impl FnOnce() -> bool,
+) -> Result<RegionKind, &'static str> {
+    if matches!(
+        path,
+        MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall | MMapPath::Rollup
+    ) {
+        return Err(reason::KERNEL);
+    }
     if !perms.contains(MMPermissions::WRITE) {
-        return None;
+        return Err(reason::READ_ONLY);
     }
     let shared = perms.contains(MMPermissions::SHARED);
     match path {
-        MMapPath::Vdso | MMapPath::Vvar | MMapPath::Vsyscall | MMapPath::Rollup => None,
         MMapPath::Heap | MMapPath::Stack | MMapPath::TStack(_) | MMapPath::Anonymous => {
-            Some(if shared {
+            Ok(if shared {
                 RegionKind::Shared
             } else {
                 RegionKind::PrivateAnon
             })
         }
-        MMapPath::Vsys(_) => Some(RegionKind::Shared),
+        MMapPath::Vsys(_) => Ok(RegionKind::Shared),
         MMapPath::Other(name) => {
             // [anon:name] (prctl PR_SET_VMA_ANON_NAME) and [anon_shmem:name].
             if name.starts_with("anon_shmem") {
-                Some(RegionKind::Shared)
+                Ok(RegionKind::Shared)
             } else if name.starts_with("anon") && !shared {
-                Some(RegionKind::PrivateAnon)
+                Ok(RegionKind::PrivateAnon)
+            } else if shared {
+                Err(reason::SHARED_OTHER)
             } else {
-                None
+                Err(reason::KERNEL)
             }
         }
         MMapPath::Path(p) => {
             let p = p.to_string_lossy();
             if !shared {
-                Some(RegionKind::PrivateFile)
+                Ok(RegionKind::PrivateFile)
             } else if p.starts_with("/dev/zero")
                 || p.starts_with("/memfd:")
                 || p.starts_with("/SYSV")
+                || memory_only()
             {
-                Some(RegionKind::Shared)
+                // memfd, SysV shm, /dev/shm and other tmpfs files, shared
+                // hugetlb memory: their pages exist only in memory.
+                Ok(RegionKind::Shared)
             } else {
-                None
+                Err(reason::SHARED_DISK_FILE)
             }
         }
+        _ => unreachable!("kernel mappings returned above"),
     }
 }
 
 /// Read /proc/PID/maps and return the migrated regions, in address order.
 pub fn read_regions(pid: i32) -> Result<Vec<Region>, ProcessError> {
+    Ok(read_mappings(pid)?.0)
+}
+
+/// Every mapping of `pid`: the migrated regions, and those left out with
+/// the reason.
+pub fn read_mappings(pid: i32) -> Result<(Vec<Region>, Vec<LeftOut>), ProcessError> {
     let maps_err = |reason: String| ProcessError::Maps { pid, reason };
     let proc = Process::new(pid).map_err(|_| ProcessError::NoSuchProcess { pid })?;
     let maps = proc.maps().map_err(|e| maps_err(e.to_string()))?;
     let mut out = Vec::new();
+    let mut left = Vec::new();
     for m in maps {
-        let Some(kind) = classify(m.perms, &m.pathname) else {
-            continue;
+        let (start, end) = m.address;
+        let memory_only = || match &m.pathname {
+            MMapPath::Path(p) => memory_only_file(pid, start, end, p),
+            _ => false,
+        };
+        let kind = match classify(m.perms, &m.pathname, memory_only) {
+            Ok(k) => k,
+            Err(reason) => {
+                left.push(LeftOut {
+                    start,
+                    end,
+                    name: path_name(&m.pathname),
+                    reason,
+                });
+                continue;
+            }
         };
         let mut prot = 0;
         for (flag, bit) in [
@@ -165,14 +247,39 @@ pub fn read_regions(pid: i32) -> Result<Vec<Region>, ProcessError> {
             }
         }
         out.push(Region {
-            start: m.address.0,
-            end: m.address.1,
+            start,
+            end,
             prot,
             name: path_name(&m.pathname),
             kind,
         });
     }
-    Ok(out)
+    Ok((out, left))
+}
+
+/// Left-out mappings by reason, for a one-line summary per reason: (reason,
+/// count, the first few names).
+pub fn summarize(left: &[LeftOut]) -> Vec<(&'static str, usize, Vec<String>)> {
+    let mut out: Vec<(&'static str, usize, Vec<String>)> = Vec::new();
+    for l in left {
+        let i = match out.iter().position(|(r, _, _)| *r == l.reason) {
+            Some(i) => i,
+            None => {
+                out.push((l.reason, 0, Vec::new()));
+                out.len() - 1
+            }
+        };
+        out[i].1 += 1;
+        let shown = if l.name.is_empty() {
+            format!("{:#x}-{:#x}", l.start, l.end)
+        } else {
+            l.name.clone()
+        };
+        if out[i].2.len() < 3 && !out[i].2.contains(&shown) {
+            out[i].2.push(shown);
+        }
+    }
+    out
 }
 
 /// Keep the regions that match any filter (all when `filters` is empty).

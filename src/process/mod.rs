@@ -8,7 +8,10 @@ mod pagemap;
 pub mod thp;
 
 pub use attach::{process_state, Attachment, Leave};
-pub use maps::{read_regions, select_regions, Region, RegionFilter, RegionKind};
+pub use maps::{
+    read_mappings, read_regions, reason, select_regions, summarize, LeftOut, Region, RegionFilter,
+    RegionKind,
+};
 pub use mem::MemReader;
 pub use pagemap::{Pagemap, PM_PRESENT, PM_SWAPPED};
 

@@ -48,6 +48,8 @@ pub(super) struct Copy {
     cpu_start: Duration,
     progress: Option<Progress>,
     tracker_name: String,
+    /// Mappings not migrated, as found at setup.
+    left_out: Vec<process::LeftOut>,
 }
 
 /// How the handover ended.
@@ -115,7 +117,8 @@ impl<'a> Migration<'a> {
         let writer = link.writer.take().expect("a fresh link has its writer");
         self.link = Some(link);
         self.attach_stopped()?;
-        let state = RegionState::new(self.regions()?, ps);
+        let (all, left_out) = process::read_mappings(cfg.pid)?;
+        let state = RegionState::new(self.select(all)?, ps);
         let mut t_stop = None;
         if self.live() {
             let mut tracker = dirty::create(cfg.dirty_tracking, cfg.pid, ps)?;
@@ -163,6 +166,7 @@ impl<'a> Migration<'a> {
             cpu_start,
             progress,
             tracker_name,
+            left_out,
         })
     }
 
@@ -381,6 +385,7 @@ impl<'a> Migration<'a> {
             expected_downtime: c.expected,
             rounds: c.rounds,
             auto_choices,
+            left_out: c.left_out,
             cpu_seconds: (stats::cpu_time() - c.cpu_start).as_secs_f64(),
             ack: h.ack,
             total: c.t_start.elapsed(),
@@ -441,8 +446,12 @@ impl<'a> Migration<'a> {
     }
 
     fn regions(&self) -> Result<Vec<process::Region>, SendError> {
+        self.select(process::read_regions(self.cfg.pid)?)
+    }
+
+    /// The regions `--region` asks for, of `all`.
+    fn select(&self, all: Vec<process::Region>) -> Result<Vec<process::Region>, SendError> {
         let cfg = self.cfg;
-        let all = process::read_regions(cfg.pid)?;
         Ok(process::select_regions(
             cfg.pid,
             all,

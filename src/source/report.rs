@@ -70,6 +70,7 @@ pub struct Summary<'a> {
     pub expected_downtime: Duration,
     pub rounds: Vec<RoundReport>,
     pub auto_choices: Vec<(String, u64)>,
+    pub left_out: Vec<crate::process::LeftOut>,
     pub cpu_seconds: f64,
     pub ack: AckInfo,
     pub total: Duration,
@@ -147,6 +148,7 @@ pub fn build(s: Summary) -> SendReport {
         dest_decompress_busy_ms: s.ack.decompress_busy_ns as f64 / 1e6,
         dest_commit_ms: s.ack.commit_ns as f64 / 1e6,
         on_complete: s.cfg.on_complete.to_string(),
+        left_out: s.left_out,
         rounds: s.rounds,
     }
 }
