@@ -114,6 +114,21 @@ pub struct RoundReport {
     pub throttle_percent: u32,
 }
 
+/// The downtime, part by part (milliseconds), from the stop to Applied.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeParts {
+    /// Stopping every thread (ptrace interrupt, also threads born since).
+    pub stop_ms: f64,
+    /// The final dirty sync: maps, tracker, discarded pages.
+    pub sync_ms: f64,
+    /// Reading, compressing and writing the final round, until its
+    /// RoundEnd is on the wire.
+    pub transfer_ms: f64,
+    /// The End frame out, then the receiver applies what it still had
+    /// queued and answers Applied.
+    pub apply_ms: f64,
+}
+
 /// The source's final report.
 #[derive(Debug, Clone, Serialize)]
 pub struct SendReport {
@@ -126,6 +141,8 @@ pub struct SendReport {
     pub total_time_ms: f64,
     pub setup_time_ms: f64,
     pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
     /// The estimate that ended iteration.
     pub expected_downtime_ms: f64,
     /// From the start of the page transfer until the End frame was written.
@@ -202,7 +219,12 @@ impl fmt::Display for SendReport {
         )?;
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "setup: {:.0} ms", self.setup_time_ms)?;
-        writeln!(f, "downtime: {:.0} ms", self.downtime_ms)?;
+        let p = &self.downtime_parts;
+        writeln!(
+            f,
+            "downtime: {:.0} ms (stop {:.0}, sync {:.0}, transfer {:.0}, apply {:.0})",
+            self.downtime_ms, p.stop_ms, p.sync_ms, p.transfer_ms, p.apply_ms
+        )?;
         writeln!(f, "expected downtime: {:.0} ms", self.expected_downtime_ms)?;
         writeln!(f, "transfer time: {:.0} ms", self.transfer_time_ms)?;
         writeln!(f, "transferred ram: {} kbytes", kb(self.transferred))?;

@@ -292,25 +292,47 @@ fn totals_that_do_not_match() {
 fn a_complete_handmade_stream_commits() {
     // The counterpart of the failures above: the same frames, ended
     // properly, produce an image with exactly that page.
-    let dir = TempDir::new("handmade");
+    // Version 2 confirms each round (RoundApplied); a version-1 source
+    // gets the version-1 answers.
+    for (version, answers) in [
+        (
+            protocol::VERSION,
+            &[Kind::Welcome, Kind::RoundApplied, Kind::Applied, Kind::Ack][..],
+        ),
+        (1, &[Kind::Welcome, Kind::Applied, Kind::Ack][..]),
+    ] {
+        let dir = TempDir::new("handmade");
+        check_handmade_commit(&dir, version, answers);
+    }
+}
+
+fn check_handmade_commit(dir: &TempDir, version: u16, answers: &[Kind]) {
     let out = dir.join("img");
     let recv = Recv::start(&out, &[]);
-    let b = complete_stream();
+    let mut b = Vec::new();
+    if let Control::Hello(mut h) = hello() {
+        h.version = version;
+        Control::Hello(h).encode(&mut b);
+    }
+    let hello_len = {
+        let mut h = Vec::new();
+        hello().encode(&mut h);
+        h.len()
+    };
+    b.extend_from_slice(&complete_stream()[hello_len..]);
     let mut s = TcpStream::connect(recv.addr()).unwrap();
     s.write_all(&b).unwrap();
     let mut payload = Vec::new();
-    assert_eq!(
-        protocol::read_frame(&mut s, &mut payload).unwrap(),
-        Kind::Welcome
-    );
-    assert_eq!(
-        protocol::read_frame(&mut s, &mut payload).unwrap(),
-        Kind::Applied
-    );
-    assert_eq!(
-        protocol::read_frame(&mut s, &mut payload).unwrap(),
-        Kind::Ack
-    );
+    for want in answers {
+        let got = protocol::read_frame(&mut s, &mut payload).unwrap();
+        assert_eq!(got, *want, "version {version}");
+        if got == Kind::Welcome {
+            match Control::decode(got, &payload).unwrap() {
+                Control::Welcome(w) => assert_eq!(w.version, version),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
     let (ok, _, err) = recv.wait();
     assert!(ok, "{err}");
     let img = procmig::image::Image::open(&out).unwrap();

@@ -21,7 +21,8 @@
 //!                                            of a round"); table checks, barrier,
 //!                                            files kept, resized, created, removed
 //!                           RoundEnd(round)  of this round; barrier (the whole round    InRound{round+1, false}
-//!                                            is applied); forget the round's pages
+//!                                            is applied); forget the round's pages;
+//!                                            send RoundApplied(round) (version 2)
 //!                           End(totals)      barrier; stop the workers; totals          Applied
 //!                                            compared; send Applied (downtime ends)
 //!                           Error            the source aborted                         failed
@@ -137,6 +138,8 @@ struct Source {
     pid: u32,
     comm: String,
     page_size: u64,
+    /// The protocol version agreed on.
+    version: u16,
 }
 
 /// One migration being received.
@@ -316,6 +319,7 @@ impl<'a> Session<'a> {
             pid: hello.pid,
             comm: hello.comm,
             page_size: ps as u64,
+            version,
         };
         self.regions = Arc::new(Regions::empty(ps as u64));
         Ok(State::AwaitRegions)
@@ -460,6 +464,10 @@ impl<'a> Session<'a> {
         }
         self.pool.barrier()?;
         self.round_map.clear();
+        if self.source.version >= protocol::ROUND_APPLIED_VERSION {
+            self.send(&Control::RoundApplied(round))
+                .map_err(StreamError::SendApplied)?;
+        }
         Ok(State::InRound {
             round: round + 1,
             started: false,

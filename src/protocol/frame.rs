@@ -19,6 +19,8 @@ pub enum Kind {
     Ack = 8,
     Error = 9,
     Applied = 10,
+    /// Version 2: the receiver has applied every page of a round.
+    RoundApplied = 11,
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             8 => Kind::Ack,
             9 => Kind::Error,
             10 => Kind::Applied,
+            11 => Kind::RoundApplied,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -46,7 +49,8 @@ impl Kind {
             | Kind::RoundEnd
             | Kind::End
             | Kind::Ack
-            | Kind::Applied => 4096,
+            | Kind::Applied
+            | Kind::RoundApplied => 4096,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
             Kind::Pages => PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE),
@@ -195,6 +199,8 @@ pub enum Control {
         runs: Vec<Run>,
     },
     RoundEnd(u32),
+    /// The receiver applied round N (version 2 and later).
+    RoundApplied(u32),
     End(Totals),
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
@@ -275,7 +281,7 @@ impl Control {
                 p.u32(*round).u32(*region).u32(runs.len() as u32);
                 put_runs(&mut p, runs);
             }
-            Control::RoundEnd(round) => {
+            Control::RoundEnd(round) | Control::RoundApplied(round) => {
                 p.u32(*round);
             }
             Control::End(t) => {
@@ -306,6 +312,7 @@ impl Control {
             Control::Regions(_) => Kind::Regions,
             Control::Zero { .. } => Kind::Zero,
             Control::RoundEnd(_) => Kind::RoundEnd,
+            Control::RoundApplied(_) => Kind::RoundApplied,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -372,6 +379,7 @@ impl Control {
                 }
             }
             Kind::RoundEnd => Control::RoundEnd(g.u32()?),
+            Kind::RoundApplied => Control::RoundApplied(g.u32()?),
             Kind::End => Control::End(Totals {
                 rounds: g.u32()?,
                 normal_pages: g.u64()?,
@@ -688,6 +696,7 @@ mod tests {
             runs: vec![Run { first: 5, count: 7 }],
         });
         roundtrip(Control::RoundEnd(9));
+        roundtrip(Control::RoundApplied(9));
         roundtrip(Control::Applied);
         roundtrip(Control::End(Totals {
             rounds: 1,

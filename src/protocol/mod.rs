@@ -7,6 +7,7 @@
 //!    | ---- Regions {table} -------------------------> |   creates sparse files
 //!    | ---- Pages / Zero ... (any order in a round) --> |   decompressed by N workers
 //!    | ---- RoundEnd {round} -------------------------> |   barrier: all of the round applied
+//!    | <--- RoundApplied {round} (version 2) ---------- |
 //!    |          ... more rounds (live pre-copy) ...     |
 //!    | ---- End {totals} -----------------------------> |   totals checked, image committed
 //!    | <--- Ack {stats} ------------------------------- |   or Error
@@ -39,10 +40,14 @@ mod wire;
 
 pub use frame::*;
 
-/// Version spoken by this build.
-pub const VERSION: u16 = 1;
+/// Version spoken by this build. Version 2 added RoundApplied: the
+/// receiver confirms each round once applied, so the source measures the
+/// rate pages really arrive at and enters the downtime with no backlog.
+pub const VERSION: u16 = 2;
 /// Oldest version this build accepts.
 pub const MIN_VERSION: u16 = 1;
+/// The first version with RoundApplied.
+pub const ROUND_APPLIED_VERSION: u16 = 2;
 /// `PMIG` as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PMIG");
 /// Size of the frame header.

@@ -89,6 +89,9 @@ pub struct PlanInputs {
     pub ratio: f64,
     /// Raw bytes dirtied per second since the previous sync.
     pub dirty_rate: f64,
+    /// What a stop costs besides sending the rest: stopping every
+    /// thread and the final dirty sync, as measured in this migration.
+    pub fixed_cost: Duration,
     /// Raw bytes dirtied during the last round, and wire bytes it sent
     /// (auto-converge compares the two, as QEMU does per period).
     pub last_round_dirtied: u64,
@@ -146,7 +149,8 @@ impl Planner {
     }
 
     pub fn decide(&mut self, i: &PlanInputs, l: &Limits) -> Plan {
-        let expected = expected_downtime(i.pending_bytes, i.ratio, i.wire_rate);
+        let expected =
+            expected_downtime(i.pending_bytes, i.ratio, i.wire_rate).saturating_add(i.fixed_cost);
         // Within the limit, one more round is still worth it when it would
         // at least halve the pause: sending P bytes takes P / T seconds,
         // during which rate × P / T bytes get dirty. Both in theory and as
@@ -382,5 +386,18 @@ mod tests {
         }
         let d = p.decide(&inputs(HOPELESS_SYNCS, 100_000_000, 200e6), &forced);
         assert_eq!(d.decision, Decision::Downtime);
+    }
+
+    #[test]
+    fn fixed_costs_count_in_the_estimate() {
+        let mut p = Planner::default();
+        // 250 ms of sending fits 300 ms, but not with 80 ms of stop and sync.
+        let i = PlanInputs {
+            fixed_cost: Duration::from_millis(80),
+            ..inputs(1, 25_000_000, 90e6)
+        };
+        let plan = p.decide(&i, &limits());
+        assert_eq!(plan.expected_downtime, Duration::from_millis(330));
+        assert!(matches!(plan.decision, Decision::Iterate { .. }));
     }
 }

@@ -21,7 +21,10 @@ use crate::pages::Run;
 use crate::process::{self, Attachment, Leave, MemReader, Pagemap};
 use crate::progress::Progress;
 use crate::protocol::{self, error_code, AckInfo, Control};
-use crate::stats::{self, Counters, RoundReport, SendReport};
+use crate::stats::{self, ms, Counters, DowntimeParts, RoundReport, SendReport};
+
+/// Raw bytes a round must move for its rate to stand for the link's.
+const MEASURABLE_ROUND: u64 = 4 << 20;
 
 /// What the copy phases share, from setup to the report.
 pub(super) struct Copy {
@@ -39,6 +42,10 @@ pub(super) struct Copy {
     expected: Duration,
     /// Pages per second dirtied before the last sync.
     dirty_rate: f64,
+    /// Stopping every thread, as measured when arming the tracker.
+    stop_cost: Duration,
+    /// The last dirty sync (maps, tracker, discarded pages).
+    sync_cost: Duration,
     last_collect: Instant,
     t_start: Instant,
     setup_time: Duration,
@@ -50,6 +57,7 @@ pub(super) struct Copy {
     tracker_name: String,
     /// Mappings not migrated, as found at setup.
     left_out: Vec<process::LeftOut>,
+    parts: DowntimeParts,
 }
 
 /// How the handover ended.
@@ -116,7 +124,9 @@ impl<'a> Migration<'a> {
         let mut link = Link::open(cfg, self.handle, ps)?;
         let writer = link.writer.take().expect("a fresh link has its writer");
         self.link = Some(link);
+        let t_first_stop = Instant::now();
         self.attach_stopped()?;
+        let stop_cost = t_first_stop.elapsed();
         let (all, left_out) = process::read_mappings(cfg.pid)?;
         let state = RegionState::new(self.select(all)?, ps);
         let mut t_stop = None;
@@ -158,6 +168,8 @@ impl<'a> Migration<'a> {
             unsent: Carried::default(),
             expected: Duration::ZERO,
             dirty_rate: 0.0,
+            stop_cost,
+            sync_cost: Duration::ZERO,
             last_collect,
             t_start,
             setup_time,
@@ -167,6 +179,7 @@ impl<'a> Migration<'a> {
             progress,
             tracker_name,
             left_out,
+            parts: DowntimeParts::default(),
         })
     }
 
@@ -197,12 +210,14 @@ impl<'a> Migration<'a> {
             if self.handle.is_cancelled() {
                 return Err(SendError::Cancelled);
             }
+            let t_sync = Instant::now();
             let fresh = self.sync_regions(&mut c.state)?;
             let dirty = self.collect(&c.state, &fresh)?;
             c.syncs += 1;
             let since = c.last_collect.elapsed();
             c.last_collect = Instant::now();
             let discards = c.state.discards(&c.pagemap)?;
+            c.sync_cost = t_sync.elapsed();
             let unsent = std::mem::take(&mut c.unsent);
             let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &unsent);
             c.dirty_rate = dirty.pages() as f64 / since.as_secs_f64().max(1e-3);
@@ -241,17 +256,23 @@ impl<'a> Migration<'a> {
         }
     }
 
-    /// The planner's view of the rounds so far.
+    /// The planner's view of the rounds so far. Rates come from the last
+    /// round when it moved enough to measure (the link, the data and the
+    /// receiver change during a migration), else from all rounds.
     fn plan_inputs(&self, c: &Copy, pending_pages: u64) -> PlanInputs {
         let ps = self.page_size;
-        let (wire, raw, secs) = c.rounds.iter().fold((0u64, 0u64, 0f64), |a, r| {
+        let last = c.rounds.last();
+        let measured: &[RoundReport] = match last {
+            Some(r) if r.raw_bytes >= MEASURABLE_ROUND => std::slice::from_ref(r),
+            _ => &c.rounds,
+        };
+        let (wire, raw, secs) = measured.iter().fold((0u64, 0u64, 0f64), |a, r| {
             (
                 a.0 + r.bytes,
                 a.1 + r.raw_bytes,
                 a.2 + r.duration_ms / 1000.0,
             )
         });
-        let last = c.rounds.last();
         PlanInputs {
             round: c.round,
             pending_bytes: pending_pages * ps,
@@ -262,6 +283,7 @@ impl<'a> Migration<'a> {
                 1.0
             },
             dirty_rate: c.dirty_rate * ps as f64,
+            fixed_cost: c.stop_cost + c.sync_cost,
             last_round_dirtied: last.map_or(0, |r| r.dirty_pages * ps),
             last_round_sent: last.map_or(0, |r| r.bytes),
         }
@@ -287,15 +309,19 @@ impl<'a> Migration<'a> {
         if let Some(mut t) = self.throttle.take() {
             t.finish();
         }
-        c.t_stop = Some(Instant::now());
+        let t_stop = Instant::now();
+        c.t_stop = Some(t_stop);
         self.handle.set_status(Status::Device);
         self.attach_stopped()?;
+        let t_sync = Instant::now();
+        c.parts.stop_ms = ms(t_sync - t_stop);
         // Stopped: every page must read now.
         self.pipeline_mut().lenient = false;
         let fresh = self.sync_regions(&mut c.state)?;
         let dirty = self.collect(&c.state, &fresh)?;
         c.syncs += 1;
         let discards = c.state.discards(&c.pagemap)?;
+        c.parts.sync_ms = ms(t_sync.elapsed());
         c.round += 1;
         let facts = RoundFacts {
             round: c.round,
@@ -306,6 +332,7 @@ impl<'a> Migration<'a> {
         };
         let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &carried);
         let r = self.send_planned(c, &plan, facts)?;
+        c.parts.transfer_ms = r.duration_ms;
         c.rounds.push(r);
         Ok(())
     }
@@ -315,6 +342,7 @@ impl<'a> Migration<'a> {
     fn handover(&mut self, c: &mut Copy) -> Result<Handover, SendError> {
         let t_stop = c.t_stop.expect("stopped by now");
         let threads_stopped = self.att.as_ref().map_or(0, |a| a.thread_count());
+        let t_end = Instant::now();
         let totals = self.pipeline_mut().finish(c.round + 1);
         if let Some(p) = c.progress.take() {
             p.finish();
@@ -332,7 +360,10 @@ impl<'a> Migration<'a> {
         let mut downtime = None;
         let ack = loop {
             match protocol::read_control(&mut link.reader) {
-                Ok(Control::Applied) if downtime.is_none() => downtime = Some(t_stop.elapsed()),
+                Ok(Control::Applied) if downtime.is_none() => {
+                    downtime = Some(t_stop.elapsed());
+                    c.parts.apply_ms = ms(t_end.elapsed());
+                }
                 Ok(Control::Ack(a)) => break a,
                 Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
                 Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
@@ -391,6 +422,7 @@ impl<'a> Migration<'a> {
             total: c.t_start.elapsed(),
             setup: c.setup_time,
             downtime: h.downtime,
+            downtime_parts: c.parts,
             transfer: h.transfer,
         }))
     }
@@ -522,6 +554,8 @@ impl<'a> Migration<'a> {
         let pipeline = self.pipeline_mut();
         c.unsent = std::mem::take(&mut pipeline.unreadable);
         pipeline.end_round(facts.round)?;
+        let link = self.link.as_mut().expect("connected");
+        link.await_round_applied(facts.round)?;
         let r = before.report(facts, &counters, t.elapsed());
         self.handle.push_round(&r);
         Ok(r)

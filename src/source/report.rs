@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::regions::RegionState;
 use super::SendConfig;
 use crate::protocol::AckInfo;
-use crate::stats::{self, ms, CompressionReport, Counters, RoundReport, SendReport};
+use crate::stats::{self, ms, CompressionReport, Counters, DowntimeParts, RoundReport, SendReport};
 
 /// Round reports start from the counters at the round's start.
 pub struct Snapshot {
@@ -76,6 +76,7 @@ pub struct Summary<'a> {
     pub total: Duration,
     pub setup: Duration,
     pub downtime: Duration,
+    pub downtime_parts: DowntimeParts,
     pub transfer: Duration,
 }
 
@@ -123,6 +124,7 @@ pub fn build(s: Summary) -> SendReport {
         total_time_ms: ms(s.total),
         setup_time_ms: ms(s.setup),
         downtime_ms: ms(s.downtime),
+        downtime_parts: s.downtime_parts.clone(),
         expected_downtime_ms: ms(s.expected_downtime),
         transfer_time_ms: ms(s.transfer),
         transferred: wire,

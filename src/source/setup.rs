@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// Longest wait for the receiver to apply a round it has been sent whole.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
 use super::handle::MigrationHandle;
 use super::{SendConfig, SendError};
 use crate::protocol::transport::{self, CloseOnCancel, Closer, Reader, Writer};
@@ -15,6 +18,8 @@ pub struct Link {
     pub reader: Reader,
     pub writer: Option<Writer>,
     pub closer: Closer,
+    /// The protocol version agreed on.
+    pub version: u16,
     _watch: CloseOnCancel,
 }
 
@@ -35,6 +40,7 @@ impl Link {
             writer: Some(writer),
             _watch: CloseOnCancel::new(handle.cancel_flag().clone(), closer.clone()),
             closer,
+            version: 0,
         };
         link.handshake(cfg, page_size)?;
         Ok(link)
@@ -70,12 +76,34 @@ impl Link {
                 if w.capabilities & cfg.method.capability() != cfg.method.capability() {
                     return Err(fail(format!("receiver cannot decode {}", cfg.method)));
                 }
+                self.version = w.version;
                 Ok(())
             }
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
             Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
             Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
             Err(e) => Err(fail(e.to_string())),
+        }
+    }
+
+    /// Version 2: wait until the receiver has applied `round` (the rate
+    /// measured then is the rate pages really land at). An older receiver
+    /// does not say: return at once.
+    pub fn await_round_applied(&mut self, round: u32) -> Result<(), SendError> {
+        if self.version < protocol::ROUND_APPLIED_VERSION {
+            return Ok(());
+        }
+        self.reader.set_timeout(Some(APPLY_TIMEOUT)).ok();
+        match protocol::read_control(&mut self.reader) {
+            Ok(Control::RoundApplied(r)) if r == round => Ok(()),
+            Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
+            Ok(other) => Err(SendError::BadAck(format!(
+                "{:?} (waiting for round {round} to be applied)",
+                other.kind()
+            ))),
+            Err(e) => Err(SendError::Connection(format!(
+                "waiting for round {round} to be applied: {e}"
+            ))),
         }
     }
 
