@@ -13,6 +13,7 @@ use procmig::dest::{self, RecvConfig};
 use procmig::dirty::Tracking;
 use procmig::image::Image;
 use procmig::process::RegionFilter;
+use procmig::progress::Display;
 use procmig::source::{self, MigrationHandle, Mode, OnComplete, SendConfig, ThrottleParams};
 use procmig::units::parse_size;
 
@@ -109,6 +110,9 @@ struct SendArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Print progress lines on stderr even when it is not a terminal (a bar is shown on a terminal anyway).
+    #[arg(long)]
+    progress: bool,
 }
 
 #[derive(Args)]
@@ -128,6 +132,9 @@ struct RecvArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Print progress lines on stderr even when it is not a terminal (a bar is shown on a terminal anyway).
+    #[arg(long)]
+    progress: bool,
 }
 
 #[derive(Args)]
@@ -201,7 +208,7 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         increment: a.cpu_throttle_increment,
         max: a.max_cpu_throttle,
     };
-    cfg.progress = std::io::stderr().is_terminal();
+    cfg.progress = Display::choose(std::io::stderr().is_terminal(), a.progress);
     let cancel = procmig::cancel::install_signal_flag()?;
     let handle = MigrationHandle::new(&cfg, cancel);
     let report = match source::send(&cfg, &handle) {
@@ -230,7 +237,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         out: a.out,
         decompress_threads: a.decompress_threads,
         force: a.force,
-        progress: std::io::stderr().is_terminal(),
+        progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

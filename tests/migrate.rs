@@ -327,3 +327,49 @@ fn verify_says_when_the_process_ran_on() {
     assert!(s.contains("was running when verify started"), "{s}");
     assert_running(agent.pid);
 }
+
+#[test]
+fn progress_lines_for_logs_never_pass_100_percent() {
+    // 24 MiB at 8 MB/s: about three seconds, long enough for lines.
+    let agent = Agent::start(&[
+        "--size",
+        "24M",
+        "--profile",
+        "random",
+        "--dirty-rate",
+        "2000",
+    ]);
+    let dir = TempDir::new("progress");
+    let recv = Recv::start(&dir.join("img"), &["--progress"]);
+    let sent = send(
+        agent.pid,
+        &recv,
+        &[
+            "--progress",
+            "--compress",
+            "none",
+            "--max-bandwidth",
+            "8M",
+            "--max-iterations",
+            "3",
+            "--force-downtime",
+        ],
+    );
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    let (ok, _, rerr) = recv.wait();
+    assert!(ok, "{rerr}");
+    let err = text(&sent.stderr);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("send: ")).collect();
+    assert!(!lines.is_empty(), "no progress lines: {err}");
+    assert!(lines[0].starts_with("send: bulk "), "{err}");
+    for l in &lines {
+        if let Some(pct) = l.split_whitespace().find_map(|w| w.strip_suffix("%:")) {
+            let pct: f64 = pct.parse().unwrap();
+            assert!((0.0..=100.0).contains(&pct), "{l}");
+        }
+    }
+    assert!(
+        rerr.lines().any(|l| l.starts_with("recv: receiving: ")),
+        "{rerr}"
+    );
+}

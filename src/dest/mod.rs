@@ -37,7 +37,8 @@ pub struct RecvConfig {
     pub decompress_threads: usize,
     /// Replace an existing output.
     pub force: bool,
-    pub progress: bool,
+    /// Show progress on stderr, and how.
+    pub progress: Option<crate::progress::Display>,
 }
 
 /// QEMU's default decompress-threads.

@@ -89,3 +89,28 @@ fn codec_name(c: Option<WireCodec>) -> &'static str {
         Some(WireCodec::Lz4) => "lz4",
     }
 }
+
+/// The receiver's progress display reads the session's counters: pages
+/// in (round after round, so no percentage) and the wire.
+pub struct RecvProgress(pub std::sync::Arc<crate::stats::Counters>);
+
+impl crate::progress::ProgressSource for RecvProgress {
+    fn read(&self, wire_rate: f64) -> crate::progress::Reading {
+        use crate::units::human_bytes;
+        let c = &self.0;
+        crate::progress::Reading {
+            stage: "receiving".into(),
+            fraction: None,
+            message: format!(
+                "{} of pages in, {} on the wire ({}/s)",
+                human_bytes(crate::stats::Counters::get(&c.read_bytes)),
+                human_bytes(crate::stats::Counters::get(&c.wire_bytes)),
+                human_bytes(wire_rate as u64)
+            ),
+        }
+    }
+
+    fn wire_bytes(&self) -> u64 {
+        crate::stats::Counters::get(&self.0.wire_bytes)
+    }
+}

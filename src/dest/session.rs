@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::report::{Received, Summary};
+use super::report::{Received, RecvProgress, Summary};
 use super::staging::{RegionFile, Staging, StagingError};
 use super::workers::{ApplyError, ApplyJob, Regions, RoundMap, WorkerPool};
 use super::{RecvConfig, RecvError, StreamError};
@@ -338,11 +338,10 @@ impl<'a> Session<'a> {
             }
         };
         self.replace_table(&table)?;
-        let total: u64 = table.iter().map(|e| e.end - e.start).sum();
         self.progress = self
             .cfg
             .progress
-            .then(|| Progress::start("recv", total, self.counters.clone()));
+            .map(|d| Progress::start("recv", d, RecvProgress(self.counters.clone())));
         Ok(State::InRound {
             round: 0,
             started: false,

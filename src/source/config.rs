@@ -48,7 +48,8 @@ pub struct SendConfig {
     pub regions: Vec<RegionFilter>,
     /// Pages per compression batch.
     pub batch_pages: u32,
-    pub progress: bool,
+    /// Show progress on stderr, and how.
+    pub progress: Option<crate::progress::Display>,
     pub mode: Mode,
     pub dirty_tracking: dirty::Tracking,
     /// downtime-limit (initial value, like max_bandwidth).
@@ -77,7 +78,7 @@ impl SendConfig {
             on_complete: OnComplete::Stop,
             regions: Vec::new(),
             batch_pages: DEFAULT_BATCH_PAGES,
-            progress: false,
+            progress: None,
             mode: Mode::Live,
             dirty_tracking: dirty::Tracking::Auto,
             downtime_limit: Duration::from_millis(300),

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::SendConfig;
+use crate::progress::{ProgressSource, Reading};
 use crate::stats::{Counters, RoundReport, SendFailure};
+use crate::units::human_bytes;
 
 /// Where a migration is, with QEMU's names (`query-migrate` status).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +97,22 @@ struct Shared {
     round: AtomicU32,
     counters: Arc<Counters>,
     tunables: Arc<Tunables>,
+    live: Live,
+}
+
+/// Figures of the round in progress, for progress displays and queries.
+#[derive(Default)]
+struct Live {
+    /// Pages the round is to send, and pages done (sent or skipped) when
+    /// it began.
+    plan_pages: AtomicU64,
+    done_at_start: AtomicU64,
+    /// Bytes of the migrated regions.
+    total_bytes: AtomicU64,
+    page_size: AtomicU64,
+    /// Pages dirtied per second before the round (f64 bits).
+    dirty_rate: AtomicU64,
+    expected_downtime_us: AtomicU64,
 }
 
 /// A cheap, cloneable handle on one migration.
@@ -119,6 +137,7 @@ impl MigrationHandle {
                 round: AtomicU32::new(0),
                 counters: Arc::new(Counters::new(cfg.compress_threads)),
                 tunables: Arc::new(tunables),
+                live: Live::default(),
             }),
         }
     }
@@ -147,6 +166,44 @@ impl MigrationHandle {
         if matches!(s, Status::Failed | Status::Cancelled) {
             self.shared.failed_in.store(old, Relaxed);
         }
+    }
+
+    /// Pages sent or skipped so far.
+    fn pages_done(&self) -> u64 {
+        let c = self.counters();
+        Counters::get(&c.normal_pages)
+            + Counters::get(&c.zero_pages)
+            + Counters::get(&c.skipped_pages)
+    }
+
+    /// A round of `plan_pages` pages begins.
+    pub(crate) fn begin_round(&self, round: u32, plan_pages: u64) {
+        let l = &self.shared.live;
+        l.plan_pages.store(plan_pages, Relaxed);
+        l.done_at_start.store(self.pages_done(), Relaxed);
+        self.set_round(round);
+    }
+
+    /// What the migration is about: its regions' size and page size.
+    pub(crate) fn set_size(&self, total_bytes: u64, page_size: u64) {
+        self.shared.live.total_bytes.store(total_bytes, Relaxed);
+        self.shared.live.page_size.store(page_size, Relaxed);
+    }
+
+    /// The planner's latest view.
+    pub(crate) fn set_estimates(&self, dirty_pages_per_s: f64, expected: Duration) {
+        let l = &self.shared.live;
+        l.dirty_rate.store(dirty_pages_per_s.to_bits(), Relaxed);
+        l.expected_downtime_us
+            .store(expected.as_micros().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    /// Pages the current round is to send, and how many of them are done.
+    pub fn round_progress(&self) -> (u64, u64) {
+        let l = &self.shared.live;
+        let plan = l.plan_pages.load(Relaxed);
+        let done = self.pages_done() - l.done_at_start.load(Relaxed).min(self.pages_done());
+        (done.min(plan), plan)
     }
 
     /// Rounds completed so far.
@@ -195,6 +252,51 @@ impl MigrationHandle {
 
     pub fn tunables(&self) -> &Arc<Tunables> {
         &self.shared.tunables
+    }
+}
+
+/// The sender's progress display reads the handle.
+pub struct SendProgress(pub MigrationHandle);
+
+impl ProgressSource for SendProgress {
+    fn read(&self, wire_rate: f64) -> Reading {
+        let h = &self.0;
+        let l = &h.shared.live;
+        let (done, plan) = h.round_progress();
+        let ps = l.page_size.load(Relaxed).max(1);
+        let rate = format!("{}/s", human_bytes(wire_rate as u64));
+        let round = h.round();
+        let stage = match (h.status(), round) {
+            (Status::Setup, _) => "setup".to_string(),
+            (Status::Device, _) => "downtime".to_string(),
+            (_, 0) => "bulk".to_string(),
+            (_, r) => format!("round {r}"),
+        };
+        let message = if h.status() == Status::Setup {
+            String::new()
+        } else if round == 0 && h.status() != Status::Device {
+            format!(
+                "{} of {} left, {rate}",
+                human_bytes((plan - done) * ps),
+                human_bytes(l.total_bytes.load(Relaxed))
+            )
+        } else {
+            format!(
+                "{} of {plan} pages left, dirty {:.0} pages/s, {rate}, expected downtime {:.0} ms",
+                plan - done,
+                f64::from_bits(l.dirty_rate.load(Relaxed)),
+                l.expected_downtime_us.load(Relaxed) as f64 / 1000.0
+            )
+        };
+        Reading {
+            stage,
+            fraction: (plan > 0).then(|| done as f64 / plan as f64),
+            message,
+        }
+    }
+
+    fn wire_bytes(&self) -> u64 {
+        Counters::get(&self.0.counters().wire_bytes)
     }
 }
 

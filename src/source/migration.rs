@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::batch::Batch;
 use super::converge::{Decision, Limits, PlanInputs, Planner};
-use super::handle::{MigrationHandle, Status};
+use super::handle::{MigrationHandle, SendProgress, Status};
 use super::pipeline::{PageSource, Pipeline};
 use super::regions::{Carried, RegionState, RoundPlan};
 use super::report::{self, RoundFacts, Snapshot, Summary};
@@ -149,10 +149,10 @@ impl<'a> Migration<'a> {
         let mem = MemReader::open(cfg.pid)?;
         let pagemap = Pagemap::open(cfg.pid, ps)?;
         self.pipeline = Some(Pipeline::start(cfg, self.handle, writer, ps)?);
-        let counters = self.handle.counters().clone();
+        self.handle.set_size(state.total(), ps);
         let progress = cfg
             .progress
-            .then(|| Progress::start("send", state.total(), counters));
+            .map(|d| Progress::start("send", d, SendProgress(self.handle.clone())));
         let tracker_name = self
             .tracker
             .as_ref()
@@ -225,6 +225,7 @@ impl<'a> Migration<'a> {
             let limits = self.limits();
             let p = c.planner.decide(&inputs, &limits);
             c.expected = p.expected_downtime;
+            self.handle.set_estimates(c.dirty_rate, p.expected_downtime);
             match p.decision {
                 Decision::Downtime => return Ok(plan.carry(&c.state)),
                 Decision::GiveUp => {
@@ -530,7 +531,7 @@ impl<'a> Migration<'a> {
         let t = Instant::now();
         let counters = self.handle.counters().clone();
         let before = Snapshot::take(&counters);
-        self.handle.set_round(facts.round);
+        self.handle.begin_round(facts.round, plan.pages());
         let batch = |region: usize| Batch {
             round: facts.round,
             region: region as u32,
