@@ -281,6 +281,13 @@ impl fmt::Display for SendReport {
         )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
         writeln!(f, "on complete: {}", self.on_complete)?;
+        if self.on_complete == "stop" {
+            writeln!(
+                f,
+                "the process is left stopped: `kill -CONT {}` resumes it here, `kill {}` ends it",
+                self.pid, self.pid
+            )?;
+        }
         for (reason, n, names) in crate::process::summarize(&self.left_out) {
             let more = if n > names.len() { ", ..." } else { "" };
             writeln!(
