@@ -90,7 +90,8 @@ pub struct PlanInputs {
     /// Raw bytes dirtied per second since the previous sync.
     pub dirty_rate: f64,
     /// What a stop costs besides sending the rest: stopping every
-    /// thread and the final dirty sync, as measured in this migration.
+    /// thread, the final dirty sync, and the receiver's answer after the
+    /// last frame, as measured in this migration.
     pub fixed_cost: Duration,
     /// Raw bytes dirtied during the last round, and wire bytes it sent
     /// (auto-converge compares the two, as QEMU does per period).

@@ -46,6 +46,9 @@ pub(super) struct Copy {
     stop_cost: Duration,
     /// The last dirty sync (maps, tracker, discarded pages).
     sync_cost: Duration,
+    /// From a round's last frame on the wire to the receiver's
+    /// RoundApplied: the tail the final round and End will pay again.
+    tail_cost: Duration,
     last_collect: Instant,
     t_start: Instant,
     setup_time: Duration,
@@ -170,6 +173,7 @@ impl<'a> Migration<'a> {
             dirty_rate: 0.0,
             stop_cost,
             sync_cost: Duration::ZERO,
+            tail_cost: Duration::ZERO,
             last_collect,
             t_start,
             setup_time,
@@ -284,7 +288,7 @@ impl<'a> Migration<'a> {
                 1.0
             },
             dirty_rate: c.dirty_rate * ps as f64,
-            fixed_cost: c.stop_cost + c.sync_cost,
+            fixed_cost: c.stop_cost + c.sync_cost + c.tail_cost,
             last_round_dirtied: last.map_or(0, |r| r.dirty_pages * ps),
             last_round_sent: last.map_or(0, |r| r.bytes),
         }
@@ -555,8 +559,10 @@ impl<'a> Migration<'a> {
         let pipeline = self.pipeline_mut();
         c.unsent = std::mem::take(&mut pipeline.unreadable);
         pipeline.end_round(facts.round)?;
+        let t_tail = Instant::now();
         let link = self.link.as_mut().expect("connected");
         link.await_round_applied(facts.round)?;
+        c.tail_cost = t_tail.elapsed();
         let r = before.report(facts, &counters, t.elapsed());
         self.handle.push_round(&r);
         Ok(r)
