@@ -200,13 +200,7 @@ fn python_process_byte_for_byte() {
         report["normal_bytes"].as_u64().unwrap() > 200 << 20,
         "{report}"
     );
-    let v = run(&[
-        "verify",
-        "--pid",
-        &pid.to_string(),
-        "--image",
-        out.to_str().unwrap(),
-    ]);
+    let v = verify(pid, &out);
     assert!(v.status.success(), "{}", text(&v.stdout));
     // Resume it and let it finish normally.
     let _ = nix::sys::signal::kill(
@@ -234,13 +228,7 @@ fn verify_reports_differences() {
     let at = (agent.base - rec.start) as usize + 5 * 4096 + 100;
     bytes[at] ^= 0xff;
     std::fs::write(&path, bytes).unwrap();
-    let v = run(&[
-        "verify",
-        "--pid",
-        &agent.pid.to_string(),
-        "--image",
-        out.to_str().unwrap(),
-    ]);
+    let v = verify(agent.pid, &out);
     assert_eq!(v.status.code(), Some(1));
     let s = text(&v.stdout);
     assert!(s.contains("1 of"), "{s}");
@@ -309,13 +297,7 @@ fn verify_says_when_the_process_ran_on() {
     assert!(recv.wait().0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let v = loop {
-        let v = run(&[
-            "verify",
-            "--pid",
-            &agent.pid.to_string(),
-            "--image",
-            out.to_str().unwrap(),
-        ]);
+        let v = verify(agent.pid, &out);
         if v.status.code() == Some(1) || std::time::Instant::now() > deadline {
             break v;
         }

@@ -70,13 +70,7 @@ fn dev_shm_is_migrated_and_a_disk_file_is_listed_as_left_out() {
         "{d}"
     );
 
-    let v = run(&[
-        "verify",
-        "--pid",
-        &pid.to_string(),
-        "--image",
-        out.to_str().unwrap(),
-    ]);
+    let v = verify(pid, &out);
     let s = text(&v.stdout);
     assert!(v.status.success(), "{s}");
     assert!(s.contains("identical"), "{s}");

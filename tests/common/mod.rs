@@ -232,6 +232,17 @@ pub fn run(args: &[&str]) -> Output {
         .expect("run procmig")
 }
 
+/// `procmig verify --pid PID --image IMAGE`.
+pub fn verify(pid: i32, image: &Path) -> Output {
+    run(&[
+        "verify",
+        "--pid",
+        &pid.to_string(),
+        "--image",
+        image.to_str().unwrap(),
+    ])
+}
+
 /// `procmig send` of `pid` to `recv` with extra args.
 pub fn send(pid: i32, recv: &Recv, extra: &[&str]) -> Output {
     let pid = pid.to_string();
