@@ -170,6 +170,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The source process was handed over but the receiver did not confirm:
+/// it is left stopped, and a person or orchestrator decides.
+const EXIT_IN_DOUBT: u8 = 3;
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).expect("report serialises")
 }
@@ -216,6 +220,10 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             if a.json {
                 println!("{}", json(&handle.failure(cfg.pid, &e)));
+            }
+            if matches!(e, source::SendError::HandoverInDoubt { .. }) {
+                eprintln!("procmig: error: {e}");
+                return Ok(ExitCode::from(EXIT_IN_DOUBT));
             }
             return Err(e.into());
         }

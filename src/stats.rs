@@ -186,6 +186,9 @@ pub struct SendFailure {
     pub pid: i32,
     /// The phase it was in: setup, active (pre-copy) or device (stopped).
     pub failed_in: String,
+    /// What became of the process: `resumed` (as it was found) or
+    /// `stopped` (handed over without confirmation: decide by hand).
+    pub process: String,
     /// Bytes put on the wire.
     pub transferred: u64,
     pub normal: u64,

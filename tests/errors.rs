@@ -205,7 +205,9 @@ fn pages_frame(first: u64, xxh3: u64) -> Vec<u8> {
     b
 }
 
-/// A whole valid stream: one page (page 3 of the region), one round, End.
+/// A whole valid stream: one page (page 3 of the region), one round, End,
+/// and the handover's Commit (a real source sends it only after Applied;
+/// the receiver reads it after Applied either way).
 fn complete_stream() -> Vec<u8> {
     let mut b = start_of_stream();
     b.extend(pages_frame(3, good_xxh3()));
@@ -218,6 +220,7 @@ fn complete_stream() -> Vec<u8> {
         zero_frames: 0,
     })
     .encode(&mut b);
+    Control::Commit.encode(&mut b);
     b
 }
 
@@ -292,8 +295,8 @@ fn totals_that_do_not_match() {
 fn a_complete_handmade_stream_commits() {
     // The counterpart of the failures above: the same frames, ended
     // properly, produce an image with exactly that page.
-    // Version 2 confirms each round (RoundApplied); a version-1 source
-    // gets the version-1 answers.
+    // Version 2 confirms each round (RoundApplied) and commits on the
+    // source's Commit; a version-1 source gets the version-1 answers.
     for (version, answers) in [
         (
             protocol::VERSION,
@@ -326,6 +329,7 @@ fn check_handmade_commit(dir: &TempDir, version: u16, answers: &[Kind]) {
     for want in answers {
         let got = protocol::read_frame(&mut s, &mut payload).unwrap();
         assert_eq!(got, *want, "version {version}");
+
         if got == Kind::Welcome {
             match Control::decode(got, &payload).unwrap() {
                 Control::Welcome(w) => assert_eq!(w.version, version),

@@ -27,8 +27,11 @@
 //!                                            compared; send Applied (downtime ends)
 //!                           Error            the source aborted                         failed
 //!                           anything else    "unexpected ... frame"                     failed
-//!  Applied                  (none read)      digest, sync, rename into place;           Committed
-//!                                            send Ack
+//!  Applied                  Commit           (version 2; version 1 reads nothing)       Committed
+//!                                            the source handed over: digest, sync,
+//!                                            rename into place; send Ack
+//!                           Error, EOF       the source kept the process: nothing       failed
+//!                                            is committed
 //!  Committed                (none read)      the report                                 (done)
 //! ```
 //!
@@ -239,7 +242,7 @@ impl<'a> Session<'a> {
                 State::AwaitHello => self.await_hello()?,
                 State::AwaitRegions => self.await_regions()?,
                 State::InRound { round, started } => self.in_round(round, started)?,
-                State::Applied { rounds, transfer } => self.commit(rounds, transfer)?,
+                State::Applied { rounds, transfer } => self.await_commit(rounds, transfer)?,
                 State::Committed(report) => return Ok(*report),
             };
         }
@@ -493,6 +496,25 @@ impl<'a> Session<'a> {
             rounds: totals.rounds,
             transfer: self.started.elapsed(),
         })
+    }
+
+    /// Version 2: the source hands over with Commit; until then nothing
+    /// is committed, and a source that goes away keeps the process.
+    fn await_commit(&mut self, rounds: u32, transfer: Duration) -> Result<State, Stop> {
+        if self.source.version >= protocol::HANDOVER_VERSION {
+            match self.read_control()? {
+                Control::Commit => {}
+                Control::Error { message, .. } => return Err(Stop::Aborted(message)),
+                other => {
+                    return Err(StreamError::Expected {
+                        expected: Kind::Commit,
+                        got: other.kind(),
+                    }
+                    .into())
+                }
+            }
+        }
+        self.commit(rounds, transfer)
     }
 
     fn commit(&mut self, rounds: u32, transfer: Duration) -> Result<State, Stop> {

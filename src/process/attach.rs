@@ -241,6 +241,11 @@ impl Attachment {
         Ok(())
     }
 
+    /// Whether the process was stopped (group-stop) when attached.
+    pub fn was_stopped(&self) -> bool {
+        self.was_stopped
+    }
+
     /// Detach from every thread and leave the process as asked.
     pub fn detach(mut self, leave: Leave) -> Result<(), ProcessError> {
         self.release(leave)

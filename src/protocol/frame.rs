@@ -21,6 +21,8 @@ pub enum Kind {
     Applied = 10,
     /// Version 2: the receiver has applied every page of a round.
     RoundApplied = 11,
+    /// Version 2: the source hands the process over; commit.
+    Commit = 12,
 }
 
 impl Kind {
@@ -37,6 +39,7 @@ impl Kind {
             9 => Kind::Error,
             10 => Kind::Applied,
             11 => Kind::RoundApplied,
+            12 => Kind::Commit,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -50,7 +53,8 @@ impl Kind {
             | Kind::End
             | Kind::Ack
             | Kind::Applied
-            | Kind::RoundApplied => 4096,
+            | Kind::RoundApplied
+            | Kind::Commit => 4096,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
             Kind::Pages => PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE),
@@ -201,6 +205,9 @@ pub enum Control {
     RoundEnd(u32),
     /// The receiver applied round N (version 2 and later).
     RoundApplied(u32),
+    /// The source hands over: the receiver owns the process from here
+    /// (version 2 and later).
+    Commit,
     End(Totals),
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
@@ -291,7 +298,7 @@ impl Control {
                     .u64(t.page_frames)
                     .u64(t.zero_frames);
             }
-            Control::Applied => {}
+            Control::Applied | Control::Commit => {}
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
                     .u64(a.zero_pages)
@@ -313,6 +320,7 @@ impl Control {
             Control::Zero { .. } => Kind::Zero,
             Control::RoundEnd(_) => Kind::RoundEnd,
             Control::RoundApplied(_) => Kind::RoundApplied,
+            Control::Commit => Kind::Commit,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -388,6 +396,7 @@ impl Control {
                 zero_frames: g.u64()?,
             }),
             Kind::Applied => Control::Applied,
+            Kind::Commit => Control::Commit,
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -697,6 +706,7 @@ mod tests {
         });
         roundtrip(Control::RoundEnd(9));
         roundtrip(Control::RoundApplied(9));
+        roundtrip(Control::Commit);
         roundtrip(Control::Applied);
         roundtrip(Control::End(Totals {
             rounds: 1,

@@ -9,8 +9,10 @@
 //!    | ---- RoundEnd {round} -------------------------> |   barrier: all of the round applied
 //!    | <--- RoundApplied {round} (version 2) ---------- |
 //!    |          ... more rounds (live pre-copy) ...     |
-//!    | ---- End {totals} -----------------------------> |   totals checked, image committed
-//!    | <--- Ack {stats} ------------------------------- |   or Error
+//!    | ---- End {totals} -----------------------------> |   totals checked
+//!    | <--- Applied ----------------------------------- |   the receiver holds every page
+//!    | ---- Commit (version 2) -----------------------> |   handover: the receiver owns it
+//!    | <--- Ack {stats} ------------------------------- |   image committed, or Error
 //! ```
 //!
 //! Every frame is a 16-byte header followed by a payload:
@@ -40,14 +42,17 @@ mod wire;
 
 pub use frame::*;
 
-/// Version spoken by this build. Version 2 added RoundApplied: the
+/// Version spoken by this build. Version 2 added RoundApplied (the
 /// receiver confirms each round once applied, so the source measures the
-/// rate pages really arrive at and enters the downtime with no backlog.
+/// rate pages really arrive at and enters the downtime with no backlog)
+/// and the handover: after Applied the receiver commits only on the
+/// source's Commit, so exactly one side owns the process at every instant.
 pub const VERSION: u16 = 2;
 /// Oldest version this build accepts.
 pub const MIN_VERSION: u16 = 1;
-/// The first version with RoundApplied.
+/// The first version with RoundApplied and Commit.
 pub const ROUND_APPLIED_VERSION: u16 = 2;
+pub const HANDOVER_VERSION: u16 = 2;
 /// `PMIG` as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PMIG");
 /// Size of the frame header.

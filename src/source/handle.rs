@@ -222,13 +222,18 @@ impl MigrationHandle {
     }
 
     /// What a failed or cancelled migration did before it stopped.
-    pub fn failure(&self, pid: i32, error: &dyn std::fmt::Display) -> SendFailure {
+    pub fn failure(&self, pid: i32, error: &super::SendError) -> SendFailure {
         let c = self.counters();
         SendFailure {
             status: self.status().to_string(),
             error: error.to_string(),
             pid,
             failed_in: Status::from_u8(self.shared.failed_in.load(Relaxed)).to_string(),
+            process: match error {
+                super::SendError::HandoverInDoubt { .. } => "stopped",
+                _ => "resumed",
+            }
+            .into(),
             transferred: Counters::get(&c.wire_bytes),
             normal: Counters::get(&c.normal_pages),
             duplicate: Counters::get(&c.zero_pages),

@@ -83,7 +83,26 @@ pub(super) struct Migration<'a> {
     pipeline: Option<Pipeline>,
     /// The writer failed: the connection is not usable for an Error frame.
     connection_lost: bool,
+    /// Who owns the process (see `handover`).
+    owner: Owner,
+    /// The process was stopped when we found it (known once handed over).
+    was_stopped: bool,
 }
+
+/// Which side owns the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Owner {
+    /// The source: any failure resumes the process as it was.
+    Source,
+    /// Commit was sent and not yet confirmed: the process stays stopped.
+    InDoubt,
+    /// The receiver confirmed the commit.
+    Destination,
+}
+
+/// Longest wait for the receiver's Applied and Ack (it applies what it
+/// still has queued, then syncs and renames the image).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl<'a> Migration<'a> {
     pub fn new(cfg: &'a SendConfig, handle: &'a MigrationHandle) -> Migration<'a> {
@@ -97,6 +116,8 @@ impl<'a> Migration<'a> {
             throttle: None,
             pipeline: None,
             connection_lost: false,
+            owner: Owner::Source,
+            was_stopped: false,
         }
     }
 
@@ -342,8 +363,17 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
-    /// End the stream, then wait for the receiver: Applied (every page in
-    /// place; downtime ends), then Ack (image committed).
+    /// End the stream, wait for Applied (every page in place; downtime
+    /// ends), hand the process over with Commit (version 2), and wait for
+    /// Ack (image committed).
+    ///
+    /// Ownership: until Commit is written the source owns the process, and
+    /// any failure resumes it. Just before, the process is put in
+    /// group-stop and detached, so it stays stopped even if procmig dies;
+    /// from then on it never resumes by itself. Ack means the destination
+    /// owns it; an Error frame means the receiver committed nothing, so it
+    /// is the source's again and resumes; no answer leaves it stopped and
+    /// says so ([`SendError::HandoverInDoubt`]).
     fn handover(&mut self, c: &mut Copy) -> Result<Handover, SendError> {
         let t_stop = c.t_stop.expect("stopped by now");
         let threads_stopped = self.att.as_ref().map_or(0, |a| a.thread_count());
@@ -352,7 +382,9 @@ impl<'a> Migration<'a> {
         if let Some(p) = c.progress.take() {
             p.finish();
         }
+        let writer = self.pipeline_mut().take_writer();
         let link = self.link.as_mut().expect("connected");
+        link.writer = writer;
         if let Err(e) = totals {
             self.connection_lost = true;
             return Err(link.remote_reason().unwrap_or(e));
@@ -361,30 +393,73 @@ impl<'a> Migration<'a> {
         // of throughput and worker busy figures (in stop-and-copy mode this
         // is all downtime; live, it spans every round).
         let transfer = c.t_pipeline.elapsed();
-        link.reader.set_timeout(Some(Duration::from_secs(600))).ok();
-        let mut downtime = None;
-        let ack = loop {
-            match protocol::read_control(&mut link.reader) {
-                Ok(Control::Applied) if downtime.is_none() => {
-                    downtime = Some(t_stop.elapsed());
-                    c.parts.apply_ms = ms(t_end.elapsed());
-                }
-                Ok(Control::Ack(a)) => break a,
-                Ok(Control::Error { message, .. }) => return Err(SendError::Remote(message)),
-                Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
-                Err(e) => {
-                    return Err(SendError::Connection(format!(
-                        "waiting for acknowledgement: {e}"
-                    )))
-                }
+        let version = link.version;
+        match link.read_answer(ANSWER_TIMEOUT)? {
+            Control::Applied => {}
+            other => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
+        }
+        let downtime = t_stop.elapsed();
+        c.parts.apply_ms = ms(t_end.elapsed());
+        if version >= protocol::HANDOVER_VERSION {
+            self.hand_over()?;
+        }
+        let link = self.link.as_mut().expect("connected");
+        let ack = match link.read_answer(ANSWER_TIMEOUT) {
+            Ok(Control::Ack(a)) => a,
+            Ok(other) if self.owner == Owner::InDoubt => {
+                return Err(self.in_doubt(format!("the receiver answered {:?}", other.kind())))
             }
+            Ok(other) => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
+            Err(SendError::Remote(m)) if self.owner == Owner::InDoubt => {
+                // The receiver refused the commit: nothing was committed,
+                // the process is ours again.
+                self.take_back();
+                return Err(SendError::Remote(m));
+            }
+            Err(e) if self.owner == Owner::InDoubt => return Err(self.in_doubt(e.to_string())),
+            Err(e) => return Err(e),
         };
+        if self.owner == Owner::InDoubt {
+            self.owner = Owner::Destination;
+        }
         Ok(Handover {
             ack,
-            downtime: downtime.unwrap_or_else(|| t_stop.elapsed()),
+            downtime,
             transfer,
             threads_stopped,
         })
+    }
+
+    /// Stop the process for good (group-stop, detached), then tell the
+    /// receiver to commit.
+    fn hand_over(&mut self) -> Result<(), SendError> {
+        if let Some(a) = self.att.take() {
+            self.was_stopped = a.was_stopped();
+            a.detach(Leave::Stopped)?;
+        }
+        self.owner = Owner::InDoubt;
+        let link = self.link.as_mut().expect("connected");
+        let w = link.writer.as_mut().expect("the writer is back");
+        protocol::write_control(w, &Control::Commit)
+            .map_err(|e| self.in_doubt(format!("sending Commit: {e}")))
+    }
+
+    /// The receiver refused: resume the process as it was found.
+    fn take_back(&mut self) {
+        self.owner = Owner::Source;
+        if !self.was_stopped {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.cfg.pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+    }
+
+    fn in_doubt(&self, reason: String) -> SendError {
+        SendError::HandoverInDoubt {
+            pid: self.cfg.pid,
+            reason,
+        }
     }
 
     /// Tracking off, the process left as asked, and the report.
@@ -400,7 +475,21 @@ impl<'a> Migration<'a> {
             OnComplete::Resume => Leave::AsFound,
         };
         if let Some(a) = self.att.take() {
+            // A version-1 receiver: no handover, still attached.
             a.detach(leave)?;
+        } else {
+            // Handed over: the process is in group-stop, detached.
+            let pid = nix::unistd::Pid::from_raw(cfg.pid);
+            match leave {
+                Leave::Stopped => {}
+                Leave::Killed => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                }
+                Leave::AsFound if !self.was_stopped => {
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                }
+                Leave::AsFound => {}
+            }
         }
         let auto_choices = self
             .pipeline
@@ -458,8 +547,12 @@ impl<'a> Migration<'a> {
         let Some(link) = self.link.as_mut() else {
             return;
         };
-        let quiet =
-            self.connection_lost || matches!(e, SendError::Connection(_) | SendError::Remote(_));
+        let quiet = self.connection_lost
+            || self.owner != Owner::Source
+            || matches!(
+                e,
+                SendError::Connection(_) | SendError::Remote(_) | SendError::HandoverInDoubt { .. }
+            );
         if let (false, Some(w)) = (quiet, link.writer.as_mut()) {
             let _ = w.set_timeout(Some(Duration::from_secs(2)));
             let code = if matches!(e, SendError::Cancelled) {

@@ -87,6 +87,10 @@ pub enum SendError {
     /// The process exited during the migration.
     #[error("process {0} exited during the migration")]
     Exited(i32),
+    /// Commit was sent but not confirmed: the receiver may or may not own
+    /// the process, so it is left stopped.
+    #[error("handover in doubt: the receiver was told to commit but did not confirm ({reason}); process {pid} is left stopped. If the destination committed the image, it owns the process: `kill {pid}` here. If it did not, `kill -CONT {pid}` resumes it here")]
+    HandoverInDoubt { pid: i32, reason: String },
     /// Pre-copy did not converge within the iteration cap.
     #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
     NotConverging {
@@ -115,7 +119,10 @@ pub fn send(cfg: &SendConfig, handle: &MigrationHandle) -> Result<SendReport, Se
             Ok(report)
         }
         Err(e) => {
-            let e = if handle.is_cancelled() {
+            let e = if matches!(e, SendError::HandoverInDoubt { .. }) {
+                // After Commit, a signal does not resume the process either.
+                e
+            } else if handle.is_cancelled() {
                 SendError::Cancelled
             } else if !process::alive(cfg.pid)
                 && !matches!(e, SendError::Process(ProcessError::NoSuchProcess { .. }))

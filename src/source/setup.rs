@@ -107,6 +107,19 @@ impl Link {
         }
     }
 
+    /// The receiver's next answer, within `timeout`; an Error frame is
+    /// `SendError::Remote`.
+    pub fn read_answer(&mut self, timeout: Duration) -> Result<Control, SendError> {
+        self.reader.set_timeout(Some(timeout)).ok();
+        match protocol::read_control(&mut self.reader) {
+            Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
+            Ok(c) => Ok(c),
+            Err(e) => Err(SendError::Connection(format!(
+                "waiting for the receiver's answer: {e}"
+            ))),
+        }
+    }
+
     /// After a write failed: did the receiver explain why in an Error frame?
     pub fn remote_reason(&mut self) -> Option<SendError> {
         self.reader.set_timeout(Some(Duration::from_secs(2))).ok();
