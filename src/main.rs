@@ -113,6 +113,9 @@ struct SendArgs {
     /// Print progress lines on stderr even when it is not a terminal (a bar is shown on a terminal anyway).
     #[arg(long)]
     progress: bool,
+    /// Longest wait for the receiver's answers; a link silent this long is dead (TCP keepalive, TCP_USER_TIMEOUT).
+    #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -135,6 +138,9 @@ struct RecvArgs {
     /// Print progress lines on stderr even when it is not a terminal (a bar is shown on a terminal anyway).
     #[arg(long)]
     progress: bool,
+    /// Longest wait for a whole frame; a link silent this long is dead (TCP keepalive, TCP_USER_TIMEOUT).
+    #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Args)]
@@ -206,6 +212,7 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     }
     cfg.auto_converge = a.auto_converge;
     cfg.force_downtime = a.force_downtime;
+    cfg.timeout = a.timeout;
     cfg.throttle = ThrottleParams {
         trigger_threshold: a.throttle_trigger_threshold,
         initial: a.cpu_throttle_initial,
@@ -246,6 +253,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         decompress_threads: a.decompress_threads,
         force: a.force,
         progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
+        timeout: a.timeout,
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

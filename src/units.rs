@@ -44,6 +44,16 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// A duration as a person reads it: `30s`, `1.5s`, `250ms`.
+pub fn human_duration(d: std::time::Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms >= 1000.0 {
+        format!("{}s", (ms / 100.0).round() / 10.0)
+    } else {
+        format!("{ms:.0}ms")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +76,14 @@ mod tests {
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("-1M").is_err());
         assert!(parse_size("1e30T").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(human_duration(Duration::from_secs(30)), "30s");
+        assert_eq!(human_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human_duration(Duration::from_millis(250)), "250ms");
     }
 
     #[test]

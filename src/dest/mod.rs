@@ -39,13 +39,16 @@ pub struct RecvConfig {
     pub force: bool,
     /// Show progress on stderr, and how.
     pub progress: Option<crate::progress::Display>,
+    /// Longest wait for a whole frame (and the connection's liveness,
+    /// see `transport::Connection::set_liveness`).
+    pub timeout: Duration,
 }
 
 /// QEMU's default decompress-threads.
 pub const DEFAULT_DECOMPRESS_THREADS: usize = 2;
 
 /// Silence on the connection longer than this ends the migration.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -83,9 +86,9 @@ pub enum StreamError {
     /// The connection closed, broke or was cut mid-frame.
     #[error(transparent)]
     Read(ReadError),
-    /// Nothing arrived for [`IDLE_TIMEOUT`].
-    #[error("no data for {secs} s")]
-    Idle { secs: u64 },
+    /// A whole frame did not arrive within `--timeout`.
+    #[error("no whole frame within the --timeout (a dead link, or a peer too slow)")]
+    Idle,
     /// A frame of the wrong kind where only one kind may come.
     #[error("expected {expected:?}, got {got:?}")]
     Expected { expected: Kind, got: Kind },
@@ -147,9 +150,7 @@ impl From<ReadError> for StreamError {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                StreamError::Idle {
-                    secs: IDLE_TIMEOUT.as_secs(),
-                }
+                StreamError::Idle
             }
             ReadError::Decode(e) => StreamError::Decode(e),
             e => StreamError::Read(e),
@@ -220,8 +221,8 @@ impl Listener {
             .ok_or(RecvError::Cancelled)?;
         drop(listener);
         let peer = conn.peer().to_string();
+        conn.set_liveness(cfg.timeout).map_err(RecvError::Accept)?;
         let (reader, writer, closer) = conn.split().map_err(RecvError::Accept)?;
-        reader.set_timeout(Some(IDLE_TIMEOUT)).ok();
         let _watch = CloseOnCancel::new(cancel.clone(), closer);
         Session::new(&cfg, peer, reader, writer, staging, cancel).run()
     }

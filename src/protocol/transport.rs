@@ -57,12 +57,42 @@ impl Connection {
         &self.peer
     }
 
+    /// Bound how long the peer may stay silent: TCP keepalive probes
+    /// after `timeout / 3` of silence (3 of them, `timeout / 6` apart), and
+    /// TCP_USER_TIMEOUT: data unacknowledged for `timeout` (a dead link,
+    /// a peer that stopped reading) fails the connection instead of
+    /// leaving a writer blocked forever.
+    pub fn set_liveness(&self, timeout: Duration) -> io::Result<()> {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.tcp);
+        let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+        let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as libc::c_uint;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(timeout / 3))?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            secs(timeout / 6),
+        )?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            ms as libc::c_int,
+        )
+    }
+
     /// Split into independent halves and a closer.
     pub fn split(self) -> io::Result<(Reader, Writer, Closer)> {
         let read = self.tcp.try_clone()?;
         let close = self.tcp.try_clone()?;
         Ok((
-            Reader { tcp: read },
+            Reader {
+                tcp: read,
+                deadline: None,
+                timeout: None,
+            },
             Writer { tcp: self.tcp },
             Closer {
                 tcp: Arc::new(close),
@@ -74,19 +104,63 @@ impl Connection {
 /// The read half.
 pub struct Reader {
     tcp: TcpStream,
+    /// No read may end after this (a whole frame's deadline: a peer that
+    /// sends a byte now and then cannot hold the connection).
+    deadline: Option<Instant>,
+    /// The per-read timeout asked for with `set_timeout`.
+    timeout: Option<Duration>,
 }
 
 impl Reader {
+    /// Reads fail with `TimedOut` once `deadline` has passed, however
+    /// the bytes trickle in (`None`: only the per-read timeout counts).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+        if deadline.is_none() {
+            let _ = self.tcp.set_read_timeout(self.timeout);
+        }
+    }
+
     /// Longest a single read may block (`None`: no limit). A read that
     /// times out fails with `WouldBlock` or `TimedOut`.
-    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+    pub fn set_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+        self.timeout = t;
         self.tcp.set_read_timeout(t)
     }
 }
 
 impl Read for Reader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(d) = self.deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not send a whole frame in time",
+                ));
+            }
+            self.tcp.set_read_timeout(Some(left))?;
+        }
         self.tcp.read(buf)
+    }
+}
+
+fn setsockopt(fd: i32, level: i32, name: i32, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: the option value is a c_int that lives across the call, and
+    // its size is passed with it.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -293,5 +367,26 @@ mod tests {
     fn connect_errors_name_the_address() {
         let e = connect("no-such-host.invalid:1").err().unwrap();
         assert!(e.to_string().contains("no-such-host.invalid"), "{e}");
+    }
+
+    #[test]
+    fn a_trickling_peer_misses_the_frame_deadline() {
+        let (c, s) = pair();
+        c.set_liveness(Duration::from_secs(6)).unwrap();
+        let (mut r, _w, _) = c.split().unwrap();
+        let (_sr, mut sw, _) = s.split().unwrap();
+        let t = std::thread::spawn(move || {
+            for _ in 0..20 {
+                if sw.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        r.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+        let mut buf = [0u8; 64];
+        let e = r.read_exact(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        t.join().unwrap();
     }
 }

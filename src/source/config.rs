@@ -64,6 +64,9 @@ pub struct SendConfig {
     /// Go to downtime after max_iterations even if the estimate is over
     /// the limit.
     pub force_downtime: bool,
+    /// Longest wait for the receiver's answers, and how long a dead link
+    /// may go unnoticed (TCP keepalive, TCP_USER_TIMEOUT).
+    pub timeout: Duration,
 }
 
 impl SendConfig {
@@ -87,6 +90,7 @@ impl SendConfig {
             auto_converge: false,
             throttle: ThrottleParams::default(),
             force_downtime: false,
+            timeout: Duration::from_secs(30),
         }
     }
 }

@@ -100,9 +100,10 @@ pub(super) enum Owner {
     Destination,
 }
 
-/// Longest wait for the receiver's Applied and Ack (it applies what it
-/// still has queued, then syncs and renames the image).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest wait for the receiver's Ack after Commit: it digests, syncs
+/// and renames the image, which takes a while for many GiB on a disk. (A
+/// dead link is noticed sooner, through the connection's liveness.)
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 impl<'a> Migration<'a> {
     pub fn new(cfg: &'a SendConfig, handle: &'a MigrationHandle) -> Migration<'a> {
@@ -394,7 +395,7 @@ impl<'a> Migration<'a> {
         // is all downtime; live, it spans every round).
         let transfer = c.t_pipeline.elapsed();
         let version = link.version;
-        match link.read_answer(ANSWER_TIMEOUT)? {
+        match link.read_answer(link.timeout)? {
             Control::Applied => {}
             other => return Err(SendError::BadAck(format!("{:?}", other.kind()))),
         }
@@ -404,7 +405,7 @@ impl<'a> Migration<'a> {
             self.hand_over()?;
         }
         let link = self.link.as_mut().expect("connected");
-        let ack = match link.read_answer(ANSWER_TIMEOUT) {
+        let ack = match link.read_answer(COMMIT_TIMEOUT.max(link.timeout)) {
             Ok(Control::Ack(a)) => a,
             Ok(other) if self.owner == Owner::InDoubt => {
                 return Err(self.in_doubt(format!("the receiver answered {:?}", other.kind())))

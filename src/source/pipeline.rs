@@ -125,16 +125,20 @@ impl Pipeline {
         SendError::Connection("the sending pipeline stopped".into())
     }
 
+    /// A queue closed under us: a thread ended, most likely the writer on
+    /// a failed connection. Join them and say what really happened.
+    fn broken(&mut self) -> SendError {
+        self.shutdown().err().unwrap_or_else(Self::stopped)
+    }
+
     /// Queue a control frame behind every job submitted so far.
     pub fn control(&mut self, frame: Control) -> Result<(), SendError> {
-        self.out
-            .as_ref()
-            .ok_or_else(Self::stopped)?
-            .send(Out::Control {
-                after_jobs: self.jobs_sent,
-                frame,
-            })
-            .map_err(|_| Self::stopped())
+        let out = self.out.as_ref().ok_or_else(Self::stopped)?;
+        let msg = Out::Control {
+            after_jobs: self.jobs_sent,
+            frame,
+        };
+        out.send(msg).map_err(|_| self.broken())
     }
 
     /// Read and send the pages of `runs` (relative to `region.start`) as
@@ -181,7 +185,7 @@ impl Pipeline {
             }
             Err(_) => {
                 Counters::add(&self.counters.busy, 1);
-                self.free.recv().map_err(|_| Self::stopped())
+                self.free.recv().map_err(|_| self.broken())
             }
         }
     }
@@ -221,13 +225,16 @@ impl Pipeline {
         Counters::add(&self.counters.read_bytes, data.len() as u64);
         Counters::add(&self.counters.batches, 1);
         let jobs = self.jobs.as_ref().ok_or_else(Self::stopped)?;
-        match jobs.try_send(Job { batch, runs, data }) {
-            Ok(()) => {}
+        let sent = match jobs.try_send(Job { batch, runs, data }) {
+            Ok(()) => Ok(()),
             Err(TrySendError::Full(job)) => {
                 Counters::add(&self.counters.busy, 1);
-                jobs.send(job).map_err(|_| Self::stopped())?;
+                jobs.send(job).map_err(|_| ())
             }
-            Err(TrySendError::Disconnected(_)) => return Err(Self::stopped()),
+            Err(TrySendError::Disconnected(_)) => Err(()),
+        };
+        if sent.is_err() {
+            return Err(self.broken());
         }
         self.jobs_sent += 1;
         Ok(())

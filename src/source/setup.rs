@@ -2,9 +2,6 @@
 
 use std::time::Duration;
 
-/// Longest wait for the receiver to apply a round it has been sent whole.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(120);
-
 use super::handle::MigrationHandle;
 use super::{SendConfig, SendError};
 use crate::protocol::transport::{self, CloseOnCancel, Closer, Reader, Writer};
@@ -20,6 +17,8 @@ pub struct Link {
     pub closer: Closer,
     /// The protocol version agreed on.
     pub version: u16,
+    /// `--timeout`: the longest wait for an answer.
+    pub timeout: Duration,
     _watch: CloseOnCancel,
 }
 
@@ -31,6 +30,8 @@ impl Link {
         page_size: u64,
     ) -> Result<Link, SendError> {
         let conn = transport::connect(&cfg.to)?;
+        conn.set_liveness(cfg.timeout)
+            .map_err(|e| SendError::Connection(e.to_string()))?;
         let (reader, writer, closer) = conn
             .split()
             .map_err(|e| SendError::Connection(e.to_string()))?;
@@ -41,6 +42,7 @@ impl Link {
             _watch: CloseOnCancel::new(handle.cancel_flag().clone(), closer.clone()),
             closer,
             version: 0,
+            timeout: cfg.timeout,
         };
         link.handshake(cfg, page_size)?;
         Ok(link)
@@ -64,7 +66,7 @@ impl Link {
         });
         let writer = self.writer.as_mut().expect("handshake comes first");
         protocol::write_control(writer, &hello).map_err(|e| fail(e.to_string()))?;
-        self.reader.set_timeout(Some(Duration::from_secs(30))).ok();
+        self.reader.set_timeout(Some(self.timeout)).ok();
         match protocol::read_control(&mut self.reader) {
             Ok(Control::Welcome(w)) => {
                 if let Err(e) = protocol::negotiate(w.version, w.version) {
@@ -82,7 +84,7 @@ impl Link {
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
             Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
             Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
-            Err(e) => Err(fail(e.to_string())),
+            Err(e) => Err(fail(describe(e, self.timeout))),
         }
     }
 
@@ -93,7 +95,7 @@ impl Link {
         if self.version < protocol::ROUND_APPLIED_VERSION {
             return Ok(());
         }
-        self.reader.set_timeout(Some(APPLY_TIMEOUT)).ok();
+        self.reader.set_timeout(Some(self.timeout)).ok();
         match protocol::read_control(&mut self.reader) {
             Ok(Control::RoundApplied(r)) if r == round => Ok(()),
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
@@ -115,7 +117,8 @@ impl Link {
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
             Ok(c) => Ok(c),
             Err(e) => Err(SendError::Connection(format!(
-                "waiting for the receiver's answer: {e}"
+                "waiting for the receiver's answer: {}",
+                describe(e, timeout)
             ))),
         }
     }
@@ -129,6 +132,24 @@ impl Link {
             Ok(Control::Error { message, .. }) => Some(SendError::Remote(message)),
             _ => None,
         }
+    }
+}
+
+/// A read error in words; a timeout says which one.
+fn describe(e: ReadError, timeout: Duration) -> String {
+    match e {
+        ReadError::Io(io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            format!(
+                "no answer within --timeout {}",
+                crate::units::human_duration(timeout)
+            )
+        }
+        e => e.to_string(),
     }
 }
 
