@@ -23,7 +23,9 @@ pub const MANIFEST_NAME: &str = "manifest.json";
 /// `format` field of every manifest.
 pub const FORMAT_NAME: &str = "procmig-image";
 /// Current manifest version. Readers accept this version only.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// Version 1 digested every byte of a region, holes included; still read.
+pub const FORMAT_VERSION_WHOLE_DIGEST: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -115,9 +117,80 @@ pub fn hex_digest(h: u64) -> String {
     format!("{h:016x}")
 }
 
-/// XXH3-64 of a byte slice (the digest the manifest records).
+/// XXH3-64 of a byte slice (the digest of format version 1).
 pub fn digest(bytes: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// The digest the manifest records (format version 2): XXH3-64 over
+/// every page that is not all zero, each as its index (u64, little
+/// endian) followed by its bytes. Zero pages, written or holes, add
+/// nothing, so the digest does not depend on how sparse a copy of the
+/// file is, and [`digest_file`] can skip holes: its work and memory follow
+/// the bytes received, not the size a region declares.
+pub fn digest_pages(bytes: &[u8], page_size: usize) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    add_pages(&mut h, 0, bytes, page_size);
+    h.digest()
+}
+
+fn add_pages(h: &mut xxhash_rust::xxh3::Xxh3, first: u64, bytes: &[u8], page_size: usize) {
+    for (i, page) in bytes.chunks(page_size).enumerate() {
+        if page.iter().any(|&b| b != 0) {
+            h.update(&(first + i as u64).to_le_bytes());
+            h.update(page);
+        }
+    }
+}
+
+/// [`digest_pages`] of a file, reading only its data extents
+/// (SEEK_DATA/SEEK_HOLE; a filesystem without them reports one extent).
+pub fn digest_file(file: &File, page_size: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata()?.len();
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let Some((start, end)) = data_extent(file, off, len)? else {
+            break;
+        };
+        // Whole pages: extents are block-aligned, blocks may be smaller.
+        let mut at = start / page_size * page_size;
+        let end = end.div_ceil(page_size).saturating_mul(page_size).min(len);
+        while at < end {
+            let n = (buf.len() as u64).min(end - at) as usize;
+            file.read_exact_at(&mut buf[..n], at)?;
+            add_pages(&mut h, at / page_size, &buf[..n], page_size as usize);
+            at += n as u64;
+        }
+        off = end.max(off + 1);
+    }
+    Ok(h.digest())
+}
+
+/// The next data extent at or after `off`: (start, end), or `None`.
+fn data_extent(file: &File, off: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a descriptor we own changes only its offset, which
+    // nothing else here uses (reads are positional).
+    let start = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_DATA) };
+    if start < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            // No SEEK_DATA here: all of it is data.
+            Some(libc::EINVAL) => Ok(Some((off, len))),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(Some((start as u64, (end as u64).min(len))))
 }
 
 /// An image directory opened for reading.
@@ -141,7 +214,9 @@ impl Image {
                 path: path.clone(),
                 source,
             })?;
-        if manifest.format != FORMAT_NAME || manifest.version != FORMAT_VERSION {
+        if manifest.format != FORMAT_NAME
+            || !(FORMAT_VERSION_WHOLE_DIGEST..=FORMAT_VERSION).contains(&manifest.version)
+        {
             return Err(ImageError::Version {
                 path,
                 format: manifest.format,
@@ -211,16 +286,89 @@ impl Image {
         unsafe { Mmap::map(&file) }.map_err(map_err)
     }
 
-    /// Recompute every region's XXH3 and compare it with the manifest.
+    /// Recompute every region's digest and compare it with the manifest.
     /// Returns the indexes of the regions that differ.
     pub fn check_digests(&self) -> Result<Vec<usize>, ImageError> {
         let mut bad = Vec::new();
         for (i, r) in self.manifest.regions.iter().enumerate() {
-            let map = self.map_region(r)?;
-            if hex_digest(digest(&map)) != r.xxh3 {
+            let d = if self.manifest.version == FORMAT_VERSION_WHOLE_DIGEST {
+                digest(&self.map_region(r)?)
+            } else {
+                let path = self.dir.join(&r.file);
+                let map_err = |source| ImageError::Map {
+                    path: path.clone(),
+                    source,
+                };
+                self.map_region(r)?; // checks the length
+                let f = File::open(&path).map_err(map_err)?;
+                digest_file(&f, self.manifest.page_size).map_err(map_err)?
+            };
+            if hex_digest(d) != r.xxh3 {
                 bad.push(i);
             }
         }
         Ok(bad)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn page_digest_skips_holes_and_zero_pages() {
+        let ps = 4096;
+        let mut bytes = vec![0u8; 8 * ps];
+        bytes[3 * ps + 5] = 7;
+        bytes[6 * ps] = 1;
+        let d = digest_pages(&bytes, ps);
+        // The same data with explicit zeros or holes: the same digest.
+        let dir = std::env::temp_dir().join(format!("procmig-digest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sparse");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(bytes.len() as u64).unwrap();
+        f.write_all_at(&bytes[3 * ps..4 * ps], 3 * ps as u64)
+            .unwrap();
+        f.write_all_at(&bytes[6 * ps..7 * ps], 6 * ps as u64)
+            .unwrap();
+        f.write_all_at(&vec![0u8; ps], 0).unwrap();
+        assert_eq!(digest_file(&f, ps as u64).unwrap(), d);
+        // A page that moved changes it.
+        let mut moved = vec![0u8; 8 * ps];
+        moved[2 * ps + 5] = 7;
+        moved[6 * ps] = 1;
+        assert_ne!(digest_pages(&moved, ps), d);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_huge_sparse_file_digests_in_no_time() {
+        // 64 GiB declared, one page written: the digest reads one page.
+        let dir = std::env::temp_dir().join(format!("procmig-digest-big-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.join("big"))
+            .unwrap();
+        f.set_len(64 << 30).unwrap();
+        f.write_all_at(&[9u8; 4096], 40 << 30).unwrap();
+        let mut page = vec![0u8; 4096];
+        page.fill(9);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&((40u64 << 30) / 4096).to_le_bytes());
+        h.update(&page);
+        assert_eq!(digest_file(&f, 4096).unwrap(), h.digest());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -120,7 +120,7 @@ struct SendArgs {
 
 #[derive(Args)]
 struct RecvArgs {
-    /// Address to listen on: PORT or ADDR:PORT (port 0 picks a free port).
+    /// Address to listen on: PORT (loopback only) or ADDR:PORT, e.g. 0.0.0.0:4444 for every interface (port 0 picks a free port).
     #[arg(long, value_name = "[ADDR:]PORT")]
     listen: String,
     /// Image directory to create.

@@ -466,3 +466,45 @@ fn sigterm_on_the_receiver_removes_staging() {
     assert_running(agent.pid);
     assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
 }
+
+#[test]
+fn a_dangling_symlink_out_is_refused_up_front() {
+    let dir = TempDir::new("symlink");
+    let out = dir.join("img");
+    std::os::unix::fs::symlink(dir.join("nowhere"), &out).unwrap();
+    let r = run(&[
+        "recv",
+        "--listen",
+        "127.0.0.1:0",
+        "--out",
+        out.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_one_line_error(&r, "symbolic link");
+    assert_eq!(r.status.code(), Some(2));
+}
+
+#[test]
+fn stale_staging_of_a_dead_receiver_is_removed_and_a_bare_port_is_loopback() {
+    let dir = TempDir::new("stale");
+    // PIDs are at most 2^22 on Linux: this one belongs to nobody.
+    let stale = dir.join(".img.partial-99999999");
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("seg-0.bin"), b"old").unwrap();
+    let mut child = std::process::Command::new(procmig())
+        .args(["recv", "--listen", "0", "--out"])
+        .arg(dir.join("img"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stderr.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    assert!(!stale.exists(), "stale staging left: {:?}", dir.entries());
+}

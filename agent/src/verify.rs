@@ -412,8 +412,8 @@ mod tests {
     use std::path::PathBuf;
 
     use procmig::image::{
-        digest, hex_digest, region_file_name, Manifest, RegionRecord, FORMAT_NAME, FORMAT_VERSION,
-        MANIFEST_NAME,
+        digest_pages, hex_digest, region_file_name, Manifest, RegionRecord, FORMAT_NAME,
+        FORMAT_VERSION, MANIFEST_NAME,
     };
 
     use super::*;
@@ -510,7 +510,7 @@ mod tests {
                     name: String::new(),
                     file,
                     populated_pages: bytes.len() as u64 / PS as u64,
-                    xxh3: hex_digest(digest(bytes)),
+                    xxh3: hex_digest(digest_pages(bytes, PS)),
                 }],
             };
             fs::write(

@@ -166,8 +166,10 @@ pub struct Listener {
 }
 
 fn parse_listen(s: &str) -> Result<String, RecvError> {
+    // A bare port listens on loopback only: anyone who can reach the port
+    // can write an image, so other interfaces must be asked for by address.
     if s.parse::<u16>().is_ok() {
-        return Ok(format!("0.0.0.0:{s}"));
+        return Ok(format!("127.0.0.1:{s}"));
     }
     if s.parse::<SocketAddr>().is_ok() {
         return Ok(s.to_string());

@@ -370,7 +370,7 @@ impl<'a> Session<'a> {
             } => self.on_zero(round, of, region, &runs),
             Control::Regions(table) => self.on_regions(round, started, &table),
             Control::RoundEnd(of) => self.on_round_end(round, of),
-            Control::End(totals) => self.on_end(totals),
+            Control::End(totals) => self.on_end(round, totals),
             Control::Error { message, .. } => Err(Stop::Aborted(message)),
             other => Err(StreamError::Unexpected(other.kind()).into()),
         }
@@ -479,11 +479,13 @@ impl<'a> Session<'a> {
         })
     }
 
-    fn on_end(&mut self, totals: Totals) -> Result<State, Stop> {
+    /// End after `rounds` whole rounds: every total, the round count
+    /// included, is compared with what arrived.
+    fn on_end(&mut self, rounds: u32, totals: Totals) -> Result<State, Stop> {
         self.pool.barrier()?;
         // Stop the workers before touching the mappings again.
         self.stop_workers()?;
-        let received = self.received.totals(totals.rounds);
+        let received = self.received.totals(rounds);
         if received != totals {
             return Err(StreamError::TotalsDiffer {
                 sent: totals,

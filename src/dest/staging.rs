@@ -24,6 +24,10 @@ pub enum StagingError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    /// The output is a symbolic link: the image would land elsewhere, or
+    /// nowhere.
+    #[error("{0} is a symbolic link: name the image directory itself")]
+    Symlink(PathBuf),
     /// A file of the image could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -95,8 +99,15 @@ impl Staging {
     /// Check that `out` can be created and create the staging directory
     /// beside it (same filesystem, so the final rename is atomic).
     pub fn create(out: &Path, force: bool) -> Result<Staging, StagingError> {
-        if out.exists() && !force {
-            return Err(StagingError::Exists(out.to_path_buf()));
+        // symlink_metadata: a dangling symlink "exists" too, and the final
+        // rename would fail on it after the source handed over.
+        if let Ok(m) = fs::symlink_metadata(out) {
+            if !force {
+                return Err(StagingError::Exists(out.to_path_buf()));
+            }
+            if m.file_type().is_symlink() {
+                return Err(StagingError::Symlink(out.to_path_buf()));
+            }
         }
         let name = out
             .file_name()
@@ -106,6 +117,7 @@ impl Staging {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        remove_stale(&parent, &name);
         let dir = parent.join(format!(".{name}.partial-{}", std::process::id()));
         fs::create_dir(&dir).map_err(|source| StagingError::NotWritable {
             dir: parent.clone(),
@@ -193,7 +205,7 @@ impl Staging {
     ) -> Result<(), StagingError> {
         let mut records = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
-            records.push(self.finish_region(i, r)?);
+            records.push(self.finish_region(i, r, page_size)?);
         }
         let manifest = Manifest {
             format: image::FORMAT_NAME.into(),
@@ -222,20 +234,20 @@ impl Staging {
 
     /// Give region `i` its final name, sync it, and describe it for the
     /// manifest.
-    fn finish_region(&self, i: usize, r: &RegionFile) -> Result<RegionRecord, StagingError> {
+    fn finish_region(
+        &self,
+        i: usize,
+        r: &RegionFile,
+        page_size: u64,
+    ) -> Result<RegionRecord, StagingError> {
         let path = self.dir.join(image::region_file_name(i));
         fs::rename(&r.path, &path).map_err(write_err(&path))?;
-        let digest = match &r.map {
-            Some(m) => {
-                m.flush().map_err(write_err(&path))?;
-                // SAFETY: every writer thread has finished (the caller
-                // passed the final barrier), so nothing mutates the
-                // mapping while this slice lives.
-                let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
-                image::digest(bytes)
-            }
-            None => image::digest(&[]),
-        };
+        if let Some(m) = &r.map {
+            m.flush().map_err(write_err(&path))?;
+        }
+        // Only the data extents are read: a region declared huge but sent
+        // few pages costs what was sent.
+        let digest = image::digest_file(&r.file, page_size).map_err(write_err(&path))?;
         Ok(RegionRecord {
             start: r.entry.start,
             end: r.entry.end,
@@ -277,6 +289,27 @@ impl Staging {
         };
         let _ = File::open(parent).and_then(|d| d.sync_all());
         Ok(())
+    }
+}
+
+/// Remove `.NAME.partial-PID` directories of receivers that died (their
+/// PID is gone): what a killed receiver could not clean up itself.
+fn remove_stale(parent: &Path, name: &str) {
+    let prefix = format!(".{name}.partial-");
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

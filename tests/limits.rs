@@ -1,0 +1,70 @@
+//! The receiver's work and memory follow the bytes it receives, not the
+//! sizes a stream declares; its output path is checked up front; stale
+//! staging directories of dead receivers are removed; a bare port listens
+//! on loopback only. (One test per binary where RUSAGE_CHILDREN is read.)
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+
+use common::*;
+use procmig::protocol::{self, Control, Hello, RegionEntry, Totals, WireCodec};
+
+/// Hello, one region of `len` bytes, End with nothing sent, Commit.
+fn empty_stream(len: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    Control::Hello(Hello {
+        version: protocol::VERSION,
+        min_version: protocol::MIN_VERSION,
+        page_size: 4096,
+        capabilities: protocol::CAPABILITIES,
+        codec: WireCodec::Raw as u8,
+        level: 0,
+        compress_threads: 1,
+        pid: 7,
+        comm: "huge".into(),
+    })
+    .encode(&mut b);
+    Control::Regions(vec![RegionEntry {
+        start: 0x7000_0000_0000,
+        end: 0x7000_0000_0000 + len,
+        prot: 3,
+        name: "reservation".into(),
+    }])
+    .encode(&mut b);
+    Control::RoundEnd(0).encode(&mut b);
+    Control::End(Totals {
+        rounds: 1,
+        ..Default::default()
+    })
+    .encode(&mut b);
+    Control::Commit.encode(&mut b);
+    b
+}
+
+#[test]
+fn a_stream_declaring_64_gib_costs_what_it_sends() {
+    let dir = TempDir::new("huge");
+    let out = dir.join("img");
+    let recv = Recv::start(&out, &[]);
+    let stream = empty_stream(64 << 30);
+    assert!(stream.len() < 200, "{} bytes", stream.len());
+    let mut s = TcpStream::connect(recv.addr()).unwrap();
+    s.write_all(&stream).unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut rest);
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    // The receiver was this test's only child: its peak memory.
+    // SAFETY: getrusage fills the struct it is given.
+    let peak_kib = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    };
+    assert!(peak_kib < 256 << 10, "receiver peaked at {peak_kib} KiB");
+    let image = procmig::image::Image::open(&out).unwrap();
+    assert_eq!(image.manifest.regions[0].populated_pages, 0);
+    assert!(image.check_digests().unwrap().is_empty());
+}
