@@ -229,11 +229,36 @@ fn good_xxh3() -> u64 {
 }
 
 #[test]
-fn garbage_stream() {
+fn garbage_is_rejected_and_the_real_sender_still_gets_through() {
+    // A client sending garbage is turned away with one line; one that
+    // connects and says nothing holds nothing; the real stream commits.
+    let dir = TempDir::new("garbage");
+    let out = dir.join("img");
+    let recv = Recv::start(&out, &[]);
     let garbage: Vec<u8> = (0..4096u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    feed_receiver(&garbage, "not a procmig stream");
+    {
+        let mut s = TcpStream::connect(recv.addr()).unwrap();
+        let _ = s.write_all(&garbage);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // The receiver closes it.
+        let _ = std::io::Read::read_to_end(&mut s, &mut Vec::new());
+    }
+    let _idle = TcpStream::connect(recv.addr()).unwrap();
+    let mut s = TcpStream::connect(recv.addr()).unwrap();
+    s.write_all(&complete_stream()).unwrap();
+    let mut payload = Vec::new();
+    for want in [Kind::Welcome, Kind::RoundApplied, Kind::Applied, Kind::Ack] {
+        assert_eq!(protocol::read_frame(&mut s, &mut payload).unwrap(), want);
+    }
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    let rejected: Vec<&str> = err.lines().filter(|l| l.contains("rejected")).collect();
+    assert_eq!(rejected.len(), 1, "{err}");
+    assert!(rejected[0].contains("not a procmig stream"), "{err}");
+    assert!(procmig::image::Image::open(&out).is_ok());
 }
 
 #[test]

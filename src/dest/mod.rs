@@ -8,6 +8,7 @@
 //! machine in `session`, the decompression threads are `workers`, the image
 //! on disk is `staging`, and `report` builds the final report.
 
+mod gate;
 mod report;
 mod session;
 mod staging;
@@ -217,15 +218,8 @@ impl Listener {
             listener,
             staging,
         } = self;
-        let conn = listener
-            .accept(cancel, None)
-            .map_err(RecvError::Accept)?
-            .ok_or(RecvError::Cancelled)?;
-        drop(listener);
-        let peer = conn.peer().to_string();
-        conn.set_liveness(cfg.timeout).map_err(RecvError::Accept)?;
-        let (reader, writer, closer) = conn.split().map_err(RecvError::Accept)?;
-        let _watch = CloseOnCancel::new(cancel.clone(), closer);
-        Session::new(&cfg, peer, reader, writer, staging, cancel).run()
+        let a = gate::admit(listener, &cfg, cancel)?;
+        let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
+        Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel).run(a.hello)
     }
 }

@@ -4,10 +4,10 @@
 //! ```text
 //!  state                    frame            checks and action                          next state
 //!  -----------------------  ---------------  -----------------------------------------  ----------------------
-//!  AwaitHello               Hello            versions overlap (else an Error frame      AwaitRegions
+//!  (admission, gate.rs)     Hello            versions overlap (else an Error frame      AwaitRegions
 //!                                            with code VERSION), page size, codec;
-//!                                            send Welcome
-//!                           anything else    "expected Hello"                           failed
+//!                                            send Welcome. A client that fails here
+//!                                            is rejected and the receiver listens on
 //!  AwaitRegions             Regions          bounds of each region, total cap;          InRound{0, false}
 //!                                            create the region files
 //!                           Error            the source aborted                         failed
@@ -61,9 +61,21 @@ use crate::stats::{self, Counters, RecvReport};
 /// user address space); the region files are sparse.
 const MAX_TOTAL: u64 = 1 << 47;
 
+/// Whether this receiver can take the migration `hello` offers: the
+/// version both speak, or why not.
+pub(super) fn check_hello(hello: &Hello) -> Result<u16, StreamError> {
+    let version =
+        protocol::negotiate(hello.min_version, hello.version).map_err(StreamError::Version)?;
+    let ps = hello.page_size;
+    if !ps.is_power_of_two() || !(4096..=protocol::MAX_PAGE_SIZE).contains(&ps) {
+        return Err(StreamError::PageSize(ps));
+    }
+    WireCodec::from_u8(hello.codec)?;
+    Ok(version)
+}
+
 /// Where the session stands; the table above says what each state accepts.
 enum State {
-    AwaitHello,
     AwaitRegions,
     /// Receiving round `round`; `started` once it had a Pages or Zero frame
     /// (a new region table may only come before that).
@@ -201,9 +213,10 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Receive the migration: run the state machine to Committed, or fail.
-    pub fn run(mut self) -> Result<RecvReport, RecvError> {
-        let stop = match self.drive() {
+    /// Receive the migration of the client that sent `hello` (admitted by
+    /// the gate): run the state machine to Committed, or fail.
+    pub fn run(mut self, hello: Hello) -> Result<RecvReport, RecvError> {
+        let stop = match self.drive(hello) {
             Ok(report) => return Ok(report),
             Err(stop) => stop,
         };
@@ -231,15 +244,14 @@ impl<'a> Session<'a> {
         Err(e)
     }
 
-    fn drive(&mut self) -> Result<RecvReport, Stop> {
-        let mut state = State::AwaitHello;
+    fn drive(&mut self, hello: Hello) -> Result<RecvReport, Stop> {
+        let mut state = self.on_hello(hello)?;
         loop {
             if !matches!(state, State::Applied { .. } | State::Committed(_)) {
                 // Before each frame is read.
                 self.check_cancel()?;
             }
             state = match state {
-                State::AwaitHello => self.await_hello()?,
                 State::AwaitRegions => self.await_regions()?,
                 State::InRound { round, started } => self.in_round(round, started)?,
                 State::Applied { rounds, transfer } => self.await_commit(rounds, transfer)?,
@@ -280,41 +292,10 @@ impl<'a> Session<'a> {
         protocol::write_control(&mut self.writer, control)
     }
 
-    fn await_hello(&mut self) -> Result<State, Stop> {
-        let hello = match self.read_control() {
-            Ok(Control::Hello(h)) => h,
-            Ok(other) => {
-                return Err(StreamError::Expected {
-                    expected: Kind::Hello,
-                    got: other.kind(),
-                }
-                .into())
-            }
-            Err(Stop::Stream(StreamError::Decode(e))) => {
-                return Err(StreamError::NotProcmig(e).into())
-            }
-            Err(e) => return Err(e),
-        };
-        self.on_hello(hello)
-    }
-
+    /// The admitted client's Hello (checked by the gate): answer Welcome.
     fn on_hello(&mut self, hello: Hello) -> Result<State, Stop> {
-        let version = match protocol::negotiate(hello.min_version, hello.version) {
-            Ok(v) => v,
-            Err(mismatch) => {
-                let e = StreamError::Version(mismatch);
-                let _ = self.send(&Control::Error {
-                    code: error_code::VERSION,
-                    message: e.to_string(),
-                });
-                return Err(e.into());
-            }
-        };
+        let version = check_hello(&hello)?;
         let ps = hello.page_size;
-        if !ps.is_power_of_two() || !(4096..=protocol::MAX_PAGE_SIZE).contains(&ps) {
-            return Err(StreamError::PageSize(ps).into());
-        }
-        WireCodec::from_u8(hello.codec)?;
         self.send(&Control::Welcome(Welcome {
             version,
             capabilities: protocol::CAPABILITIES,

@@ -1,0 +1,123 @@
+//! Admission: the listener accepts connections and reads each one's Hello
+//! on a thread of its own, within `--timeout`, with at most
+//! [`MAX_PENDING`] waiting at once. A client that sends garbage, speaks
+//! another version, trickles bytes or says nothing is rejected with one
+//! line on stderr and the receiver keeps listening, so nobody can lock the
+//! real sender out. The first valid Hello gets the session; the listener
+//! is closed then, and a later Hello still in flight is told "busy".
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Sender};
+
+use super::session::check_hello;
+use super::{RecvConfig, RecvError, StreamError};
+use crate::protocol::transport::{self, Closer, Connection, Reader, Writer};
+use crate::protocol::{self, error_code, Control, Hello, ReadError};
+
+/// Clients waiting for their Hello to be read, at most.
+pub const MAX_PENDING: usize = 8;
+
+/// A client whose Hello checked out.
+pub struct Admitted {
+    pub peer: String,
+    pub reader: Reader,
+    pub writer: Writer,
+    pub closer: Closer,
+    pub hello: Hello,
+}
+
+/// Accept until one client sends a valid Hello (or `cancel` is set).
+pub fn admit(
+    listener: transport::Listener,
+    cfg: &RecvConfig,
+    cancel: &AtomicBool,
+) -> Result<Admitted, RecvError> {
+    let (tx, rx) = unbounded::<Admitted>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        if let Ok(a) = rx.try_recv() {
+            return Ok(a);
+        }
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let conn = match listener.accept(cancel, Some(deadline)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err(RecvError::Cancelled),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => continue,
+            Err(e) => return Err(RecvError::Accept(e)),
+        };
+        if pending.load(Ordering::Relaxed) >= MAX_PENDING {
+            eprintln!(
+                "procmig recv: rejected {}: {MAX_PENDING} clients are already being heard",
+                conn.peer()
+            );
+            continue;
+        }
+        pending.fetch_add(1, Ordering::Relaxed);
+        let (tx, pending, timeout) = (tx.clone(), pending.clone(), cfg.timeout);
+        std::thread::Builder::new()
+            .name("hello".into())
+            .spawn(move || {
+                hear(conn, timeout, &tx);
+                pending.fetch_sub(1, Ordering::Relaxed);
+            })
+            .map_err(RecvError::Accept)?;
+    }
+}
+
+/// Read one client's Hello and pass the client on, or reject it.
+fn hear(conn: Connection, timeout: Duration, tx: &Sender<Admitted>) {
+    let peer = conn.peer().to_string();
+    let reject = |why: &dyn std::fmt::Display| eprintln!("procmig recv: rejected {peer}: {why}");
+    let split = conn.set_liveness(timeout).and_then(|()| conn.split());
+    let (mut reader, mut writer, closer) = match split {
+        Ok(parts) => parts,
+        Err(e) => return reject(&e),
+    };
+    reader.set_deadline(Some(Instant::now() + timeout));
+    let hello = match protocol::read_control(&mut reader) {
+        Ok(Control::Hello(h)) => h,
+        Ok(other) => {
+            return reject(&StreamError::Expected {
+                expected: protocol::Kind::Hello,
+                got: other.kind(),
+            })
+        }
+        Err(ReadError::Decode(e)) => return reject(&StreamError::NotProcmig(e)),
+        Err(e) => return reject(&StreamError::from(e)),
+    };
+    if let Err(e) = check_hello(&hello) {
+        let code = match e {
+            StreamError::Version(_) => error_code::VERSION,
+            _ => error_code::FAILED,
+        };
+        let message = e.to_string();
+        let _ = protocol::write_control(&mut writer, &Control::Error { code, message });
+        return reject(&e);
+    }
+    reader.set_deadline(None);
+    let admitted = Admitted {
+        peer,
+        reader,
+        writer,
+        closer,
+        hello,
+    };
+    if let Err(back) = tx.send(admitted) {
+        // Another client got the session first.
+        let mut a = back.into_inner();
+        let _ = protocol::write_control(
+            &mut a.writer,
+            &Control::Error {
+                code: error_code::FAILED,
+                message: "busy: another migration is being received".into(),
+            },
+        );
+        eprintln!(
+            "procmig recv: rejected {}: busy with another migration",
+            a.peer
+        );
+    }
+}
