@@ -228,6 +228,16 @@ fn trackable(r: &Region, shmem: bool) -> bool {
     }
 }
 
+/// ENOENT from a write-protect: the range was unmapped meanwhile. Other
+/// errors stay errors.
+fn vanished(r: io::Result<()>) -> io::Result<bool> {
+    match r {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 pub struct UffdTracker {
     pid: i32,
     page_size: u64,
@@ -393,15 +403,26 @@ impl DirtyTracker for UffdTracker {
                 }
                 self.registered.insert((r.start, r.end));
                 let mut any = false;
+                let mut gone = false;
                 for (_, run) in fresh.iter().filter(|(fi, _)| *fi == i) {
                     any = true;
                     let s = r.start + run.first * ps;
-                    write_protect(fd, s, run.count as u64 * ps, true)
+                    gone |= vanished(write_protect(fd, s, run.count as u64 * ps, true))
                         .map_err(self.op(format!("write-protect {s:#x}")))?;
                 }
                 if !any {
-                    write_protect(fd, r.start, r.len(), true)
+                    gone |= vanished(write_protect(fd, r.start, r.len(), true))
                         .map_err(self.op(format!("write-protect {:#x}", r.start)))?;
+                }
+                if gone {
+                    // Unmapped since the maps were read (the process runs):
+                    // send what is there again; the next sync sees the
+                    // maps as they are now.
+                    self.registered.remove(&(r.start, r.end));
+                    dirty.refresh.push(i);
+                    continue;
+                }
+                if !any {
                     dirty.refresh.push(i);
                     continue;
                 }

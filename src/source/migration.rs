@@ -100,10 +100,9 @@ pub(super) enum Owner {
     Destination,
 }
 
-/// Longest wait for the receiver's Ack after Commit: it digests, syncs
-/// and renames the image, which takes a while for many GiB on a disk. (A
-/// dead link is noticed sooner, through the connection's liveness.)
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bytes per second a receiver is assumed to sync at least, to bound the
+/// wait for Ack after Commit (it digests, syncs and renames the image).
+const SYNC_RATE: f64 = 50e6;
 
 impl<'a> Migration<'a> {
     pub fn new(cfg: &'a SendConfig, handle: &'a MigrationHandle) -> Migration<'a> {
@@ -402,10 +401,18 @@ impl<'a> Migration<'a> {
         let downtime = t_stop.elapsed();
         c.parts.apply_ms = ms(t_end.elapsed());
         if version >= protocol::HANDOVER_VERSION {
+            // The last moment a signal may keep the process here.
+            if self.handle.is_cancelled() {
+                return Err(SendError::Cancelled);
+            }
             self.hand_over()?;
         }
         let link = self.link.as_mut().expect("connected");
-        let ack = match link.read_answer(COMMIT_TIMEOUT.max(link.timeout)) {
+        // The receiver digests, syncs and renames the image before Ack:
+        // allow --timeout plus the data at a slow disk's pace.
+        let data = Counters::get(&self.handle.counters().normal_pages) * self.page_size;
+        let allowance = link.timeout + Duration::from_secs_f64(data as f64 / SYNC_RATE);
+        let ack = match link.read_answer(allowance) {
             Ok(Control::Ack(a)) => a,
             Ok(other) if self.owner == Owner::InDoubt => {
                 return Err(self.in_doubt(format!("the receiver answered {:?}", other.kind())))
@@ -440,6 +447,7 @@ impl<'a> Migration<'a> {
         }
         self.owner = Owner::InDoubt;
         let link = self.link.as_mut().expect("connected");
+        link.disarm_cancel();
         let w = link.writer.as_mut().expect("the writer is back");
         protocol::write_control(w, &Control::Commit)
             .map_err(|e| self.in_doubt(format!("sending Commit: {e}")))

@@ -19,7 +19,9 @@ pub struct Link {
     pub version: u16,
     /// `--timeout`: the longest wait for an answer.
     pub timeout: Duration,
-    _watch: CloseOnCancel,
+    /// Closes the link on cancel; taken away at the handover, after
+    /// which a signal no longer interrupts anything.
+    watch: Option<CloseOnCancel>,
 }
 
 impl Link {
@@ -39,7 +41,10 @@ impl Link {
             to: cfg.to.clone(),
             reader,
             writer: Some(writer),
-            _watch: CloseOnCancel::new(handle.cancel_flag().clone(), closer.clone()),
+            watch: Some(CloseOnCancel::new(
+                handle.cancel_flag().clone(),
+                closer.clone(),
+            )),
             closer,
             version: 0,
             timeout: cfg.timeout,
@@ -107,6 +112,12 @@ impl Link {
                 "waiting for round {round} to be applied: {e}"
             ))),
         }
+    }
+
+    /// From the handover on, cancelling no longer closes the link: the
+    /// answer to Commit is worth waiting for (within its deadline).
+    pub fn disarm_cancel(&mut self) {
+        self.watch = None;
     }
 
     /// The receiver's next answer, within `timeout`; an Error frame is
