@@ -141,6 +141,9 @@ struct RecvArgs {
     /// Longest wait for a whole frame; a link silent this long is dead (TCP keepalive, TCP_USER_TIMEOUT).
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Refuse a migration whose pages would take more than this (K/M/G suffixes); the free space of the image's filesystem is always checked.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_image_size: Option<u64>,
 }
 
 #[derive(Args)]
@@ -254,6 +257,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         force: a.force,
         progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
         timeout: a.timeout,
+        max_image_size: a.max_image_size,
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

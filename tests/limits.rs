@@ -1,7 +1,9 @@
 //! The receiver's work and memory follow the bytes it receives, not the
 //! sizes a stream declares; its output path is checked up front; stale
 //! staging directories of dead receivers are removed; a bare port listens
-//! on loopback only. (One test per binary where RUSAGE_CHILDREN is read.)
+//! on loopback only; an image over --max-image-size is refused. (The
+//! children here stay small but the receiver that must: RUSAGE_CHILDREN
+//! reports the largest one.)
 
 mod common;
 
@@ -67,4 +69,21 @@ fn a_stream_declaring_64_gib_costs_what_it_sends() {
     let image = procmig::image::Image::open(&out).unwrap();
     assert_eq!(image.manifest.regions[0].populated_pages, 0);
     assert!(image.check_digests().unwrap().is_empty());
+}
+
+#[test]
+fn an_image_over_max_image_size_is_refused_and_the_source_runs_on() {
+    let agent = Agent::start(&["--size", "8M", "--profile", "random"]);
+    let dir = TempDir::new("maxsize");
+    let recv = Recv::start(&dir.join("img"), &["--max-image-size", "2M"]);
+    let sent = send(agent.pid, &recv, &["--compress", "none"]);
+    let (ok, _, err) = recv.wait();
+    assert!(!ok);
+    assert!(
+        err.contains("does not fit") && err.contains("--max-image-size"),
+        "{err}"
+    );
+    assert_one_line_error(&sent, "does not fit");
+    assert_running(agent.pid);
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
 }

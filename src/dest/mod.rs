@@ -43,6 +43,8 @@ pub struct RecvConfig {
     /// Longest wait for a whole frame (and the connection's liveness,
     /// see `transport::Connection::set_liveness`).
     pub timeout: Duration,
+    /// Most bytes of pages the image may hold (`--max-image-size`).
+    pub max_image_size: Option<u64>,
 }
 
 /// QEMU's default decompress-threads.

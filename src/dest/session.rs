@@ -225,6 +225,7 @@ impl<'a> Session<'a> {
         let Session {
             staging,
             mut writer,
+            mut reader,
             peer,
             ..
         } = self;
@@ -240,6 +241,13 @@ impl<'a> Session<'a> {
                     message: e.to_string(),
                 },
             );
+            // Read on for a moment before closing: closing with unread
+            // data would send a reset, which can destroy the Error frame
+            // before the source reads it.
+            reader
+                .get_mut()
+                .set_deadline(Some(Instant::now() + Duration::from_secs(1)));
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
         }
         Err(e)
     }
@@ -387,6 +395,11 @@ impl<'a> Session<'a> {
             self.codec = Some(h.codec);
         }
         let pages = h.raw_len as u64 / self.source.page_size;
+        self.staging.make_room(
+            self.received.normal_pages * self.source.page_size,
+            h.raw_len as u64,
+            self.cfg.max_image_size,
+        )?;
         self.received.normal_pages += pages;
         self.received.page_frames += 1;
         self.regions.files[h.region as usize]

@@ -28,6 +28,9 @@ pub enum StagingError {
     /// nowhere.
     #[error("{0} is a symbolic link: name the image directory itself")]
     Symlink(PathBuf),
+    /// The image would not fit.
+    #[error("the image does not fit: {0}")]
+    NoRoom(String),
     /// A file of the image could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -78,6 +81,10 @@ impl RegionFile {
         Ok(())
     }
 }
+
+/// Free space kept back for pages queued to the workers but not yet
+/// written (a few batches per worker).
+const ROOM_RESERVE: u64 = 64 << 20;
 
 /// An image under construction.
 pub struct Staging {
@@ -257,6 +264,38 @@ impl Staging {
             populated_pages: r.populated.load(Ordering::Relaxed),
             xxh3: image::hex_digest(digest),
         })
+    }
+
+    /// Make sure `bytes` more can be written: within `max` (the image's
+    /// cap, if any, counting `written` so far) and within the free space of
+    /// the filesystem, less a reserve for the pages already queued. A
+    /// write into a mapped file on a full filesystem would be a SIGBUS in
+    /// a worker; this turns it into an error.
+    pub fn make_room(
+        &self,
+        written: u64,
+        bytes: u64,
+        max: Option<u64>,
+    ) -> Result<(), StagingError> {
+        if let Some(max) = max {
+            if written + bytes > max {
+                return Err(StagingError::NoRoom(format!(
+                    "more than --max-image-size {} of pages",
+                    crate::units::human_bytes(max)
+                )));
+            }
+        }
+        let free = nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .unwrap_or(u64::MAX);
+        if free < bytes.saturating_add(ROOM_RESERVE) {
+            return Err(StagingError::NoRoom(format!(
+                "{} free on the filesystem of {}",
+                crate::units::human_bytes(free),
+                self.dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Rename the complete staging directory to the output path, replacing

@@ -126,6 +126,18 @@ impl<'a> Migration<'a> {
     }
 
     pub fn run(&mut self) -> Result<SendReport, SendError> {
+        match self.phases() {
+            // A broken connection often has the receiver's reason waiting
+            // in it (an Error frame sent before it closed).
+            Err(SendError::Connection(e)) if self.owner == Owner::Source => {
+                let remote = self.link.as_mut().and_then(|l| l.remote_reason());
+                Err(remote.unwrap_or(SendError::Connection(e)))
+            }
+            r => r,
+        }
+    }
+
+    fn phases(&mut self) -> Result<SendReport, SendError> {
         let mut copy = self.setup()?;
         self.bulk(&mut copy)?;
         let carried = if self.live() {
