@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use procmig::protocol::{self, Control, Hello, Kind, RegionEntry, Run, WireCodec};
+use procmig::protocol::{self, Control, Kind, RegionEntry, Run, WireCodec};
 
 #[test]
 fn no_such_pid() {
@@ -160,23 +160,9 @@ fn feed_receiver(bytes: &[u8], needle: &str) {
     assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
 }
 
-fn hello() -> Control {
-    Control::Hello(Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: 4096,
-        capabilities: protocol::CAPABILITIES,
-        codec: WireCodec::Raw as u8,
-        level: 0,
-        compress_threads: 1,
-        pid: 42,
-        comm: "test".into(),
-    })
-}
-
 fn start_of_stream() -> Vec<u8> {
     let mut b = Vec::new();
-    hello().encode(&mut b);
+    hello_frame().encode(&mut b);
     Control::Regions(vec![RegionEntry {
         start: 0x10000,
         end: 0x20000,
@@ -338,13 +324,13 @@ fn check_handmade_commit(dir: &TempDir, version: u16, answers: &[Kind]) {
     let out = dir.join("img");
     let recv = Recv::start(&out, &[]);
     let mut b = Vec::new();
-    if let Control::Hello(mut h) = hello() {
+    if let Control::Hello(mut h) = hello_frame() {
         h.version = version;
         Control::Hello(h).encode(&mut b);
     }
     let hello_len = {
         let mut h = Vec::new();
-        hello().encode(&mut h);
+        hello_frame().encode(&mut h);
         h.len()
     };
     b.extend_from_slice(&complete_stream()[hello_len..]);

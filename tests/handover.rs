@@ -156,20 +156,9 @@ fn a_source_gone_before_commit_leaves_nothing_committed() {
 /// Hello, one region, one zero page, End: a whole version-2 stream up to
 /// (not including) Commit.
 fn handmade_stream() -> Vec<u8> {
-    use procmig::protocol::{Hello, RegionEntry, Run, Totals, WireCodec};
+    use procmig::protocol::{RegionEntry, Run, Totals};
     let mut b = Vec::new();
-    Control::Hello(Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: 4096,
-        capabilities: protocol::CAPABILITIES,
-        codec: WireCodec::Raw as u8,
-        level: 0,
-        compress_threads: 1,
-        pid: 42,
-        comm: "test".into(),
-    })
-    .encode(&mut b);
+    hello_frame().encode(&mut b);
     Control::Regions(vec![RegionEntry {
         start: 0x10000,
         end: 0x20000,

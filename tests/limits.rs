@@ -11,23 +11,12 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use common::*;
-use procmig::protocol::{self, Control, Hello, RegionEntry, Totals, WireCodec};
+use procmig::protocol::{Control, RegionEntry, Totals};
 
 /// Hello, one region of `len` bytes, End with nothing sent, Commit.
 fn empty_stream(len: u64) -> Vec<u8> {
     let mut b = Vec::new();
-    Control::Hello(Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: 4096,
-        capabilities: protocol::CAPABILITIES,
-        codec: WireCodec::Raw as u8,
-        level: 0,
-        compress_threads: 1,
-        pid: 7,
-        comm: "huge".into(),
-    })
-    .encode(&mut b);
+    hello_frame().encode(&mut b);
     Control::Regions(vec![RegionEntry {
         start: 0x7000_0000_0000,
         end: 0x7000_0000_0000 + len,

@@ -20,18 +20,7 @@ fn a_slow_loris_cannot_hold_the_receiver() {
     let recv = Recv::start(&dir.join("img"), &["--timeout", "1s"]);
     let mut s = TcpStream::connect(recv.addr()).unwrap();
     let mut hello = Vec::new();
-    Control::Hello(protocol::Hello {
-        version: protocol::VERSION,
-        min_version: protocol::MIN_VERSION,
-        page_size: 4096,
-        capabilities: protocol::CAPABILITIES,
-        codec: protocol::WireCodec::Raw as u8,
-        level: 0,
-        compress_threads: 1,
-        pid: 1,
-        comm: "loris".into(),
-    })
-    .encode(&mut hello);
+    hello_frame().encode(&mut hello);
     // One byte every 200 ms: each read succeeds, the frame never does.
     let t = Instant::now();
     for b in hello {

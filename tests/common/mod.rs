@@ -307,3 +307,20 @@ pub fn check_image(agent: &Agent, image: &Path, what: &str) {
         text(&v.stderr)
     );
 }
+
+/// A Hello as a source of this build sends it (4 KiB pages, raw pages),
+/// for hand-made streams.
+pub fn hello_frame() -> procmig::protocol::Control {
+    use procmig::protocol::{self, Control, Hello, WireCodec};
+    Control::Hello(Hello {
+        version: protocol::VERSION,
+        min_version: protocol::MIN_VERSION,
+        page_size: 4096,
+        capabilities: protocol::CAPABILITIES,
+        codec: WireCodec::Raw as u8,
+        level: 0,
+        compress_threads: 1,
+        pid: 42,
+        comm: "test".into(),
+    })
+}
