@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use procmig::protocol::{self, Control, Kind, RegionEntry, Run, WireCodec};
+use procmig::protocol::{self, Control, Kind, Run, WireCodec};
 
 #[test]
 fn no_such_pid() {
@@ -158,19 +158,6 @@ fn feed_receiver(bytes: &[u8], needle: &str) {
     assert_eq!(lines.len(), 1, "{err}");
     assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
     assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
-}
-
-fn start_of_stream() -> Vec<u8> {
-    let mut b = Vec::new();
-    hello_frame().encode(&mut b);
-    Control::Regions(vec![RegionEntry {
-        start: 0x10000,
-        end: 0x20000,
-        prot: 3,
-        name: "x".into(),
-    }])
-    .encode(&mut b);
-    b
 }
 
 fn pages_frame(first: u64, xxh3: u64) -> Vec<u8> {

@@ -156,16 +156,8 @@ fn a_source_gone_before_commit_leaves_nothing_committed() {
 /// Hello, one region, one zero page, End: a whole version-2 stream up to
 /// (not including) Commit.
 fn handmade_stream() -> Vec<u8> {
-    use procmig::protocol::{RegionEntry, Run, Totals};
-    let mut b = Vec::new();
-    hello_frame().encode(&mut b);
-    Control::Regions(vec![RegionEntry {
-        start: 0x10000,
-        end: 0x20000,
-        prot: 3,
-        name: "x".into(),
-    }])
-    .encode(&mut b);
+    use procmig::protocol::{Run, Totals};
+    let mut b = start_of_stream();
     Control::Zero {
         round: 0,
         region: 0,

@@ -324,3 +324,19 @@ pub fn hello_frame() -> procmig::protocol::Control {
         comm: "test".into(),
     })
 }
+
+/// Hello and a one-region table (0x10000-0x20000): how every hand-made
+/// stream begins.
+pub fn start_of_stream() -> Vec<u8> {
+    use procmig::protocol::{Control, RegionEntry};
+    let mut b = Vec::new();
+    hello_frame().encode(&mut b);
+    Control::Regions(vec![RegionEntry {
+        start: 0x10000,
+        end: 0x20000,
+        prot: 3,
+        name: "x".into(),
+    }])
+    .encode(&mut b);
+    b
+}
