@@ -303,6 +303,23 @@ impl Attachment {
     }
 }
 
+/// Leave a process that was detached in group-stop ([`Leave::Stopped`])
+/// as asked: stopped, killed, or running again unless it was stopped when
+/// found. Best effort: a process that is gone needs nothing.
+pub fn leave_detached(pid: i32, leave: Leave, was_stopped: bool) {
+    let pid = Pid::from_raw(pid);
+    match leave {
+        Leave::Stopped => {}
+        Leave::Killed => {
+            let _ = signal::kill(pid, Signal::SIGKILL);
+        }
+        Leave::AsFound if !was_stopped => {
+            let _ = signal::kill(pid, Signal::SIGCONT);
+        }
+        Leave::AsFound => {}
+    }
+}
+
 impl Drop for Attachment {
     fn drop(&mut self) {
         let _ = self.release(Leave::AsFound);

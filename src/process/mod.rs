@@ -7,7 +7,7 @@ mod mem;
 mod pagemap;
 pub mod thp;
 
-pub use attach::{process_state, Attachment, Leave};
+pub use attach::{leave_detached, process_state, Attachment, Leave};
 pub use maps::{
     read_mappings, read_regions, reason, select_regions, summarize, LeftOut, Region, RegionFilter,
     RegionKind,

@@ -202,7 +202,8 @@ impl MigrationHandle {
     pub fn round_progress(&self) -> (u64, u64) {
         let l = &self.shared.live;
         let plan = l.plan_pages.load(Relaxed);
-        let done = self.pages_done() - l.done_at_start.load(Relaxed).min(self.pages_done());
+        let now = self.pages_done();
+        let done = now - l.done_at_start.load(Relaxed).min(now);
         (done.min(plan), plan)
     }
 

@@ -468,12 +468,7 @@ impl<'a> Migration<'a> {
     /// The receiver refused: resume the process as it was found.
     fn take_back(&mut self) {
         self.owner = Owner::Source;
-        if !self.was_stopped {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(self.cfg.pid),
-                nix::sys::signal::Signal::SIGCONT,
-            );
-        }
+        process::leave_detached(self.cfg.pid, Leave::AsFound, self.was_stopped);
     }
 
     fn in_doubt(&self, reason: String) -> SendError {
@@ -500,17 +495,7 @@ impl<'a> Migration<'a> {
             a.detach(leave)?;
         } else {
             // Handed over: the process is in group-stop, detached.
-            let pid = nix::unistd::Pid::from_raw(cfg.pid);
-            match leave {
-                Leave::Stopped => {}
-                Leave::Killed => {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                }
-                Leave::AsFound if !self.was_stopped => {
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-                }
-                Leave::AsFound => {}
-            }
+            process::leave_detached(cfg.pid, leave, self.was_stopped);
         }
         let auto_choices = self
             .pipeline

@@ -280,7 +280,7 @@ impl Pipeline {
                 Ok(_) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
-                    return Err(self.shutdown().err().unwrap_or_else(Self::stopped));
+                    return Err(self.broken());
                 }
             }
         }

@@ -100,16 +100,11 @@ impl Link {
         if self.version < protocol::ROUND_APPLIED_VERSION {
             return Ok(());
         }
-        self.reader.set_timeout(Some(self.timeout)).ok();
-        match protocol::read_control(&mut self.reader) {
-            Ok(Control::RoundApplied(r)) if r == round => Ok(()),
-            Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
-            Ok(other) => Err(SendError::BadAck(format!(
+        match self.read_answer(self.timeout)? {
+            Control::RoundApplied(r) if r == round => Ok(()),
+            other => Err(SendError::BadAck(format!(
                 "{:?} (waiting for round {round} to be applied)",
                 other.kind()
-            ))),
-            Err(e) => Err(SendError::Connection(format!(
-                "waiting for round {round} to be applied: {e}"
             ))),
         }
     }
