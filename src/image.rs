@@ -170,7 +170,7 @@ pub fn digest_file(file: &File, page_size: u64) -> std::io::Result<u64> {
 }
 
 /// The next data extent at or after `off`: (start, end), or `None`.
-fn data_extent(file: &File, off: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
+pub fn data_extent(file: &File, off: u64, len: u64) -> std::io::Result<Option<(u64, u64)>> {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: lseek on a descriptor we own changes only its offset, which

@@ -10,6 +10,7 @@ pub mod pages;
 pub mod process;
 pub mod progress;
 pub mod protocol;
+pub mod restore;
 pub mod source;
 pub mod stats;
 pub mod units;

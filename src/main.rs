@@ -34,6 +34,14 @@ enum Command {
     Recv(RecvArgs),
     /// Compare an image with a process, byte for byte.
     Verify(VerifyArgs),
+    /// Run the process an image holds: recreate it from its memory and state.
+    Restore(RestoreArgs),
+    /// Say whether a process can be restored, one line per reason it cannot.
+    Check {
+        /// Process to check (not stopped, not changed).
+        #[arg(long)]
+        pid: i32,
+    },
     /// Show what this kernel offers for dirty tracking, and permissions.
     Info {
         /// Print as JSON.
@@ -144,6 +152,22 @@ struct RecvArgs {
     /// Refuse a migration whose pages would take more than this (K/M/G suffixes); the free space of the image's filesystem is always checked.
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     max_image_size: Option<u64>,
+    /// Restore the process here as soon as its memory is in; it starts once the source hands it over (needs root).
+    #[arg(long)]
+    restore: bool,
+    /// With --restore: file opened for fds 0-2 that led to a terminal, pipe or socket on the source.
+    #[arg(long, value_name = "PATH", default_value = "/dev/null")]
+    stdio: PathBuf,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Image directory (written by procmig recv, protocol version 3 or later).
+    #[arg(long, value_name = "DIR")]
+    image: PathBuf,
+    /// File opened for fds 0-2 that led to a terminal, pipe or socket on the source.
+    #[arg(long, value_name = "PATH", default_value = "/dev/null")]
+    stdio: PathBuf,
 }
 
 #[derive(Args)]
@@ -258,6 +282,9 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
         timeout: a.timeout,
         max_image_size: a.max_image_size,
+        restore: a
+            .restore
+            .then(|| procmig::restore::RestoreOptions { stdio: a.stdio }),
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;
@@ -323,6 +350,38 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let opts = procmig::restore::RestoreOptions { stdio: a.stdio };
+    let t = std::time::Instant::now();
+    let r = procmig::restore::restore_image(&a.image, &opts)
+        .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
+    let built = t.elapsed();
+    let notes = r.notes.clone();
+    let pid = r
+        .start()
+        .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
+    println!(
+        "restored: pid {pid}, running (built in {:.1} ms)",
+        built.as_secs_f64() * 1000.0
+    );
+    for n in notes {
+        println!("restore note: {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(pid: i32) -> anyhow::Result<ExitCode> {
+    let why = procmig::restore::check(pid).map_err(anyhow::Error::msg)?;
+    if why.is_empty() {
+        println!("check: process {pid} can be restored");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for w in &why {
+        println!("check: process {pid} cannot be restored: {w}");
+    }
+    Ok(ExitCode::from(2))
+}
+
 fn man(dir: PathBuf) -> anyhow::Result<ExitCode> {
     let top = Cli::command();
     let mut pages = vec![("procmig.1".to_string(), top.clone())];
@@ -345,6 +404,8 @@ fn main() -> ExitCode {
         Command::Send(a) => send(a),
         Command::Recv(a) => recv(a),
         Command::Verify(a) => verify(a),
+        Command::Restore(a) => restore(a),
+        Command::Check { pid } => check(pid),
         Command::Info { json: as_json } => {
             let info = procmig::dirty::probe::info();
             if as_json {

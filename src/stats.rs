@@ -124,8 +124,11 @@ pub struct DowntimeParts {
     /// Reading, compressing and writing the final round, until its
     /// RoundEnd is on the wire.
     pub transfer_ms: f64,
+    /// Capturing the process state for restore (version 3).
+    pub capture_ms: f64,
     /// The End frame out, then the receiver applies what it still had
-    /// queued and answers Applied.
+    /// queued (and, with `recv --restore`, rebuilds the process) and
+    /// answers Applied.
     pub apply_ms: f64,
 }
 
@@ -174,6 +177,11 @@ pub struct SendReport {
     /// Mappings not migrated, with the reason.
     pub left_out: Vec<crate::process::LeftOut>,
     pub rounds: Vec<RoundReport>,
+    /// The process state for restore: sent, or why not.
+    pub process_state: String,
+    /// The pid of the process restored on the destination, running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_pid: Option<u32>,
 }
 
 /// The source's report when a migration fails or is cancelled: what was
@@ -283,6 +291,10 @@ impl fmt::Display for SendReport {
             self.dest_decompress_busy_ms
         )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
+        writeln!(f, "process state: {}", self.process_state)?;
+        if let Some(p) = self.restored_pid {
+            writeln!(f, "restored on the destination: pid {p}, running")?;
+        }
         writeln!(f, "on complete: {}", self.on_complete)?;
         if self.on_complete == "stop" {
             writeln!(
@@ -340,6 +352,15 @@ pub struct RecvReport {
     pub thread_busy_percent: Vec<f64>,
     pub commit_ms: f64,
     pub cpu_seconds: f64,
+    /// `--restore`: the pid of the restored process, now running.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restored_pid: Option<i32>,
+    /// From every page applied to the restored process built (stopped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_ms: Option<f64>,
+    /// What restore changed on the way (stdio, sockets), one line each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restore_notes: Vec<String>,
 }
 
 impl fmt::Display for RecvReport {
@@ -347,6 +368,16 @@ impl fmt::Display for RecvReport {
         writeln!(f, "Migration status: {}", self.status)?;
         writeln!(f, "image: {}", self.out)?;
         writeln!(f, "source: pid {} ({})", self.source_pid, self.source_comm)?;
+        if let Some(pid) = self.restored_pid {
+            writeln!(
+                f,
+                "restored: pid {pid}, running (built in {:.1} ms)",
+                self.restore_ms.unwrap_or(0.0)
+            )?;
+            for n in &self.restore_notes {
+                writeln!(f, "restore note: {n}")?;
+            }
+        }
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;
         writeln!(f, "received: {} kbytes", kb(self.received))?;
         writeln!(f, "throughput: {:.2} mbps", self.throughput_mbps)?;

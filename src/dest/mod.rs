@@ -45,6 +45,8 @@ pub struct RecvConfig {
     pub timeout: Duration,
     /// Most bytes of pages the image may hold (`--max-image-size`).
     pub max_image_size: Option<u64>,
+    /// `--restore`: run the process here once its memory is in.
+    pub restore: Option<crate::restore::RestoreOptions>,
 }
 
 /// QEMU's default decompress-threads.
@@ -75,6 +77,10 @@ pub enum RecvError {
     /// SIGINT or SIGTERM.
     #[error("cancelled by signal")]
     Cancelled,
+    /// `--restore`: the process could not be rebuilt here; nothing ran and
+    /// nothing was committed, so the source keeps (and resumes) it.
+    #[error("restore failed: {0}")]
+    Restore(String),
 }
 
 /// What was wrong with the stream (the reason in [`RecvError::Stream`]).
@@ -139,6 +145,9 @@ pub enum StreamError {
     SendApplied(io::Error),
     #[error("sending acknowledgement: {0}")]
     SendAck(io::Error),
+    /// The State frame is missing, repeated or malformed.
+    #[error("{0}")]
+    State(String),
     /// A bug: the workers still held the region files after a barrier.
     #[error("internal: region files still shared")]
     RegionsShared,

@@ -77,6 +77,9 @@ impl From<Summary<'_>> for RecvReport {
             thread_busy_percent: stats::busy_percent(s.busy_ns, s.transfer),
             commit_ms: s.commit.as_secs_f64() * 1000.0,
             cpu_seconds: s.cpu.as_secs_f64(),
+            restored_pid: None,
+            restore_ms: None,
+            restore_notes: Vec::new(),
         }
     }
 }

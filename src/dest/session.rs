@@ -55,6 +55,7 @@ use crate::protocol::{
     self, error_code, AckInfo, Control, DecodeError, Hello, Kind, PagesHeader, ReadError,
     RegionEntry, Run, Totals, Welcome, WireCodec,
 };
+use crate::restore::{Memory, ProcessState, Restored};
 use crate::stats::{self, Counters, RecvReport};
 
 /// Most bytes of virtual address space an image may describe (the x86-64
@@ -97,6 +98,7 @@ enum Stop {
     Stream(StreamError),
     Aborted(String),
     Staging(StagingError),
+    Restore(String),
     Cancelled,
 }
 
@@ -136,6 +138,7 @@ impl Stop {
             Stop::Stream(source) => RecvError::Stream { peer, source },
             Stop::Aborted(message) => RecvError::Aborted(message),
             Stop::Staging(e) => RecvError::Staging(e),
+            Stop::Restore(e) => RecvError::Restore(e),
             Stop::Cancelled => RecvError::Cancelled,
         }
     }
@@ -181,6 +184,12 @@ pub struct Session<'a> {
     progress: Option<Progress>,
     started: Instant,
     cpu0: Duration,
+    /// The State frame's bytes and what they decode to (version 3).
+    state: Option<(Vec<u8>, ProcessState)>,
+    /// `--restore`: the process, built and stopped until Commit; dropped
+    /// (killed) on any failure before that.
+    restored: Option<Restored>,
+    restore_time: Option<Duration>,
 }
 
 impl<'a> Session<'a> {
@@ -210,6 +219,9 @@ impl<'a> Session<'a> {
             progress: None,
             started: Instant::now(),
             cpu0: stats::cpu_time(),
+            state: None,
+            restored: None,
+            restore_time: None,
         }
     }
 
@@ -304,9 +316,18 @@ impl<'a> Session<'a> {
     fn on_hello(&mut self, hello: Hello) -> Result<State, Stop> {
         let version = check_hello(&hello)?;
         let ps = hello.page_size;
+        let mut capabilities = protocol::CAPABILITIES;
+        if self.cfg.restore.is_some() {
+            if version < protocol::STATE_VERSION {
+                return Err(Stop::Restore(format!(
+                    "the source speaks protocol version {version}, which carries no process state"
+                )));
+            }
+            capabilities |= protocol::CAP_RESTORE;
+        }
         self.send(&Control::Welcome(Welcome {
             version,
-            capabilities: protocol::CAPABILITIES,
+            capabilities,
             decompress_threads: self.cfg.decompress_threads as u16,
         }))
         .map_err(StreamError::SendWelcome)?;
@@ -360,6 +381,10 @@ impl<'a> Session<'a> {
             Control::Regions(table) => self.on_regions(round, started, &table),
             Control::RoundEnd(of) => self.on_round_end(round, of),
             Control::End(totals) => self.on_end(round, totals),
+            Control::State(bytes) if self.source.version >= protocol::STATE_VERSION => {
+                self.on_state(bytes)?;
+                Ok(State::InRound { round, started })
+            }
             Control::Error { message, .. } => Err(Stop::Aborted(message)),
             other => Err(StreamError::Unexpected(other.kind()).into()),
         }
@@ -487,6 +512,9 @@ impl<'a> Session<'a> {
             }
             .into());
         }
+        if self.cfg.restore.is_some() {
+            self.restore()?;
+        }
         // The destination has every page: downtime ends here; the commit
         // (digests, sync, rename) follows and is confirmed by Ack.
         self.send(&Control::Applied)
@@ -516,13 +544,68 @@ impl<'a> Session<'a> {
         self.commit(rounds, transfer)
     }
 
+    fn on_state(&mut self, bytes: Vec<u8>) -> Result<(), Stop> {
+        if self.state.is_some() {
+            return Err(StreamError::State("a second State frame".into()).into());
+        }
+        let st = ProcessState::from_bytes(&bytes).map_err(StreamError::State)?;
+        self.state = Some((bytes, st));
+        Ok(())
+    }
+
+    /// Rebuild the process from the state and the region files; it stays
+    /// stopped until Commit.
+    fn restore(&mut self) -> Result<(), Stop> {
+        let t = Instant::now();
+        let opts = self.cfg.restore.as_ref().expect("restoring");
+        crate::restore::privileges().map_err(Stop::Restore)?;
+        let Some((_, st)) = &self.state else {
+            return Err(StreamError::State("the source sent no process state".into()).into());
+        };
+        let mem = Memory {
+            regions: self
+                .regions
+                .files
+                .iter()
+                .map(|f| (f.entry.start, f.entry.end, Staging::region_data(f)))
+                .collect(),
+        };
+        let r = crate::restore::restore(st, &mem, opts).map_err(Stop::Restore)?;
+        self.restored = Some(r);
+        self.restore_time = Some(t.elapsed());
+        Ok(())
+    }
+
     fn commit(&mut self, rounds: u32, transfer: Duration) -> Result<State, Stop> {
         let t_commit = Instant::now();
+        // Handed over: the restored process runs from here, whatever
+        // happens to the image.
+        let mut restored_pid = None;
+        let mut notes = Vec::new();
+        if let Some(r) = self.restored.take() {
+            notes = r.notes.clone();
+            restored_pid = Some(r.start().map_err(Stop::Restore)?);
+        }
         let regions = self.take_regions()?;
         let total: u64 = regions.files.iter().map(|f| f.len()).sum();
         let source = &self.source;
-        self.staging
-            .commit(&regions.files, source.pid, &source.comm, source.page_size)?;
+        let written = match &self.state {
+            Some((bytes, _)) => self.staging.add_file(crate::restore::STATE_NAME, bytes),
+            None => Ok(()),
+        }
+        .and_then(|_| {
+            self.staging
+                .commit(&regions.files, source.pid, &source.comm, source.page_size)
+        });
+        match written {
+            Ok(()) => {}
+            // The process runs here already: the source must not get it
+            // back because the image could not be kept.
+            Err(e) if restored_pid.is_some() => {
+                notes.push(format!("the image was not committed: {e}"))
+            }
+            Err(e) => return Err(e.into()),
+        }
         let commit = t_commit.elapsed();
         let busy_ns = self.pool.busy_ns();
         let ack = AckInfo {
@@ -530,10 +613,11 @@ impl<'a> Session<'a> {
             zero_pages: self.received.zero_pages,
             decompress_busy_ns: busy_ns.iter().map(|b| b.load(Ordering::Relaxed)).sum(),
             commit_ns: commit.as_nanos() as u64,
+            restored_pid: restored_pid.unwrap_or(0) as u32,
         };
         self.send(&Control::Ack(ack))
             .map_err(StreamError::SendAck)?;
-        let report = RecvReport::from(Summary {
+        let mut report = RecvReport::from(Summary {
             out: &self.cfg.out,
             source_pid: self.source.pid,
             source_comm: &self.source.comm,
@@ -548,6 +632,9 @@ impl<'a> Session<'a> {
             commit,
             cpu: stats::cpu_time() - self.cpu0,
         });
+        report.restored_pid = restored_pid;
+        report.restore_ms = self.restore_time.map(|d| d.as_secs_f64() * 1000.0);
+        report.restore_notes = notes;
         Ok(State::Committed(Box::new(report)))
     }
 

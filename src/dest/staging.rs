@@ -201,6 +201,22 @@ impl Staging {
         Ok(out)
     }
 
+    /// Write a file of the image (e.g. the process state) into the staging
+    /// directory; it is committed with the rest.
+    pub fn add_file(&self, name: &str, bytes: &[u8]) -> Result<(), StagingError> {
+        let path = self.dir.join(name);
+        let f = File::create(&path).map_err(write_err(&path))?;
+        use std::io::Write;
+        (&f).write_all(bytes).map_err(write_err(&path))?;
+        f.sync_all().map_err(write_err(&path))
+    }
+
+    /// The region's data file (for restoring straight from the staging
+    /// image).
+    pub fn region_data(r: &RegionFile) -> &File {
+        &r.file
+    }
+
     /// Digest and sync every region, write the manifest, and rename the
     /// staging directory to the output path.
     pub fn commit(

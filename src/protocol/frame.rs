@@ -23,6 +23,8 @@ pub enum Kind {
     RoundApplied = 11,
     /// Version 2: the source hands the process over; commit.
     Commit = 12,
+    /// Version 3: the process state restore needs (JSON), before End.
+    State = 13,
 }
 
 impl Kind {
@@ -40,6 +42,7 @@ impl Kind {
             10 => Kind::Applied,
             11 => Kind::RoundApplied,
             12 => Kind::Commit,
+            13 => Kind::State,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -56,6 +59,7 @@ impl Kind {
             | Kind::RoundApplied
             | Kind::Commit => 4096,
             Kind::Error => 8 + MAX_MESSAGE as u32,
+            Kind::State => crate::restore::state::MAX_STATE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
             Kind::Pages => PAGES_FIXED as u32 + MAX_BATCH_PAGES * (RUN_LEN as u32 + MAX_PAGE_SIZE),
             Kind::Zero => 12 + MAX_ZERO_RUNS * RUN_LEN as u32,
@@ -90,6 +94,9 @@ impl WireCodec {
 pub const CAP_ZLIB: u64 = 1 << 0;
 pub const CAP_ZSTD: u64 = 1 << 1;
 pub const CAP_LZ4: u64 = 1 << 2;
+/// Welcome only: the receiver restores the process (`recv --restore`), so
+/// the source checks it can be restored before stopping anything.
+pub const CAP_RESTORE: u64 = 1 << 3;
 /// What this build supports.
 pub const CAPABILITIES: u64 = CAP_ZLIB | CAP_ZSTD | CAP_LZ4;
 
@@ -188,6 +195,8 @@ pub struct AckInfo {
     pub decompress_busy_ns: u64,
     /// Nanoseconds spent committing the image (digests, sync, rename).
     pub commit_ns: u64,
+    /// Version 3: pid of the process restored on the destination (0: none).
+    pub restored_pid: u32,
 }
 
 /// A decoded control frame (everything but Pages, which is decoded in
@@ -209,6 +218,8 @@ pub enum Control {
     /// (version 2 and later).
     Commit,
     End(Totals),
+    /// The process state (JSON of `restore::ProcessState`), version 3.
+    State(Vec<u8>),
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
     Applied,
@@ -299,11 +310,17 @@ impl Control {
                     .u64(t.zero_frames);
             }
             Control::Applied | Control::Commit => {}
+            Control::State(b) => {
+                p.bytes(b);
+            }
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
                     .u64(a.zero_pages)
                     .u64(a.decompress_busy_ns)
                     .u64(a.commit_ns);
+                if a.restored_pid != 0 {
+                    p.u32(a.restored_pid);
+                }
             }
             Control::Error { code, message } => {
                 p.u16(*code).str(message, MAX_MESSAGE);
@@ -321,6 +338,7 @@ impl Control {
             Control::RoundEnd(_) => Kind::RoundEnd,
             Control::RoundApplied(_) => Kind::RoundApplied,
             Control::Commit => Kind::Commit,
+            Control::State(_) => Kind::State,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -397,11 +415,14 @@ impl Control {
             }),
             Kind::Applied => Control::Applied,
             Kind::Commit => Control::Commit,
+            Kind::State => Control::State(g.rest().to_vec()),
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
                 decompress_busy_ns: g.u64()?,
                 commit_ns: g.u64()?,
+                // Version 3: the pid of the restored process, when it is.
+                restored_pid: if g.rest_len() >= 4 { g.u32()? } else { 0 },
             }),
             Kind::Error => Control::Error {
                 code: g.u16()?,

@@ -26,6 +26,10 @@ impl Put<'_> {
         self.0.extend_from_slice(&v.to_le_bytes());
         self
     }
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(b);
+        self
+    }
     /// A string as u16 length + UTF-8 bytes, cut to `max` bytes on a
     /// character boundary.
     pub fn str(&mut self, s: &str, max: usize) -> &mut Self {
@@ -92,6 +96,10 @@ impl<'a> Get<'a> {
         let s = &self.buf[self.pos..];
         self.pos = self.buf.len();
         s
+    }
+    /// How many bytes are left.
+    pub fn rest_len(&self) -> usize {
+        self.buf.len() - self.pos
     }
     /// Fails unless every byte was read.
     pub fn finish(&self) -> Result<(), DecodeError> {

@@ -61,6 +61,8 @@ pub(super) struct Copy {
     /// Mappings not migrated, as found at setup.
     left_out: Vec<process::LeftOut>,
     parts: DowntimeParts,
+    /// What became of the process state (version 3).
+    state_note: String,
 }
 
 /// How the handover ended.
@@ -158,6 +160,19 @@ impl<'a> Migration<'a> {
         self.handle.set_status(Status::Setup);
         self.att = Some(Attachment::seize(cfg.pid)?);
         let mut link = Link::open(cfg, self.handle, ps)?;
+        if link.restore {
+            // Before anything is stopped.
+            let reasons = crate::restore::check(cfg.pid).map_err(|reason| SendError::Capture {
+                pid: cfg.pid,
+                reason,
+            })?;
+            if !reasons.is_empty() {
+                return Err(SendError::NotRestorable {
+                    pid: cfg.pid,
+                    reasons,
+                });
+            }
+        }
         let writer = link.writer.take().expect("a fresh link has its writer");
         self.link = Some(link);
         let t_first_stop = Instant::now();
@@ -217,6 +232,7 @@ impl<'a> Migration<'a> {
             tracker_name,
             left_out,
             parts: DowntimeParts::default(),
+            state_note: "not captured".into(),
         })
     }
 
@@ -342,7 +358,7 @@ impl<'a> Migration<'a> {
     /// what was carried. (Stop-and-copy stopped the process in setup.)
     fn downtime(&mut self, c: &mut Copy, carried: Carried) -> Result<(), SendError> {
         if !self.live() {
-            return Ok(());
+            return self.send_state(c);
         }
         if let Some(mut t) = self.throttle.take() {
             t.finish();
@@ -372,7 +388,42 @@ impl<'a> Migration<'a> {
         let r = self.send_planned(c, &plan, facts)?;
         c.parts.transfer_ms = r.duration_ms;
         c.rounds.push(r);
-        Ok(())
+        self.send_state(c)
+    }
+
+    /// Version 3: capture the process state (still stopped) and send it
+    /// before End. Needed when the receiver restores; otherwise kept in
+    /// the image if it can be captured.
+    fn send_state(&mut self, c: &mut Copy) -> Result<(), SendError> {
+        let link = self.link.as_ref().expect("connected");
+        if link.version < protocol::STATE_VERSION {
+            c.state_note = "not sent (the receiver speaks an older protocol)".into();
+            return Ok(());
+        }
+        let restore = link.restore;
+        let pid = self.cfg.pid;
+        let migrated: Vec<(u64, u64)> =
+            c.state.regions().iter().map(|r| (r.start, r.end)).collect();
+        let att = self.att.as_mut().expect("stopped for the downtime");
+        let t = Instant::now();
+        let (st, refused) = match crate::restore::capture(att, &migrated) {
+            Ok(x) => x,
+            Err(reason) if restore => return Err(SendError::Capture { pid, reason }),
+            Err(reason) => {
+                c.state_note = format!("not captured: {reason}");
+                return Ok(());
+            }
+        };
+        if restore && !refused.is_empty() {
+            return Err(SendError::NotRestorable {
+                pid,
+                reasons: refused,
+            });
+        }
+        let bytes = st.to_bytes();
+        c.parts.capture_ms = ms(t.elapsed());
+        c.state_note = format!("sent ({} kbytes)", bytes.len() / 1024);
+        self.pipeline_mut().control(Control::State(bytes))
     }
 
     /// End the stream, wait for Applied (every page in place; downtime
@@ -523,6 +574,7 @@ impl<'a> Migration<'a> {
             setup: c.setup_time,
             downtime: h.downtime,
             downtime_parts: c.parts,
+            state_note: c.state_note,
             transfer: h.transfer,
         }))
     }

@@ -91,6 +91,13 @@ pub enum SendError {
     /// the process, so it is left stopped.
     #[error("handover in doubt: the receiver was told to commit but did not confirm ({reason}); process {pid} is left stopped. If the destination committed the image, it owns the process: `kill {pid}` here. If it did not, `kill -CONT {pid}` resumes it here")]
     HandoverInDoubt { pid: i32, reason: String },
+    /// The receiver restores, and this process cannot be restored (found
+    /// before anything was stopped, or at the final stop).
+    #[error("process {pid} cannot be restored on the destination: {}", .reasons.join("; "))]
+    NotRestorable { pid: i32, reasons: Vec<String> },
+    /// The process state could not be captured at the final stop.
+    #[error("cannot capture the state of process {pid}: {reason}")]
+    Capture { pid: i32, reason: String },
     /// Pre-copy did not converge within the iteration cap.
     #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
     NotConverging {

@@ -78,6 +78,7 @@ pub struct Summary<'a> {
     pub downtime: Duration,
     pub downtime_parts: DowntimeParts,
     pub transfer: Duration,
+    pub state_note: String,
 }
 
 fn compression(s: &Summary) -> CompressionReport {
@@ -152,5 +153,7 @@ pub fn build(s: Summary) -> SendReport {
         on_complete: s.cfg.on_complete.to_string(),
         left_out: s.left_out,
         rounds: s.rounds,
+        process_state: s.state_note,
+        restored_pid: (s.ack.restored_pid != 0).then_some(s.ack.restored_pid),
     }
 }

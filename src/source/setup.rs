@@ -19,6 +19,8 @@ pub struct Link {
     pub version: u16,
     /// `--timeout`: the longest wait for an answer.
     pub timeout: Duration,
+    /// The receiver restores the process (`recv --restore`).
+    pub restore: bool,
     /// Closes the link on cancel; taken away at the handover, after
     /// which a signal no longer interrupts anything.
     watch: Option<CloseOnCancel>,
@@ -48,6 +50,7 @@ impl Link {
             closer,
             version: 0,
             timeout: cfg.timeout,
+            restore: false,
         };
         link.handshake(cfg, page_size)?;
         Ok(link)
@@ -84,6 +87,7 @@ impl Link {
                     return Err(fail(format!("receiver cannot decode {}", cfg.method)));
                 }
                 self.version = w.version;
+                self.restore = w.capabilities & protocol::CAP_RESTORE != 0;
                 Ok(())
             }
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),

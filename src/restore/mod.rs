@@ -1,0 +1,49 @@
+//! Restore: the destination recreates the migrated process from its memory
+//! (the image) and its state (registers, mappings, descriptors, ...), and
+//! it carries on.
+//!
+//! - [`capture`] reads the state from the stopped source during the final
+//!   stop; [`check`] says up front whether a process can be restored.
+//! - [`restore`] rebuilds it in a child of this process and leaves it
+//!   stopped; [`Restored::start`] lets it run (after the handover).
+
+mod build;
+mod capture;
+mod check;
+mod child;
+mod fds;
+pub mod state;
+mod sys;
+
+pub use build::{restore, Memory, RestoreOptions, Restored};
+pub use capture::capture;
+pub use check::{check, privileges};
+pub use state::{ProcessState, STATE_NAME};
+
+/// Restore from an image directory holding `state.json`.
+pub fn restore_image(dir: &std::path::Path, opts: &RestoreOptions) -> Result<Restored, String> {
+    privileges()?;
+    let image = crate::image::Image::open(dir).map_err(|e| e.to_string())?;
+    let path = dir.join(STATE_NAME);
+    let bytes = std::fs::read(&path).map_err(|e| {
+        format!(
+            "{}: {e} (images from procmig before protocol version 3 hold no process state)",
+            path.display()
+        )
+    })?;
+    let st = ProcessState::from_bytes(&bytes)?;
+    let files: Vec<(u64, u64, std::fs::File)> = image
+        .manifest
+        .regions
+        .iter()
+        .map(|r| {
+            std::fs::File::open(dir.join(&r.file))
+                .map(|f| (r.start, r.end, f))
+                .map_err(|e| format!("{}: {e}", r.file))
+        })
+        .collect::<Result<_, _>>()?;
+    let mem = Memory {
+        regions: files.iter().map(|(s, e, f)| (*s, *e, f)).collect(),
+    };
+    restore(&st, &mem, opts)
+}
