@@ -84,13 +84,22 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
-        let mut child = Command::new(agent_bin())
-            .arg("run")
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn procmig-agent");
+            .stderr(Stdio::inherit());
+        // No descriptors leaked from the test harness (restore refuses a
+        // pipe to another process, rightly).
+        // SAFETY: close_range is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::close_range(3, u32::MAX, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn procmig-agent");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
