@@ -284,7 +284,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         max_image_size: a.max_image_size,
         restore: a
             .restore
-            .then(|| procmig::restore::RestoreOptions { stdio: a.stdio }),
+            .then_some(procmig::restore::RestoreOptions { stdio: a.stdio }),
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

@@ -66,6 +66,7 @@ fn fake_receiver(after: AfterCommit) -> (u16, JoinHandle<bool>) {
                                 zero_pages: 0,
                                 decompress_busy_ns: 0,
                                 commit_ns: 0,
+                                restored_pid: 0,
                             }),
                         )
                         .unwrap(),

@@ -741,7 +741,16 @@ mod tests {
             zero_pages: 2,
             decompress_busy_ns: 3,
             commit_ns: 4,
+            restored_pid: 0,
         }));
+        roundtrip(Control::Ack(AckInfo {
+            normal_pages: 1,
+            zero_pages: 2,
+            decompress_busy_ns: 3,
+            commit_ns: 4,
+            restored_pid: 4242,
+        }));
+        roundtrip(Control::State(b"{\"version\":1}".to_vec()));
         roundtrip(Control::Error {
             code: error_code::FAILED,
             message: "disk full".into(),

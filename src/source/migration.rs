@@ -63,6 +63,8 @@ pub(super) struct Copy {
     parts: DowntimeParts,
     /// What became of the process state (version 3).
     state_note: String,
+    /// The captured state, sent before End.
+    state_bytes: Option<Vec<u8>>,
 }
 
 /// How the handover ended.
@@ -233,6 +235,7 @@ impl<'a> Migration<'a> {
             left_out,
             parts: DowntimeParts::default(),
             state_note: "not captured".into(),
+            state_bytes: None,
         })
     }
 
@@ -240,6 +243,11 @@ impl<'a> Migration<'a> {
     fn bulk(&mut self, c: &mut Copy) -> Result<(), SendError> {
         self.handle.set_status(Status::Active);
         let live = self.live();
+        if !live {
+            // Stopped for good already: capture before any page is read
+            // (the injected calls make the kernel update rseq areas).
+            self.capture_state(c)?;
+        }
         self.pipeline_mut()
             .control(Control::Regions(c.state.table()))?;
         self.pipeline_mut().lenient = live;
@@ -367,8 +375,13 @@ impl<'a> Migration<'a> {
         c.t_stop = Some(t_stop);
         self.handle.set_status(Status::Device);
         self.attach_stopped()?;
+        // Before the final sync: what the injected calls dirty (the
+        // kernel updates each thread's rseq area) is sent with it.
+        let t_capture = Instant::now();
+        self.capture_state(c)?;
+        c.parts.capture_ms = ms(t_capture.elapsed());
         let t_sync = Instant::now();
-        c.parts.stop_ms = ms(t_sync - t_stop);
+        c.parts.stop_ms = ms(t_capture - t_stop);
         // Stopped: every page must read now.
         self.pipeline_mut().lenient = false;
         let fresh = self.sync_regions(&mut c.state)?;
@@ -391,10 +404,18 @@ impl<'a> Migration<'a> {
         self.send_state(c)
     }
 
-    /// Version 3: capture the process state (still stopped) and send it
-    /// before End. Needed when the receiver restores; otherwise kept in
-    /// the image if it can be captured.
+    /// Send the captured state (before End).
     fn send_state(&mut self, c: &mut Copy) -> Result<(), SendError> {
+        match c.state_bytes.take() {
+            Some(bytes) => self.pipeline_mut().control(Control::State(bytes)),
+            None => Ok(()),
+        }
+    }
+
+    /// Version 3: capture the process state (stopped). Needed when the
+    /// receiver restores; otherwise kept in the image if it can be
+    /// captured.
+    fn capture_state(&mut self, c: &mut Copy) -> Result<(), SendError> {
         let link = self.link.as_ref().expect("connected");
         if link.version < protocol::STATE_VERSION {
             c.state_note = "not sent (the receiver speaks an older protocol)".into();
@@ -421,9 +442,13 @@ impl<'a> Migration<'a> {
             });
         }
         let bytes = st.to_bytes();
-        c.parts.capture_ms = ms(t.elapsed());
-        c.state_note = format!("sent ({} kbytes)", bytes.len() / 1024);
-        self.pipeline_mut().control(Control::State(bytes))
+        c.state_note = format!(
+            "sent ({} kbytes, captured in {:.1} ms)",
+            bytes.len() / 1024,
+            ms(t.elapsed())
+        );
+        c.state_bytes = Some(bytes);
+        Ok(())
     }
 
     /// End the stream, wait for Applied (every page in place; downtime
