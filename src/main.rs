@@ -158,6 +158,9 @@ struct RecvArgs {
     /// With --restore: file opened for fds 0-2 that led to a terminal, pipe or socket on the source.
     #[arg(long, value_name = "PATH", default_value = "/dev/null")]
     stdio: PathBuf,
+    /// With --restore: keep the process's pid and thread ids (they must be free here); default: new ones.
+    #[arg(long)]
+    same_pid: bool,
 }
 
 #[derive(Args)]
@@ -168,6 +171,9 @@ struct RestoreArgs {
     /// File opened for fds 0-2 that led to a terminal, pipe or socket on the source.
     #[arg(long, value_name = "PATH", default_value = "/dev/null")]
     stdio: PathBuf,
+    /// Keep the process's pid and thread ids (they must be free here); default: new ones.
+    #[arg(long)]
+    same_pid: bool,
 }
 
 #[derive(Args)]
@@ -282,9 +288,10 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
         progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
         timeout: a.timeout,
         max_image_size: a.max_image_size,
-        restore: a
-            .restore
-            .then_some(procmig::restore::RestoreOptions { stdio: a.stdio }),
+        restore: a.restore.then_some(procmig::restore::RestoreOptions {
+            stdio: a.stdio,
+            same_pid: a.same_pid,
+        }),
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;
@@ -351,7 +358,10 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let opts = procmig::restore::RestoreOptions { stdio: a.stdio };
+    let opts = procmig::restore::RestoreOptions {
+        stdio: a.stdio,
+        same_pid: a.same_pid,
+    };
     let t = std::time::Instant::now();
     let r = procmig::restore::restore_image(&a.image, &opts)
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;

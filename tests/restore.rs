@@ -613,3 +613,56 @@ fn a_failed_restore_resumes_the_source() {
         .collect();
     assert_eq!(same, vec![pid], "one copy of the program runs");
 }
+
+#[test]
+fn same_pid_when_free_and_a_clear_error_when_not() {
+    if !can_restore("--same-pid") {
+        return;
+    }
+    let dir = TempDir::new("restore-samepid");
+    let Some(prog) = compile("threads_checksum.c", &dir) else {
+        return;
+    };
+    let log = dir.join("log.txt");
+    let mut src = spawn_clean(Command::new(&prog).arg(&log));
+    let pid = src.id() as i32;
+    wait_for(10, "first lines", || lines(&log).len() > 8);
+    let tids = |p: i32| -> Vec<i32> {
+        let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{p}/task"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    };
+    let before = tids(pid);
+    assert_eq!(before.len(), 5);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let out = send(pid, &recv, &["--on-complete", "stop"]);
+    assert!(recv.wait().0 && out.status.success());
+    let img = dir.join("img");
+    let restore = || run(&["restore", "--image", img.to_str().unwrap(), "--same-pid"]);
+    // The source still holds its pid: refused, in one line.
+    let r = restore();
+    assert_one_line_error(&r, "pid is in use here");
+    // Once it is gone (and reaped), the restored process has its pid and
+    // its thread ids.
+    let _ = src.kill();
+    let _ = src.wait();
+    let r = restore();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let _restored = Pid(pid);
+    assert!(
+        text(&r.stdout).contains(&format!("restored: pid {pid},")),
+        "{}",
+        text(&r.stdout)
+    );
+    assert_eq!(tids(pid), before);
+    let n = lines(&log).len();
+    wait_for(20, "the restored threads to go on", || {
+        lines(&log).len() > n + 8
+    });
+}

@@ -36,12 +36,16 @@ pub struct RestoreOptions {
     /// Opened for fds 0-2 that led out of the process (terminal, pipe,
     /// socket) on the source.
     pub stdio: std::path::PathBuf,
+    /// Keep the process's pid and thread ids (clone3 set_tid): they must
+    /// be free here. Otherwise the process gets new ones.
+    pub same_pid: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
         RestoreOptions {
             stdio: "/dev/null".into(),
+            same_pid: false,
         }
     }
 }
@@ -78,7 +82,8 @@ struct Builder<'a> {
 /// memory. It is left stopped.
 pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result<Restored, String> {
     check_files(st)?;
-    let mut c = Child::spawn()?;
+    let mut c = Child::spawn(opts.same_pid.then_some(st.pid))
+        .map_err(|e| format!("creating process {}: {e}", st.pid))?;
     let code = free_range(st, c.pid, CODE_PAGES * 4096)?;
     c.map_code(code, CODE_PAGES * 4096)
         .map_err(|e| format!("preparing the new process: {e}"))?;
@@ -102,7 +107,7 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
     b.mm()?;
     b.fds(opts)?;
     b.process_wide()?;
-    b.threads()?;
+    b.threads(opts.same_pid)?;
     b.finish()?;
     Ok(Restored {
         child: b.c,
@@ -354,29 +359,92 @@ impl Builder<'_> {
                 m.start, m.end, m.name
             ));
         };
-        let _ = re;
         let base = m.start - rs;
         let end = base + m.len();
+        if re - rs > 0 && file.metadata().map_or(0, |md| md.len()) < end {
+            return Err(format!("the image's data for {} is short", m.name));
+        }
+        // SAFETY: the image file is not changed while it is restored from;
+        // the mapping is only read.
+        let map =
+            unsafe { memmap2::Mmap::map(file) }.map_err(|e| format!("mapping the image: {e}"))?;
         let whole = matches!(m.backing, Backing::File(_)) && !m.shared();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut off = base;
-        while off < end {
-            let (s, e) = if whole {
-                (off, end)
+        if whole {
+            return self.copy_run(rs + base, &map[base as usize..end as usize]);
+        }
+        // Pages in the page cache were written (the receiver just wrote
+        // them, or they were read before): copy them without asking the
+        // filesystem, whose SEEK_DATA is slow on freshly written
+        // (delayed-allocation) files. Elsewhere, only its data extents.
+        let ps = 4096u64;
+        let resident = resident_pages(&map[base as usize..end as usize]);
+        let mut p = 0usize;
+        while p < resident.len() {
+            let r = resident[p];
+            let q = (p..resident.len())
+                .find(|&i| resident[i] != r)
+                .unwrap_or(resident.len());
+            let (s0, e0) = (base + p as u64 * ps, (base + q as u64 * ps).min(end));
+            if r {
+                self.copy_run(rs + s0, &map[s0 as usize..e0 as usize])?;
             } else {
-                match data_extent(file, off, end).map_err(|e| format!("reading the image: {e}"))? {
-                    Some((s, e)) => (s.max(off), e.min(end)),
-                    None => break,
+                let mut off = s0;
+                while off < e0 {
+                    match data_extent(file, off, e0)
+                        .map_err(|e| format!("reading the image: {e}"))?
+                    {
+                        Some((s, e)) => {
+                            let (s, e) = (s.max(off), e.min(e0));
+                            if s < e {
+                                self.copy_run(rs + s, &map[s as usize..e as usize])?;
+                            }
+                            off = e.max(off + 1);
+                        }
+                        None => break,
+                    }
                 }
-            };
-            let mut at = s;
-            while at < e {
-                let n = (buf.len() as u64).min(e - at) as usize;
-                read_at(file, &mut buf[..n], at)?;
-                self.c.write(rs + at, &buf[..n])?;
-                at += n as u64;
             }
-            off = e.max(off + 1);
+            p = q;
+        }
+        Ok(())
+    }
+
+    /// Copy a run: both sides populated in one go first (one call instead
+    /// of a fault per page), then copied.
+    fn copy_run(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+        const MADV_POPULATE_READ: i32 = 22;
+        const MADV_POPULATE_WRITE: u64 = 23;
+        if bytes.len() >= 64 << 12 {
+            let pid = self.c.pid;
+            let _ = self.c.call_raw(
+                pid,
+                libc::SYS_madvise,
+                [addr, bytes.len() as u64, MADV_POPULATE_WRITE, 0, 0, 0],
+            );
+            let start = bytes.as_ptr() as usize & !4095;
+            let len = bytes.as_ptr() as usize + bytes.len() - start;
+            // SAFETY: advice over our own read-only mapping of the image.
+            unsafe { libc::madvise(start as *mut libc::c_void, len, MADV_POPULATE_READ) };
+        }
+        self.copy_in(addr, bytes)
+    }
+
+    /// Copy `bytes` to `addr` in the child: process_vm_writev (one copy,
+    /// the mapping is writable), else through /proc/PID/mem.
+    fn copy_in(&self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+        use nix::sys::uio::{process_vm_writev, RemoteIoVec};
+        const CHUNK: usize = 64 << 20;
+        let pid = nix::unistd::Pid::from_raw(self.c.pid);
+        for (i, part) in bytes.chunks(CHUNK).enumerate() {
+            let at = addr + (i * CHUNK) as u64;
+            let remote = [RemoteIoVec {
+                base: at as usize,
+                len: part.len(),
+            }];
+            match process_vm_writev(pid, &[std::io::IoSlice::new(part)], &remote) {
+                Ok(n) if n == part.len() => {}
+                _ => self.c.write(at, part)?,
+            }
         }
         Ok(())
     }
@@ -750,10 +818,11 @@ impl Builder<'_> {
 
     /// Create the other threads, then give each its per-thread kernel
     /// state.
-    fn threads(&mut self) -> Result<(), String> {
+    fn threads(&mut self, same_ids: bool) -> Result<(), String> {
         let st = self.st;
-        for _ in 1..st.threads.len() {
-            self.c.clone_thread()?;
+        for t in &st.threads[1..] {
+            let scratch = self.scratch;
+            self.c.clone_thread(same_ids.then_some(t.tid), scratch)?;
         }
         let tids = self.c.threads.clone();
         for (t, tid) in st.threads.iter().zip(&tids) {
@@ -856,10 +925,18 @@ fn is_kernel_name(n: &str) -> bool {
     n.starts_with("[vdso") || n.starts_with("[vvar")
 }
 
-fn read_at(file: &File, buf: &mut [u8], at: u64) -> Result<(), String> {
-    use std::os::unix::fs::FileExt;
-    file.read_exact_at(buf, at)
-        .map_err(|e| format!("reading the image at {at}: {e}"))
+/// Which pages of a file mapping are in the page cache (mincore).
+fn resident_pages(map: &[u8]) -> Vec<bool> {
+    let pages = map.len().div_ceil(4096);
+    let mut v = vec![0u8; pages];
+    let start = map.as_ptr() as usize & !4095;
+    let len = map.as_ptr() as usize + map.len() - start;
+    // SAFETY: mincore writes one byte per page of the range into `v`.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, len, v.as_mut_ptr()) };
+    if r < 0 {
+        return vec![false; pages];
+    }
+    v.iter().map(|b| b & 1 != 0).collect()
 }
 
 fn write_all(fd: i32, mut data: &[u8]) -> Result<(), String> {

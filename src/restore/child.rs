@@ -17,6 +17,32 @@ use nix::unistd::Pid;
 
 use super::sys;
 
+/// struct clone_args (clone3, size version 2) asking for one pid: `tid`.
+fn clone_args(flags: u64, exit_signal: u64, tid: &[i32; 1]) -> [u64; 11] {
+    let mut a = [0u64; 11];
+    a[0] = flags;
+    a[4] = exit_signal;
+    a[8] = tid.as_ptr() as u64;
+    a[9] = 1;
+    a
+}
+
+/// The child side of [`Child::spawn`]: die with the restorer, be traced
+/// by it, stop. Its registers are replaced before it runs again. Only
+/// raw system calls: after a clone3 no library state may be trusted.
+fn stop_here() -> ! {
+    // SAFETY: plain system calls with integer arguments.
+    unsafe {
+        libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0);
+        let me = libc::syscall(libc::SYS_getpid);
+        libc::syscall(libc::SYS_kill, me, libc::SIGSTOP);
+        loop {
+            libc::syscall(libc::SYS_pause);
+        }
+    }
+}
+
 /// `syscall` (0f 05) then `int3` (cc).
 const CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
 
@@ -38,26 +64,37 @@ fn perr(op: &str) -> impl Fn(nix::errno::Errno) -> String + '_ {
 }
 
 impl Child {
-    /// Fork a child that stops itself under our ptrace.
-    pub fn spawn() -> Result<Child, String> {
-        // SAFETY: after fork the child calls only async-signal-safe
-        // functions (prctl, ptrace, raise, pause) and never returns into
-        // Rust code on its own: its registers are replaced before it runs.
-        let pid = unsafe { libc::fork() };
+    /// Fork a child that stops itself under our ptrace; with `pid`, the
+    /// child gets that pid (clone3 set_tid) or this fails.
+    pub fn spawn(pid: Option<i32>) -> Result<Child, String> {
+        let pid = match pid {
+            None => {
+                // SAFETY: fork has no preconditions; the child runs
+                // `stop_here` only.
+                unsafe { libc::fork() as i64 }
+            }
+            Some(want) => {
+                let tid = [want];
+                let args = clone_args(0, libc::SIGCHLD as u64, &tid);
+                // SAFETY: clone3 without CLONE_VM is a fork; the child runs
+                // `stop_here` only.
+                unsafe { libc::syscall(libc::SYS_clone3, args.as_ptr(), args.len() * 8) }
+            }
+        };
         if pid < 0 {
-            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EEXIST) => "its pid is in use here (--same-pid needs it free)".into(),
+                Some(libc::EPERM) => {
+                    "choosing the pid needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN".into()
+                }
+                _ => format!("fork: {e}"),
+            });
         }
         if pid == 0 {
-            // SAFETY: see above.
-            unsafe {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0);
-                libc::raise(libc::SIGSTOP);
-                loop {
-                    libc::pause();
-                }
-            }
+            stop_here();
         }
+        let pid = pid as i32;
         let p = Pid::from_raw(pid);
         let kill = || {
             let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
@@ -193,7 +230,9 @@ impl Child {
     }
 
     /// Create a thread (it starts stopped, auto-attached); returns its id.
-    pub fn clone_thread(&mut self) -> Result<i32, String> {
+    /// With `want`, it gets that thread id (clone3 set_tid); `scratch` is
+    /// where the clone3 arguments are put in the child.
+    pub fn clone_thread(&mut self, want: Option<i32>, scratch: u64) -> Result<i32, String> {
         let flags = (libc::CLONE_VM
             | libc::CLONE_FS
             | libc::CLONE_FILES
@@ -201,7 +240,18 @@ impl Child {
             | libc::CLONE_THREAD
             | libc::CLONE_SYSVSEM) as u64;
         let before = self.threads.len();
-        let tid = self.call(self.pid, libc::SYS_clone, [flags, 0, 0, 0, 0, 0])? as i32;
+        let tid = match want {
+            None => self.call(self.pid, libc::SYS_clone, [flags, 0, 0, 0, 0, 0])?,
+            Some(t) => {
+                let mut a = clone_args(flags, 0, &[0]);
+                a[8] = scratch + 8 * 11;
+                let mut b: Vec<u8> = a.iter().flat_map(|w| w.to_le_bytes()).collect();
+                b.extend_from_slice(&t.to_le_bytes());
+                self.write(scratch, &b)?;
+                self.call(self.pid, libc::SYS_clone3, [scratch, 88, 0, 0, 0, 0])
+                    .map_err(|e| format!("thread id {t}: {e}"))?
+            }
+        } as i32;
         if self.threads.len() == before {
             self.threads.push(tid);
         }
