@@ -367,12 +367,14 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
     let built = t.elapsed();
     let notes = r.notes.clone();
+    let copy = r.copy_time;
     let pid = r
         .start()
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
     println!(
-        "restored: pid {pid}, running (built in {:.1} ms)",
-        built.as_secs_f64() * 1000.0
+        "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory)",
+        built.as_secs_f64() * 1000.0,
+        copy.as_secs_f64() * 1000.0
     );
     for n in notes {
         println!("restore note: {n}");

@@ -358,6 +358,9 @@ pub struct RecvReport {
     /// From every page applied to the restored process built (stopped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<f64>,
+    /// Of restore_ms, copying memory into the process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_copy_ms: Option<f64>,
     /// What restore changed on the way (stdio, sockets), one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restore_notes: Vec<String>,
@@ -371,8 +374,9 @@ impl fmt::Display for RecvReport {
         if let Some(pid) = self.restored_pid {
             writeln!(
                 f,
-                "restored: pid {pid}, running (built in {:.1} ms)",
-                self.restore_ms.unwrap_or(0.0)
+                "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory)",
+                self.restore_ms.unwrap_or(0.0),
+                self.restore_copy_ms.unwrap_or(0.0)
             )?;
             for n in &self.restore_notes {
                 writeln!(f, "restore note: {n}")?;

@@ -79,6 +79,7 @@ impl From<Summary<'_>> for RecvReport {
             cpu_seconds: s.cpu.as_secs_f64(),
             restored_pid: None,
             restore_ms: None,
+            restore_copy_ms: None,
             restore_notes: Vec::new(),
         }
     }

@@ -190,6 +190,7 @@ pub struct Session<'a> {
     /// (killed) on any failure before that.
     restored: Option<Restored>,
     restore_time: Option<Duration>,
+    restore_copy: Option<Duration>,
 }
 
 impl<'a> Session<'a> {
@@ -222,6 +223,7 @@ impl<'a> Session<'a> {
             state: None,
             restored: None,
             restore_time: None,
+            restore_copy: None,
         }
     }
 
@@ -571,6 +573,7 @@ impl<'a> Session<'a> {
                 .collect(),
         };
         let r = crate::restore::restore(st, &mem, opts).map_err(Stop::Restore)?;
+        self.restore_copy = Some(r.copy_time);
         self.restored = Some(r);
         self.restore_time = Some(t.elapsed());
         Ok(())
@@ -634,6 +637,7 @@ impl<'a> Session<'a> {
         });
         report.restored_pid = restored_pid;
         report.restore_ms = self.restore_time.map(|d| d.as_secs_f64() * 1000.0);
+        report.restore_copy_ms = self.restore_copy.map(|d| d.as_secs_f64() * 1000.0);
         report.restore_notes = notes;
         Ok(State::Committed(Box::new(report)))
     }

@@ -54,6 +54,9 @@ impl Default for RestoreOptions {
 pub struct Restored {
     child: Child,
     pub notes: Vec<String>,
+    /// Time spent copying memory into it (the rest of a restore is fixed
+    /// cost).
+    pub copy_time: std::time::Duration,
 }
 
 impl Restored {
@@ -73,6 +76,7 @@ struct Builder<'a> {
     code: u64,
     scratch: u64,
     notes: Vec<String>,
+    copy_time: std::time::Duration,
     /// Descriptors are parked at or above this (past every number the
     /// process uses) before they are moved to their numbers.
     park_at: u64,
@@ -93,6 +97,7 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
         code,
         scratch: code + 4096,
         notes: Vec::new(),
+        copy_time: std::time::Duration::ZERO,
         park_at: st
             .fds
             .iter()
@@ -112,6 +117,7 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
     Ok(Restored {
         child: b.c,
         notes: b.notes,
+        copy_time: b.copy_time,
     })
 }
 
@@ -335,12 +341,16 @@ impl Builder<'_> {
                 }
             }
             if m.migrated {
+                let t = std::time::Instant::now();
                 self.fill(m, mem)?;
+                self.copy_time += t.elapsed();
             }
         }
+        let t = std::time::Instant::now();
         for p in &st.extra_pages {
             self.c.write(p.addr, &p.data)?;
         }
+        self.copy_time += t.elapsed();
         Ok(())
     }
 
