@@ -140,6 +140,15 @@ impl Read for Reader {
                 ));
             }
             self.tcp.set_read_timeout(Some(left))?;
+            return match self.tcp.read(buf) {
+                // The socket timeout that ran out was set to the time
+                // left: the deadline passed.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not send a whole frame in time",
+                )),
+                r => r,
+            };
         }
         self.tcp.read(buf)
     }
