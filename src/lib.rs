@@ -14,4 +14,5 @@ pub mod restore;
 pub mod source;
 pub mod stats;
 pub mod units;
+pub mod userfault;
 pub mod verify;

@@ -124,6 +124,9 @@ struct SendArgs {
     /// Longest wait for the receiver's answers; a link silent this long is dead (TCP keepalive, TCP_USER_TIMEOUT).
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Switch to post-copy after the bulk copy and N pre-copy rounds, or `auto` when pre-copy stops converging; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
+    #[arg(long, value_name = "N|auto")]
+    postcopy_after: Option<source::PostcopyAfter>,
 }
 
 #[derive(Args)]
@@ -246,6 +249,7 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.auto_converge = a.auto_converge;
     cfg.force_downtime = a.force_downtime;
     cfg.timeout = a.timeout;
+    cfg.postcopy_after = a.postcopy_after;
     cfg.throttle = ThrottleParams {
         trigger_threshold: a.throttle_trigger_threshold,
         initial: a.cpu_throttle_initial,
@@ -261,7 +265,11 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
             if a.json {
                 println!("{}", json(&handle.failure(cfg.pid, &e)));
             }
-            if matches!(e, source::SendError::HandoverInDoubt { .. }) {
+            if matches!(
+                e,
+                source::SendError::HandoverInDoubt { .. }
+                    | source::SendError::PostcopyBroken { .. }
+            ) {
                 eprintln!("procmig: error: {e}");
                 return Ok(ExitCode::from(EXIT_IN_DOUBT));
             }

@@ -179,9 +179,101 @@ pub struct SendReport {
     pub rounds: Vec<RoundReport>,
     /// The process state for restore: sent, or why not.
     pub process_state: String,
+    /// Post-copy, when the migration ended with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopySent>,
     /// The pid of the process restored on the destination, running.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restored_pid: Option<u32>,
+}
+
+/// Post-copy, as the source saw it.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct PostcopySent {
+    /// Pages sent after the switch.
+    pub pages: u64,
+    /// Page requests received (faults on the destination).
+    pub requests: u64,
+    pub requested_pages: u64,
+    /// Bytes put on the wire after the switch.
+    pub bytes: u64,
+}
+
+/// Post-copy, as the destination saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyReport {
+    /// Pages the source sent after the switch (faulted and background).
+    pub pages: u64,
+    /// Faults that had to ask the source (QEMU: postcopy-requests).
+    pub requested: u64,
+    /// Faults on pages that were not missing, given the zero page here.
+    pub zero_filled: u64,
+    /// From a request to its page in place, microseconds.
+    pub latency_us: Latency,
+    /// 2^N microsecond buckets: `latency_histogram[n]` counts requests
+    /// that took [2^n, 2^(n+1)) us (QEMU 10.1: postcopy-latency-dist).
+    pub latency_histogram: Vec<u64>,
+    /// Sum of the time faulting threads waited on the source (QEMU:
+    /// postcopy-blocktime, here per request).
+    pub blocked_ms: f64,
+    /// From the process starting to the last page in place.
+    pub to_last_page_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub median: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+impl PostcopyReport {
+    pub fn new(pages: u64, mut us: Vec<u64>, zero_filled: u64, took: Duration) -> PostcopyReport {
+        us.sort_unstable();
+        let at = |q: f64| {
+            us.get(((us.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut hist = Vec::new();
+        for &v in &us {
+            let b = (64 - v.max(1).leading_zeros() - 1) as usize;
+            if hist.len() <= b {
+                hist.resize(b + 1, 0);
+            }
+            hist[b] += 1;
+        }
+        PostcopyReport {
+            pages,
+            requested: us.len() as u64,
+            zero_filled,
+            latency_us: Latency {
+                median: at(0.5),
+                p99: at(0.99),
+                max: us.last().copied().unwrap_or(0),
+            },
+            latency_histogram: hist,
+            blocked_ms: us.iter().sum::<u64>() as f64 / 1000.0,
+            to_last_page_ms: took.as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+impl fmt::Display for PostcopyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "postcopy: {} pages, {} requested (latency median {} us, p99 {} us, max {} us), {} zero-filled here, blocked {:.1} ms, last page after {:.0} ms",
+            self.pages,
+            self.requested,
+            self.latency_us.median,
+            self.latency_us.p99,
+            self.latency_us.max,
+            self.zero_filled,
+            self.blocked_ms,
+            self.to_last_page_ms
+        )
+    }
 }
 
 /// The source's report when a migration fails or is cancelled: what was
@@ -292,6 +384,15 @@ impl fmt::Display for SendReport {
         )?;
         writeln!(f, "dest commit: {:.0} ms", self.dest_commit_ms)?;
         writeln!(f, "process state: {}", self.process_state)?;
+        if let Some(p) = &self.postcopy {
+            writeln!(
+                f,
+                "postcopy: {} pages ({} kbytes) after the switch, {} page requests served",
+                p.pages,
+                p.bytes / 1024,
+                p.requests
+            )?;
+        }
         if let Some(p) = self.restored_pid {
             writeln!(f, "restored on the destination: pid {p}, running")?;
         }
@@ -364,6 +465,9 @@ pub struct RecvReport {
     /// What restore changed on the way (stdio, sockets), one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restore_notes: Vec<String>,
+    /// Post-copy, when the migration ended with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<PostcopyReport>,
 }
 
 impl fmt::Display for RecvReport {
@@ -380,6 +484,9 @@ impl fmt::Display for RecvReport {
             )?;
             for n in &self.restore_notes {
                 writeln!(f, "restore note: {n}")?;
+            }
+            if let Some(p) = &self.postcopy {
+                write!(f, "{p}")?;
             }
         }
         writeln!(f, "total time: {:.0} ms", self.total_time_ms)?;

@@ -80,6 +80,7 @@ impl From<Summary<'_>> for RecvReport {
             restored_pid: None,
             restore_ms: None,
             restore_copy_ms: None,
+            postcopy: None,
             restore_notes: Vec::new(),
         }
     }

@@ -191,6 +191,10 @@ pub struct Session<'a> {
     restored: Option<Restored>,
     restore_time: Option<Duration>,
     restore_copy: Option<Duration>,
+    /// Post-copy: source address ranges the restored process lacks.
+    discards: Vec<(u64, u64)>,
+    /// The restored process once it runs: killed if post-copy breaks.
+    running: Option<i32>,
 }
 
 impl<'a> Session<'a> {
@@ -224,6 +228,8 @@ impl<'a> Session<'a> {
             restored: None,
             restore_time: None,
             restore_copy: None,
+            discards: Vec::new(),
+            running: None,
         }
     }
 
@@ -234,6 +240,12 @@ impl<'a> Session<'a> {
             Ok(report) => return Ok(report),
             Err(stop) => stop,
         };
+        // Post-copy broke: the restored process lacks memory the source
+        // still holds; it cannot go on, and the source can be resumed.
+        if let Some(pid) = self.running.take() {
+            // SAFETY: plain kill of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
         // Stop the workers before the mappings go; the first error wins.
         let _ = self.stop_workers();
         let Session {
@@ -325,7 +337,7 @@ impl<'a> Session<'a> {
                     "the source speaks protocol version {version}, which carries no process state"
                 )));
             }
-            capabilities |= protocol::CAP_RESTORE;
+            capabilities |= protocol::CAP_RESTORE | protocol::CAP_POSTCOPY;
         }
         self.send(&Control::Welcome(Welcome {
             version,
@@ -385,6 +397,10 @@ impl<'a> Session<'a> {
             Control::End(totals) => self.on_end(round, totals),
             Control::State(bytes) if self.source.version >= protocol::STATE_VERSION => {
                 self.on_state(bytes)?;
+                Ok(State::InRound { round, started })
+            }
+            Control::Discard { region, runs } if self.cfg.restore.is_some() => {
+                self.on_discard(region, &runs)?;
                 Ok(State::InRound { round, started })
             }
             Control::Error { message, .. } => Err(Stop::Aborted(message)),
@@ -546,6 +562,36 @@ impl<'a> Session<'a> {
         self.commit(rounds, transfer)
     }
 
+    /// Post-copy: these pages stay missing in the restored process.
+    fn on_discard(&mut self, region: u32, runs: &[Run]) -> Result<(), Stop> {
+        let ps = self.source.page_size;
+        let rf = self
+            .regions
+            .files
+            .get(region as usize)
+            .ok_or(StreamError::NoSuchRegion {
+                region,
+                regions: self.regions.files.len(),
+            })?;
+        for r in runs {
+            if r.first
+                .checked_add(r.count as u64)
+                .is_none_or(|e| e > rf.pages)
+            {
+                return Err(StreamError::RegionOutOfRange {
+                    region,
+                    first: r.first,
+                    count: r.count,
+                    pages: rf.pages,
+                }
+                .into());
+            }
+            let s = rf.entry.start + r.first * ps;
+            self.discards.push((s, s + r.count as u64 * ps));
+        }
+        Ok(())
+    }
+
     fn on_state(&mut self, bytes: Vec<u8>) -> Result<(), Stop> {
         if self.state.is_some() {
             return Err(StreamError::State("a second State frame".into()).into());
@@ -572,7 +618,8 @@ impl<'a> Session<'a> {
                 .map(|f| (f.entry.start, f.entry.end, Staging::region_data(f)))
                 .collect(),
         };
-        let r = crate::restore::restore(st, &mem, opts).map_err(Stop::Restore)?;
+        let missing = (!self.discards.is_empty()).then_some(&self.discards[..]);
+        let r = crate::restore::restore(st, &mem, opts, missing).map_err(Stop::Restore)?;
         self.restore_copy = Some(r.copy_time);
         self.restored = Some(r);
         self.restore_time = Some(t.elapsed());
@@ -585,9 +632,35 @@ impl<'a> Session<'a> {
         // happens to the image.
         let mut restored_pid = None;
         let mut notes = Vec::new();
-        if let Some(r) = self.restored.take() {
+        let mut postcopy = None;
+        if let Some(mut r) = self.restored.take() {
             notes = r.notes.clone();
-            restored_pid = Some(r.start().map_err(Stop::Restore)?);
+            let uffd = r.uffd.take();
+            let pid = r.start().map_err(Stop::Restore)?;
+            restored_pid = Some(pid);
+            if let Some(uffd) = uffd {
+                self.running = Some(pid);
+                let writer = self
+                    .writer
+                    .try_clone()
+                    .map_err(|e| Stop::Restore(format!("post-copy: {e}")))?;
+                let report = super::postcopy::run(
+                    &mut self.reader,
+                    writer,
+                    uffd,
+                    &self.regions,
+                    &self.discards,
+                    self.cfg.timeout,
+                    self.cancel,
+                )
+                .map_err(|e| {
+                    Stop::Restore(format!(
+                        "post-copy broke: {e}; the restored process {pid} was killed (the source holds the whole process, stopped)"
+                    ))
+                })?;
+                self.running = None;
+                postcopy = Some(report);
+            }
         }
         let regions = self.take_regions()?;
         let total: u64 = regions.files.iter().map(|f| f.len()).sum();
@@ -639,6 +712,7 @@ impl<'a> Session<'a> {
         report.restore_ms = self.restore_time.map(|d| d.as_secs_f64() * 1000.0);
         report.restore_copy_ms = self.restore_copy.map(|d| d.as_secs_f64() * 1000.0);
         report.restore_notes = notes;
+        report.postcopy = postcopy;
         Ok(State::Committed(Box::new(report)))
     }
 

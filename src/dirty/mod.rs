@@ -20,7 +20,7 @@
 mod compare;
 pub mod probe;
 mod soft_dirty;
-mod uffd;
+pub(crate) mod uffd;
 
 use crate::process::{Attachment, ProcessError, Region};
 use crate::protocol::Run;

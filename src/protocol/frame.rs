@@ -25,6 +25,14 @@ pub enum Kind {
     Commit = 12,
     /// Version 3: the process state restore needs (JSON), before End.
     State = 13,
+    /// Version 3, post-copy: pages of a region the destination must not
+    /// take from the image; the restored process gets them on demand.
+    Discard = 14,
+    /// Version 3, post-copy, destination to source: send these pages now
+    /// (the restored process is waiting on them).
+    PageRequest = 15,
+    /// Version 3, post-copy: every missing page was sent.
+    PostcopyDone = 16,
 }
 
 impl Kind {
@@ -43,6 +51,9 @@ impl Kind {
             11 => Kind::RoundApplied,
             12 => Kind::Commit,
             13 => Kind::State,
+            14 => Kind::Discard,
+            15 => Kind::PageRequest,
+            16 => Kind::PostcopyDone,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -57,7 +68,10 @@ impl Kind {
             | Kind::Ack
             | Kind::Applied
             | Kind::RoundApplied
-            | Kind::Commit => 4096,
+            | Kind::Commit
+            | Kind::PageRequest
+            | Kind::PostcopyDone => 4096,
+            Kind::Discard => 12 + MAX_ZERO_RUNS * RUN_LEN as u32,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::State => crate::restore::state::MAX_STATE as u32,
             Kind::Regions => 4 + MAX_REGIONS * (8 + 8 + 4 + 2 + MAX_NAME as u32),
@@ -97,6 +111,10 @@ pub const CAP_LZ4: u64 = 1 << 2;
 /// Welcome only: the receiver restores the process (`recv --restore`), so
 /// the source checks it can be restored before stopping anything.
 pub const CAP_RESTORE: u64 = 1 << 3;
+/// Welcome only: the receiver restores and can finish by post-copy.
+pub const CAP_POSTCOPY: u64 = 1 << 4;
+/// The round number of pages sent after the handover (post-copy).
+pub const POSTCOPY_ROUND: u32 = u32::MAX;
 /// What this build supports.
 pub const CAPABILITIES: u64 = CAP_ZLIB | CAP_ZSTD | CAP_LZ4;
 
@@ -220,6 +238,21 @@ pub enum Control {
     End(Totals),
     /// The process state (JSON of `restore::ProcessState`), version 3.
     State(Vec<u8>),
+    /// Post-copy: these pages of `region` are missing at the destination.
+    Discard {
+        region: u32,
+        runs: Vec<Run>,
+    },
+    /// Post-copy: the destination needs `pages` pages at `addr` (a source
+    /// address) now.
+    PageRequest {
+        addr: u64,
+        pages: u32,
+    },
+    /// Post-copy: all missing pages were sent (`pages` of them).
+    PostcopyDone {
+        pages: u64,
+    },
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
     Applied,
@@ -313,6 +346,16 @@ impl Control {
             Control::State(b) => {
                 p.bytes(b);
             }
+            Control::Discard { region, runs } => {
+                p.u32(*region).u32(runs.len() as u32);
+                put_runs(&mut p, runs);
+            }
+            Control::PageRequest { addr, pages } => {
+                p.u64(*addr).u32(*pages);
+            }
+            Control::PostcopyDone { pages } => {
+                p.u64(*pages);
+            }
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
                     .u64(a.zero_pages)
@@ -339,6 +382,9 @@ impl Control {
             Control::RoundApplied(_) => Kind::RoundApplied,
             Control::Commit => Kind::Commit,
             Control::State(_) => Kind::State,
+            Control::Discard { .. } => Kind::Discard,
+            Control::PageRequest { .. } => Kind::PageRequest,
+            Control::PostcopyDone { .. } => Kind::PostcopyDone,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -416,6 +462,24 @@ impl Control {
             Kind::Applied => Control::Applied,
             Kind::Commit => Control::Commit,
             Kind::State => Control::State(g.rest().to_vec()),
+            Kind::Discard => {
+                let region = g.u32()?;
+                let n = g.u32()?;
+                if n == 0 || n > MAX_ZERO_RUNS {
+                    return Err(DecodeError::TooLong {
+                        what: "discard run count",
+                        len: n as u64,
+                        max: MAX_ZERO_RUNS as u64,
+                    });
+                }
+                let runs = get_runs(&mut g, n)?;
+                Control::Discard { region, runs }
+            }
+            Kind::PageRequest => Control::PageRequest {
+                addr: g.u64()?,
+                pages: g.u32()?,
+            },
+            Kind::PostcopyDone => Control::PostcopyDone { pages: g.u64()? },
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -751,6 +815,15 @@ mod tests {
             restored_pid: 4242,
         }));
         roundtrip(Control::State(b"{\"version\":1}".to_vec()));
+        roundtrip(Control::Discard {
+            region: 3,
+            runs: vec![Run { first: 5, count: 2 }],
+        });
+        roundtrip(Control::PageRequest {
+            addr: 0x7f00_0000_1000,
+            pages: 8,
+        });
+        roundtrip(Control::PostcopyDone { pages: 99 });
         roundtrip(Control::Error {
             code: error_code::FAILED,
             message: "disk full".into(),

@@ -112,6 +112,16 @@ pub struct Reader {
 }
 
 impl Reader {
+    /// Another read half on the same connection (for a thread that reads
+    /// while this one is not used).
+    pub fn try_clone(&self) -> io::Result<Reader> {
+        Ok(Reader {
+            tcp: self.tcp.try_clone()?,
+            deadline: None,
+            timeout: self.timeout,
+        })
+    }
+
     /// Reads fail with `TimedOut` once `deadline` has passed, however
     /// the bytes trickle in (`None`: only the per-read timeout counts).
     pub fn set_deadline(&mut self, deadline: Option<Instant>) {
@@ -182,6 +192,26 @@ impl Writer {
     /// Longest a single write may block (`None`: no limit).
     pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.tcp.set_write_timeout(t)
+    }
+
+    /// Another write half on the same connection (for a thread that
+    /// writes while this one is not used).
+    pub fn try_clone(&self) -> io::Result<Writer> {
+        Ok(Writer {
+            tcp: self.tcp.try_clone()?,
+        })
+    }
+
+    /// Cap the kernel's send buffer: what is queued there delays a frame
+    /// written after it (post-copy answers to page faults).
+    pub fn set_send_buffer(&self, bytes: i32) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        setsockopt(
+            self.tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            bytes,
+        )
     }
 }
 

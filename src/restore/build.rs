@@ -57,6 +57,9 @@ pub struct Restored {
     /// Time spent copying memory into it (the rest of a restore is fixed
     /// cost).
     pub copy_time: std::time::Duration,
+    /// Post-copy: a userfaultfd of the process, its private anonymous
+    /// memory registered for missing pages (the missing ones dropped).
+    pub uffd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Restored {
@@ -77,14 +80,22 @@ struct Builder<'a> {
     scratch: u64,
     notes: Vec<String>,
     copy_time: std::time::Duration,
+    /// Post-copy: address ranges not to fill (sorted, disjoint).
+    skip: Vec<(u64, u64)>,
     /// Descriptors are parked at or above this (past every number the
     /// process uses) before they are moved to their numbers.
     park_at: u64,
 }
 
 /// Rebuild the process `st` describes, with `mem` holding its migrated
-/// memory. It is left stopped.
-pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result<Restored, String> {
+/// memory. It is left stopped. With `missing` (post-copy), those address
+/// ranges are left unpopulated and a userfaultfd is made for them.
+pub fn restore(
+    st: &ProcessState,
+    mem: &Memory,
+    opts: &RestoreOptions,
+    missing: Option<&[(u64, u64)]>,
+) -> Result<Restored, String> {
     check_files(st)?;
     let mut c = Child::spawn(opts.same_pid.then_some(st.pid))
         .map_err(|e| format!("creating process {}: {e}", st.pid))?;
@@ -98,6 +109,7 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
         scratch: code + 4096,
         notes: Vec::new(),
         copy_time: std::time::Duration::ZERO,
+        skip: missing.map(merged).unwrap_or_default(),
         park_at: st
             .fds
             .iter()
@@ -109,6 +121,10 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
     b.clean()?;
     b.kernel_mappings()?;
     b.mappings(mem)?;
+    let uffd = match missing {
+        Some(_) => Some(b.userfaultfd()?),
+        None => None,
+    };
     b.mm()?;
     b.fds(opts)?;
     b.process_wide()?;
@@ -118,6 +134,7 @@ pub fn restore(st: &ProcessState, mem: &Memory, opts: &RestoreOptions) -> Result
         child: b.c,
         notes: b.notes,
         copy_time: b.copy_time,
+        uffd,
     })
 }
 
@@ -354,6 +371,33 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// Post-copy (the missing pages were not filled): create a
+    /// userfaultfd in the process, take it here, and register every
+    /// migrated private anonymous mapping for missing pages. The uffd is
+    /// made inside the process (injected) so that it belongs to its memory;
+    /// procmig holds the only descriptor.
+    fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, String> {
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = self.call(libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0], "userfaultfd")?;
+        let ours = crate::process::take_remote_fd(self.c.pid, fd as i32);
+        self.call(libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0], "close")?;
+        let ours = ours.map_err(|e| e.to_string())?;
+        use std::os::fd::AsRawFd;
+        let raw = ours.as_raw_fd();
+        crate::userfault::enable_missing(raw).map_err(|e| format!("userfaultfd: {e}"))?;
+        for m in &self.st.mappings {
+            if m.migrated && m.backing == Backing::Anon && !m.shared() {
+                crate::userfault::register_missing(raw, m.start, m.len()).map_err(|e| {
+                    format!(
+                        "registering {:#x}-{:#x} for missing pages: {e}",
+                        m.start, m.end
+                    )
+                })?;
+            }
+        }
+        Ok(ours)
+    }
+
     /// Copy a migrated mapping's contents from the image. Anonymous memory
     /// starts zero, so only data extents are copied; a private file
     /// mapping is copied whole (its zero pages are holes in the image but
@@ -422,6 +466,32 @@ impl Builder<'_> {
     /// Copy a run: both sides populated in one go first (one call instead
     /// of a fault per page), then copied.
     fn copy_run(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
+        // Post-copy: leave the missing pages out.
+        let end = addr + bytes.len() as u64;
+        let first = self.skip.partition_point(|&(_, e)| e <= addr);
+        if self.skip.get(first).is_some_and(|&(s, _)| s < end) {
+            let mut at = addr;
+            let holes: Vec<(u64, u64)> = self.skip[first..]
+                .iter()
+                .take_while(|&&(s, _)| s < end)
+                .copied()
+                .collect();
+            for (s, e) in holes {
+                if s > at {
+                    let (a, b) = ((at - addr) as usize, (s - addr) as usize);
+                    self.copy_unskipped(at, &bytes[a..b])?;
+                }
+                at = at.max(e);
+            }
+            if at < end {
+                self.copy_unskipped(at, &bytes[(at - addr) as usize..])?;
+            }
+            return Ok(());
+        }
+        self.copy_unskipped(addr, bytes)
+    }
+
+    fn copy_unskipped(&mut self, addr: u64, bytes: &[u8]) -> Result<(), String> {
         const MADV_POPULATE_READ: i32 = 22;
         const MADV_POPULATE_WRITE: u64 = 23;
         if bytes.len() >= 64 << 12 {
@@ -933,6 +1003,20 @@ impl Builder<'_> {
 
 fn is_kernel_name(n: &str) -> bool {
     n.starts_with("[vdso") || n.starts_with("[vvar")
+}
+
+/// Ranges sorted and merged.
+fn merged(r: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut v = r.to_vec();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 /// Which pages of a file mapping are in the page cache (mincore).

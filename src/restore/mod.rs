@@ -45,5 +45,5 @@ pub fn restore_image(dir: &std::path::Path, opts: &RestoreOptions) -> Result<Res
     let mem = Memory {
         regions: files.iter().map(|(s, e, f)| (*s, *e, f)).collect(),
     };
-    restore(&st, &mem, opts)
+    restore(&st, &mem, opts, None)
 }

@@ -32,6 +32,28 @@ pub enum Mode {
 
 crate::value_enum_text!(Mode, "--mode");
 
+/// `--postcopy-after`: when to switch to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostcopyAfter {
+    /// After the bulk copy and this many pre-copy rounds.
+    Rounds(u32),
+    /// When pre-copy stops converging (the dirty rate outruns the link for
+    /// two rounds, or the planner gives up).
+    Auto,
+}
+
+impl std::str::FromStr for PostcopyAfter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(PostcopyAfter::Auto);
+        }
+        s.parse()
+            .map(PostcopyAfter::Rounds)
+            .map_err(|_| format!("--postcopy-after takes a round count or auto, not {s:?}"))
+    }
+}
+
 /// Everything `procmig send` needs, validated.
 #[derive(Debug, Clone)]
 pub struct SendConfig {
@@ -67,6 +89,8 @@ pub struct SendConfig {
     /// Longest wait for the receiver's answers, and how long a dead link
     /// may go unnoticed (TCP keepalive, TCP_USER_TIMEOUT).
     pub timeout: Duration,
+    /// Switch to post-copy (needs a receiver with `--restore`).
+    pub postcopy_after: Option<PostcopyAfter>,
 }
 
 impl SendConfig {
@@ -91,6 +115,7 @@ impl SendConfig {
             throttle: ThrottleParams::default(),
             force_downtime: false,
             timeout: Duration::from_secs(30),
+            postcopy_after: None,
         }
     }
 }

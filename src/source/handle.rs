@@ -231,7 +231,8 @@ impl MigrationHandle {
             pid,
             failed_in: Status::from_u8(self.shared.failed_in.load(Relaxed)).to_string(),
             process: match error {
-                super::SendError::HandoverInDoubt { .. } => "stopped",
+                super::SendError::HandoverInDoubt { .. }
+                | super::SendError::PostcopyBroken { .. } => "stopped",
                 _ => "resumed",
             }
             .into(),

@@ -11,14 +11,15 @@ use super::batch::Batch;
 use super::converge::{Decision, Limits, PlanInputs, Planner};
 use super::handle::{MigrationHandle, SendProgress, Status};
 use super::pipeline::{PageSource, Pipeline};
+use super::postcopy::{Missing, Served, Server};
 use super::regions::{Carried, RegionState, RoundPlan};
 use super::report::{self, RoundFacts, Snapshot, Summary};
 use super::setup::Link;
 use super::throttle::Throttle;
-use super::{Mode, OnComplete, SendConfig, SendError};
+use super::{Mode, OnComplete, PostcopyAfter, SendConfig, SendError};
 use crate::dirty::{self, DirtyTracker};
 use crate::pages::Run;
-use crate::process::{self, Attachment, Leave, MemReader, Pagemap};
+use crate::process::{self, Attachment, Leave, MemReader, Pagemap, RegionKind};
 use crate::progress::Progress;
 use crate::protocol::{self, error_code, AckInfo, Control};
 use crate::stats::{self, ms, Counters, DowntimeParts, RoundReport, SendReport};
@@ -65,6 +66,17 @@ pub(super) struct Copy {
     state_note: String,
     /// The captured state, sent before End.
     state_bytes: Option<Vec<u8>>,
+    /// Post-copy: switch at the downtime, and what the destination then
+    /// lacks (private anonymous pages, served after the handover).
+    postcopy: bool,
+    missing: Vec<Missing>,
+    served: Option<Served>,
+    /// Rounds in a row in which the process dirtied faster than the link
+    /// carried (`--postcopy-after auto`).
+    outrun: u32,
+    /// Pages the restorer touches before the process runs (each thread's
+    /// rseq area): never left missing in post-copy.
+    restorer_pages: Vec<u64>,
 }
 
 /// How the handover ended.
@@ -162,6 +174,9 @@ impl<'a> Migration<'a> {
         self.handle.set_status(Status::Setup);
         self.att = Some(Attachment::seize(cfg.pid)?);
         let mut link = Link::open(cfg, self.handle, ps)?;
+        if cfg.postcopy_after.is_some() && !link.postcopy {
+            return Err(SendError::PostcopyUnsupported);
+        }
         if link.restore {
             // Before anything is stopped.
             let reasons = crate::restore::check(cfg.pid).map_err(|reason| SendError::Capture {
@@ -236,6 +251,11 @@ impl<'a> Migration<'a> {
             parts: DowntimeParts::default(),
             state_note: "not captured".into(),
             state_bytes: None,
+            postcopy: false,
+            missing: Vec::new(),
+            served: None,
+            outrun: 0,
+            restorer_pages: Vec::new(),
         })
     }
 
@@ -287,6 +307,20 @@ impl<'a> Migration<'a> {
             let p = c.planner.decide(&inputs, &limits);
             c.expected = p.expected_downtime;
             self.handle.set_estimates(c.dirty_rate, p.expected_downtime);
+            if let Some(after) = self.cfg.postcopy_after {
+                let outrun =
+                    inputs.wire_rate > 0.0 && inputs.dirty_rate > inputs.wire_rate * inputs.ratio;
+                c.outrun = if outrun { c.outrun + 1 } else { 0 };
+                let switch = match after {
+                    PostcopyAfter::Rounds(n) => c.round >= n,
+                    PostcopyAfter::Auto => c.outrun >= 2 || matches!(p.decision, Decision::GiveUp),
+                };
+                // Converged anyway: an ordinary downtime is shorter.
+                if switch && !matches!(p.decision, Decision::Downtime) {
+                    c.postcopy = true;
+                    return Ok(plan.carry(&c.state));
+                }
+            }
             match p.decision {
                 Decision::Downtime => return Ok(plan.carry(&c.state)),
                 Decision::GiveUp => {
@@ -397,11 +431,87 @@ impl<'a> Migration<'a> {
             expected_downtime: c.expected,
             throttle_percent: 0,
         };
-        let plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &carried);
+        let mut plan = RoundPlan::build(&c.state, &dirty, &fresh, &discards, &carried);
+        if c.postcopy {
+            // Private anonymous pages wait for post-copy; the rest (file
+            // and shared memory, which userfaultfd's missing mode does not
+            // serve here) goes now.
+            let state = &c.state;
+            let (later, now) = plan.split(|i| state.list[i].region.kind == RegionKind::PrivateAnon);
+            // The pages the restorer touches go now, the rest later.
+            let ps = self.page_size;
+            let mut touched = Vec::new();
+            for &a in &c.restorer_pages {
+                if let Some(i) = state
+                    .list
+                    .iter()
+                    .position(|t| t.region.start <= a && a < t.region.end)
+                {
+                    touched.push((
+                        i,
+                        Run {
+                            first: (a - state.list[i].region.start) / ps,
+                            count: 1,
+                        },
+                    ));
+                }
+            }
+            let later = later.without(&touched);
+            let now = now.with(&touched);
+            c.missing = later
+                .per_region()
+                .into_iter()
+                .map(|(i, runs)| {
+                    let r = &state.list[i].region;
+                    Missing {
+                        index: i as u32,
+                        start: r.start,
+                        end: r.end,
+                        runs,
+                    }
+                })
+                .collect();
+            plan = now;
+        }
         let r = self.send_planned(c, &plan, facts)?;
         c.parts.transfer_ms = r.duration_ms;
         c.rounds.push(r);
+        for m in &c.missing {
+            for runs in m.runs.chunks(protocol::MAX_ZERO_RUNS as usize) {
+                self.pipeline_mut().control(Control::Discard {
+                    region: m.index,
+                    runs: runs.to_vec(),
+                })?;
+            }
+        }
         self.send_state(c)
+    }
+
+    /// Post-copy after the handover: serve the destination's faults and
+    /// push every missing page, then read its answer. Any failure here
+    /// leaves the process stopped (the destination's copy has run).
+    fn serve_postcopy(&mut self, c: &mut Copy, timeout: Duration) -> Result<Control, SendError> {
+        let pid = self.cfg.pid;
+        let broken = |reason: String| SendError::PostcopyBroken { pid, reason };
+        let link = self.link.as_mut().expect("connected");
+        let reader = link.reader.try_clone().map_err(|e| broken(e.to_string()))?;
+        let writer = link
+            .writer
+            .take()
+            .ok_or_else(|| broken("no writer".into()))?;
+        let server = Server {
+            mem: &c.mem,
+            page_size: self.page_size,
+            missing: std::mem::take(&mut c.missing),
+            method: self.cfg.method,
+            level: self.cfg.level,
+        };
+        let (answer, served, w) = server
+            .run(reader, writer, timeout)
+            .map_err(|e| broken(e.to_string()))?;
+        link.writer = Some(w);
+        c.served = Some(served);
+        Ok(answer)
     }
 
     /// Send the captured state (before End).
@@ -441,6 +551,13 @@ impl<'a> Migration<'a> {
                 reasons: refused,
             });
         }
+        let ps = self.page_size;
+        c.restorer_pages = st
+            .threads
+            .iter()
+            .filter_map(|t| t.rseq)
+            .flat_map(|r| (r.addr / ps..(r.addr + r.len as u64).div_ceil(ps)).map(move |p| p * ps))
+            .collect();
         let bytes = st.to_bytes();
         c.state_note = format!(
             "sent ({} kbytes, captured in {:.1} ms)",
@@ -500,7 +617,14 @@ impl<'a> Migration<'a> {
         // allow --timeout plus the data at a slow disk's pace.
         let data = Counters::get(&self.handle.counters().normal_pages) * self.page_size;
         let allowance = link.timeout + Duration::from_secs_f64(data as f64 / SYNC_RATE);
-        let ack = match link.read_answer(allowance) {
+        let answer = if c.missing.is_empty() {
+            link.read_answer(allowance)
+        } else {
+            self.serve_postcopy(c, allowance)
+        };
+        let ack = match answer {
+            // Post-copy: the destination's copy has run; never take back.
+            Err(e @ SendError::PostcopyBroken { .. }) => return Err(e),
             Ok(Control::Ack(a)) => a,
             Ok(other) if self.owner == Owner::InDoubt => {
                 return Err(self.in_doubt(format!("the receiver answered {:?}", other.kind())))
@@ -600,6 +724,7 @@ impl<'a> Migration<'a> {
             downtime: h.downtime,
             downtime_parts: c.parts,
             state_note: c.state_note,
+            postcopy: c.served,
             transfer: h.transfer,
         }))
     }

@@ -40,6 +40,7 @@ mod converge;
 mod handle;
 mod migration;
 mod pipeline;
+mod postcopy;
 mod regions;
 mod report;
 mod setup;
@@ -51,7 +52,8 @@ use crate::process::{self, ProcessError};
 use crate::protocol::transport;
 use crate::stats::SendReport;
 pub use config::{
-    default_threads, Mode, OnComplete, SendConfig, DEFAULT_BATCH_PAGES, DEFAULT_MAX_ITERATIONS,
+    default_threads, Mode, OnComplete, PostcopyAfter, SendConfig, DEFAULT_BATCH_PAGES,
+    DEFAULT_MAX_ITERATIONS,
 };
 pub use converge::ThrottleParams;
 pub use handle::{MigrationHandle, Status, Tunables};
@@ -98,6 +100,15 @@ pub enum SendError {
     /// The process state could not be captured at the final stop.
     #[error("cannot capture the state of process {pid}: {reason}")]
     Capture { pid: i32, reason: String },
+    /// Post-copy broke after the handover: the destination's copy has
+    /// part of the memory, the stopped source all of it.
+    #[error("post-copy failed: {reason}; process {pid} is left stopped here and holds all of its memory. The destination kills its copy when post-copy breaks: `kill -CONT {pid}` resumes the process here")]
+    PostcopyBroken { pid: i32, reason: String },
+    /// --postcopy-after with a receiver that cannot do it.
+    #[error(
+        "post-copy needs a receiver that restores (`procmig recv --restore`, protocol version 3)"
+    )]
+    PostcopyUnsupported,
     /// Pre-copy did not converge within the iteration cap.
     #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
     NotConverging {
@@ -126,7 +137,10 @@ pub fn send(cfg: &SendConfig, handle: &MigrationHandle) -> Result<SendReport, Se
             Ok(report)
         }
         Err(e) => {
-            let e = if matches!(e, SendError::HandoverInDoubt { .. }) {
+            let e = if matches!(
+                e,
+                SendError::HandoverInDoubt { .. } | SendError::PostcopyBroken { .. }
+            ) {
                 // After Commit, a signal does not resume the process either.
                 e
             } else if handle.is_cancelled() {

@@ -260,6 +260,51 @@ impl RoundPlan {
         self.runs.iter().map(|(_, r)| r.count as u64).sum()
     }
 
+    /// The runs of the regions `keep` selects, and the others.
+    pub fn split(self, keep: impl Fn(usize) -> bool) -> (RoundPlan, RoundPlan) {
+        let (a, b) = self.runs.into_iter().partition(|(i, _)| keep(*i));
+        (RoundPlan { runs: a }, RoundPlan { runs: b })
+    }
+
+    /// This plan without the pages `drop` (region index, run).
+    pub fn without(self, drop: &[(usize, Run)]) -> RoundPlan {
+        let runs = self
+            .runs
+            .into_iter()
+            .flat_map(|(i, r)| {
+                let mut out = Vec::new();
+                for p in r.first..r.end() {
+                    if !drop
+                        .iter()
+                        .any(|(j, d)| *j == i && d.first <= p && p < d.end())
+                    {
+                        push_run(&mut out, p, 1);
+                    }
+                }
+                out.into_iter().map(move |r| (i, r))
+            })
+            .collect();
+        RoundPlan { runs }
+    }
+
+    /// This plan and the pages `extra` (region index, run), merged.
+    pub fn with(self, extra: &[(usize, Run)]) -> RoundPlan {
+        let mut per: Vec<(usize, Vec<Run>)> = self.per_region();
+        for &(i, r) in extra {
+            match per.iter_mut().find(|(j, _)| *j == i) {
+                Some((_, runs)) => *runs = union(runs, &[r]),
+                None => per.push((i, vec![r])),
+            }
+        }
+        per.sort_by_key(|(i, _)| *i);
+        RoundPlan {
+            runs: per
+                .into_iter()
+                .flat_map(|(i, runs)| runs.into_iter().map(move |r| (i, r)))
+                .collect(),
+        }
+    }
+
     /// Not sent now: keep it for a later round.
     pub fn carry(self, state: &RegionState) -> Carried {
         Carried(

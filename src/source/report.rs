@@ -79,6 +79,7 @@ pub struct Summary<'a> {
     pub downtime_parts: DowntimeParts,
     pub transfer: Duration,
     pub state_note: String,
+    pub postcopy: Option<crate::stats::PostcopySent>,
 }
 
 fn compression(s: &Summary) -> CompressionReport {
@@ -154,6 +155,7 @@ pub fn build(s: Summary) -> SendReport {
         left_out: s.left_out,
         rounds: s.rounds,
         process_state: s.state_note,
+        postcopy: s.postcopy,
         restored_pid: (s.ack.restored_pid != 0).then_some(s.ack.restored_pid),
     }
 }

@@ -21,6 +21,8 @@ pub struct Link {
     pub timeout: Duration,
     /// The receiver restores the process (`recv --restore`).
     pub restore: bool,
+    /// The receiver can finish by post-copy.
+    pub postcopy: bool,
     /// Closes the link on cancel; taken away at the handover, after
     /// which a signal no longer interrupts anything.
     watch: Option<CloseOnCancel>,
@@ -51,6 +53,7 @@ impl Link {
             version: 0,
             timeout: cfg.timeout,
             restore: false,
+            postcopy: false,
         };
         link.handshake(cfg, page_size)?;
         Ok(link)
@@ -88,6 +91,7 @@ impl Link {
                 }
                 self.version = w.version;
                 self.restore = w.capabilities & protocol::CAP_RESTORE != 0;
+                self.postcopy = w.capabilities & protocol::CAP_POSTCOPY != 0;
                 Ok(())
             }
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),

@@ -1,0 +1,310 @@
+//! Post-copy, destination side: the restored process runs while the pages
+//! it lacks arrive. Its private anonymous memory is registered with a
+//! userfaultfd (made inside it by the restorer) for missing pages.
+//!
+//! - The fault thread reads the userfaultfd: a fault on a page still
+//!   missing asks the source for it (PageRequest); a fault on a page that
+//!   is not missing (never populated on the source, or dropped by the
+//!   process since) gets the zero page. MADV_DONTNEED and munmap (remove,
+//!   unmap events) make pages no longer missing, so data arriving later is
+//!   not put back over a page the process dropped; mremap (remap event)
+//!   moves pages, and arriving pages follow them.
+//! - The main thread reads frames (answers to faults and the background
+//!   push, in any order), writes each page into the image and, if it is
+//!   still missing, into the process with UFFDIO_COPY (which wakes the
+//!   threads waiting on it).
+//!
+//! Both hold one lock while they touch the missing set and the process's
+//! memory, so a page dropped by the process is never filled afterwards.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::BufReader;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::workers::Regions;
+use crate::codec::Decompressor;
+use crate::protocol::transport::{Reader, Writer};
+use crate::protocol::{self, Control, Kind, POSTCOPY_ROUND};
+use crate::stats::PostcopyReport;
+use crate::userfault::{self, Event, Filled};
+
+struct Missing {
+    /// Source addresses of the pages still missing.
+    pages: BTreeSet<u64>,
+    /// mremap events since the switch, in order: (from, to, len).
+    remaps: Vec<(u64, u64, u64)>,
+    /// When each outstanding request was sent.
+    asked: HashMap<u64, Instant>,
+    latencies_us: Vec<u64>,
+    zero_filled: u64,
+}
+
+impl Missing {
+    /// Where the page at source address `a` is now.
+    fn now(&self, mut a: u64) -> u64 {
+        for &(from, to, len) in &self.remaps {
+            if from <= a && a < from + len {
+                a = to + (a - from);
+            }
+        }
+        a
+    }
+
+    /// The source address of the page now at `a`.
+    fn source(&self, mut a: u64) -> u64 {
+        for &(from, to, len) in self.remaps.iter().rev() {
+            if to <= a && a < to + len {
+                a = from + (a - to);
+            }
+        }
+        a
+    }
+
+    fn forget(&mut self, start: u64, end: u64, ps: u64) {
+        let mut a = start;
+        while a < end {
+            let s = self.source(a);
+            self.pages.remove(&s);
+            self.asked.remove(&s);
+            a += ps;
+        }
+    }
+}
+
+/// Serve the restored process until the source has sent every page.
+pub fn run(
+    reader: &mut BufReader<Reader>,
+    writer: Writer,
+    uffd: OwnedFd,
+    regions: &Regions,
+    missing: &[(u64, u64)],
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<PostcopyReport, String> {
+    let ps = regions.page_size;
+    let t0 = Instant::now();
+    let mut set = BTreeSet::new();
+    for &(s, e) in missing {
+        let mut a = s;
+        while a < e {
+            set.insert(a);
+            a += ps;
+        }
+    }
+    let shared = Arc::new(Mutex::new(Missing {
+        pages: set,
+        remaps: Vec::new(),
+        asked: HashMap::new(),
+        latencies_us: Vec::new(),
+        zero_filled: 0,
+    }));
+    let uffd = Arc::new(uffd);
+    let stop = Arc::new(AtomicBool::new(false));
+    let faults = {
+        let (shared, uffd, stop) = (shared.clone(), uffd.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("postcopy-faults".into())
+            .spawn(move || fault_loop(&shared, uffd.as_raw_fd(), writer, &stop, ps))
+            .map_err(|e| format!("starting the fault thread: {e}"))?
+    };
+    let r = receive(reader, &shared, uffd.as_raw_fd(), regions, timeout, cancel);
+    stop.store(true, Ordering::Relaxed);
+    let fault_result = faults
+        .join()
+        .unwrap_or_else(|_| Err("fault thread panicked".into()));
+    let pages = r?;
+    fault_result?;
+    let m = shared.lock().expect("not poisoned");
+    Ok(PostcopyReport::new(
+        pages,
+        m.latencies_us.clone(),
+        m.zero_filled,
+        t0.elapsed(),
+    ))
+}
+
+/// Read the source's post-copy frames until PostcopyDone; returns the
+/// pages it sent.
+fn receive(
+    reader: &mut BufReader<Reader>,
+    shared: &Mutex<Missing>,
+    fd: i32,
+    regions: &Regions,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<u64, String> {
+    let ps = regions.page_size;
+    let mut d = Decompressor::new().map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    let mut raw = Vec::new();
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err("cancelled by signal".into());
+        }
+        reader
+            .get_mut()
+            .set_deadline(Some(Instant::now() + timeout));
+        let kind = protocol::read_frame(reader, &mut buf).map_err(|e| e.to_string())?;
+        let (region, runs, data): (u32, Vec<protocol::Run>, Option<&[u8]>) = if kind == Kind::Pages
+        {
+            let h = protocol::decode_pages_header(&buf, ps as u32).map_err(|e| e.to_string())?;
+            if h.round != POSTCOPY_ROUND {
+                return Err(format!("Pages frame of round {} during post-copy", h.round));
+            }
+            raw.resize(h.raw_len as usize, 0);
+            d.decompress(h.codec, &buf[h.data_offset..], &mut raw)
+                .map_err(|e| e.to_string())?;
+            if xxhash_rust::xxh3::xxh3_64(&raw) != h.raw_xxh3 {
+                return Err(format!("checksum mismatch in region {}", h.region));
+            }
+            (h.region, h.runs, Some(&raw[..]))
+        } else {
+            match Control::decode(kind, &buf).map_err(|e| e.to_string())? {
+                Control::Zero {
+                    round,
+                    region,
+                    runs,
+                } if round == POSTCOPY_ROUND => (region, runs, None),
+                Control::PostcopyDone { pages } => return Ok(pages),
+                Control::Error { message, .. } => return Err(format!("source aborted: {message}")),
+                other => {
+                    return Err(format!(
+                        "unexpected {:?} frame during post-copy",
+                        other.kind()
+                    ))
+                }
+            }
+        };
+        let rf = regions
+            .files
+            .get(region as usize)
+            .ok_or_else(|| format!("post-copy frame names region {region}"))?;
+        let mut off = 0usize;
+        for run in &runs {
+            if run.first + run.count as u64 > rf.pages {
+                return Err(format!("post-copy pages outside region {region}"));
+            }
+            for p in run.first..run.first + run.count as u64 {
+                let page: &[u8] = match data {
+                    Some(raw) => &raw[off..off + ps as usize],
+                    None => &[],
+                };
+                off += ps as usize;
+                // Into the image (the file is the image of the process at
+                // the switch, complete once every page arrived).
+                // SAFETY: p < rf.pages, so the page lies inside the
+                // mapping, and only this thread writes the files now.
+                unsafe {
+                    let at = rf.ptr().add((p * ps) as usize);
+                    if page.is_empty() {
+                        std::ptr::write_bytes(at, 0, ps as usize);
+                    } else {
+                        std::ptr::copy_nonoverlapping(page.as_ptr(), at, ps as usize);
+                    }
+                }
+                fill(shared, fd, rf.entry.start + p * ps, page, ps)?;
+            }
+        }
+    }
+}
+
+/// Put one arriving page into the process if it is still missing there.
+fn fill(shared: &Mutex<Missing>, fd: i32, src: u64, page: &[u8], ps: u64) -> Result<(), String> {
+    loop {
+        let mut m = shared.lock().expect("not poisoned");
+        if !m.pages.contains(&src) {
+            return Ok(());
+        }
+        let at = m.now(src);
+        let r = if page.is_empty() {
+            userfault::zeropage(fd, at, ps)
+        } else {
+            userfault::copy(fd, at, page)
+        }
+        .map_err(|e| format!("filling {at:#x}: {e}"))?;
+        if r == Filled::Again {
+            // An event is pending: let the fault thread read it.
+            drop(m);
+            std::thread::sleep(Duration::from_micros(50));
+            continue;
+        }
+        m.pages.remove(&src);
+        if let Some(t) = m.asked.remove(&src) {
+            m.latencies_us.push(t.elapsed().as_micros() as u64);
+        }
+        return Ok(());
+    }
+}
+
+fn fault_loop(
+    shared: &Mutex<Missing>,
+    fd: i32,
+    mut writer: Writer,
+    stop: &AtomicBool,
+    ps: u64,
+) -> Result<(), String> {
+    let mut events = Vec::new();
+    let mut ask = Vec::new();
+    // Zero-page fills refused while the layout changed: retried.
+    let mut retry: Vec<u64> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, valid for the call.
+        unsafe { libc::poll(&mut pfd, 1, 20) };
+        events.clear();
+        ask.clear();
+        {
+            let mut m = shared.lock().expect("not poisoned");
+            userfault::read_events(fd, &mut events).map_err(|e| format!("reading faults: {e}"))?;
+            events.extend(retry.drain(..).map(|addr| Event::Fault { addr }));
+            for &ev in &events {
+                match ev {
+                    Event::Fault { addr } => {
+                        let at = addr & !(ps - 1);
+                        let src = m.source(at);
+                        if m.pages.contains(&src) {
+                            if let std::collections::hash_map::Entry::Vacant(e) = m.asked.entry(src)
+                            {
+                                e.insert(Instant::now());
+                                ask.push(src);
+                            }
+                        } else {
+                            // Not missing: never populated on the source,
+                            // or dropped by the process since: zero.
+                            let r = userfault::zeropage(fd, at, ps)
+                                .map_err(|e| format!("zero page at {at:#x}: {e}"))?;
+                            if r == Filled::Again {
+                                retry.push(at);
+                            } else {
+                                m.zero_filled += 1;
+                            }
+                        }
+                    }
+                    Event::Remove { start, end } | Event::Unmap { start, end } => {
+                        m.forget(start, end, ps)
+                    }
+                    Event::Remap { from, to, len } => m.remaps.push((from, to, len)),
+                    Event::Other(_) => {}
+                }
+            }
+        }
+        for &src in &ask {
+            protocol::write_control(
+                &mut writer,
+                &Control::PageRequest {
+                    addr: src,
+                    pages: 1,
+                },
+            )
+            .map_err(|e| format!("asking for a page: {e}"))?;
+        }
+    }
+    Ok(())
+}

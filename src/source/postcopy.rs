@@ -1,0 +1,305 @@
+//! Post-copy, source side: after the handover the process runs on the
+//! destination and the stopped source serves what it still lacks. Pages
+//! the destination faults on are asked for (PageRequest) and sent before
+//! anything else; meanwhile every missing page is pushed in the
+//! background, each page once. The send buffer is kept small so that an
+//! answer to a fault never waits behind much background data.
+
+use std::io::{BufReader, Write};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use super::SendError;
+use crate::codec::{Compression, Compressor};
+use crate::pages::{PageSet, Run};
+use crate::process::MemReader;
+use crate::protocol::transport::{Reader, Writer};
+use crate::protocol::{self, Control, POSTCOPY_ROUND};
+
+/// Pages per background frame.
+const BATCH: u64 = 32;
+/// Pages sent with a faulted page: it and the missing ones after it.
+const NEIGHBOURHOOD: u64 = 8;
+/// Kernel send buffer during post-copy: ~2 ms at 1 Gbit/s.
+const SEND_BUFFER: i32 = 256 << 10;
+
+/// A region with the pages the destination is missing.
+pub struct Missing {
+    pub index: u32,
+    pub start: u64,
+    pub end: u64,
+    pub runs: Vec<Run>,
+}
+
+/// What the destination sent back during post-copy.
+enum Msg {
+    Request(u64, u32),
+    Answer(Control),
+    Broken(String),
+}
+
+pub use crate::stats::PostcopySent as Served;
+
+pub struct Server<'a> {
+    pub mem: &'a MemReader,
+    pub page_size: u64,
+    pub missing: Vec<Missing>,
+    pub method: Compression,
+    pub level: i32,
+}
+
+impl Server<'_> {
+    /// Serve until every missing page is sent, then wait for the answer to
+    /// PostcopyDone (Ack or Error) within `answer_timeout`.
+    pub fn run(
+        self,
+        reader: Reader,
+        mut writer: Writer,
+        answer_timeout: Duration,
+    ) -> Result<(Control, Served, Writer), SendError> {
+        let _ = writer.set_send_buffer(SEND_BUFFER);
+        let rx = spawn_reader(reader);
+        let (method, level) = match self.method {
+            Compression::Auto => (Compression::Zstd, 1),
+            m => (m, self.level),
+        };
+        let mut comp = Compressor::new(method, level)?;
+        let ps = self.page_size;
+        let mut sent: Vec<PageSet> = self.missing.iter().map(|_| PageSet::default()).collect();
+        let mut served = Served::default();
+        let mut frame = Vec::new();
+        let mut raw = Vec::new();
+        let broken = |e: std::io::Error| SendError::Connection(format!("post-copy: {e}"));
+        // Background cursor: (region, run, page within run).
+        let mut cursor = (0usize, 0usize, 0u64);
+        loop {
+            // Faults first.
+            loop {
+                match rx.try_recv() {
+                    Ok(Msg::Request(addr, n)) => {
+                        served.requests += 1;
+                        let Some(i) = self
+                            .missing
+                            .iter()
+                            .position(|m| m.start <= addr && addr < m.end)
+                        else {
+                            continue;
+                        };
+                        let m = &self.missing[i];
+                        let first = (addr - m.start) / ps;
+                        let pages = m.end.saturating_sub(m.start) / ps;
+                        let mut want = Vec::new();
+                        let upto = (first + (n as u64).max(NEIGHBOURHOOD)).min(pages);
+                        for p in first..upto {
+                            if !sent[i].contains(p) && (p == first || in_runs(&m.runs, p)) {
+                                crate::pages::push_run(&mut want, p, 1);
+                            }
+                        }
+                        served.requested_pages += 1;
+                        self.send(
+                            i,
+                            &want,
+                            &mut sent,
+                            &mut comp,
+                            &mut frame,
+                            &mut raw,
+                            &mut writer,
+                            &mut served,
+                        )
+                        .map_err(broken)?;
+                    }
+                    Ok(Msg::Answer(Control::Error { message, .. })) => {
+                        return Err(SendError::Remote(message))
+                    }
+                    Ok(Msg::Answer(other)) => {
+                        return Err(SendError::BadAck(format!(
+                            "{:?} during post-copy",
+                            other.kind()
+                        )))
+                    }
+                    Ok(Msg::Broken(e)) => return Err(SendError::Connection(e)),
+                    Err(_) => break,
+                }
+            }
+            // Then the next background batch.
+            let Some((i, batch)) = self.next_batch(&mut cursor, &sent) else {
+                break;
+            };
+            self.send(
+                i,
+                &batch,
+                &mut sent,
+                &mut comp,
+                &mut frame,
+                &mut raw,
+                &mut writer,
+                &mut served,
+            )
+            .map_err(broken)?;
+        }
+        protocol::write_control(
+            &mut writer,
+            &Control::PostcopyDone {
+                pages: served.pages,
+            },
+        )
+        .map_err(broken)?;
+        let deadline = Instant::now() + answer_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Request(..)) => {} // late: everything was sent
+                Ok(Msg::Answer(Control::Error { message, .. })) => {
+                    return Err(SendError::Remote(message))
+                }
+                Ok(Msg::Answer(c)) => return Ok((c, served, writer)),
+                Ok(Msg::Broken(e)) => return Err(SendError::Connection(e)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(SendError::Connection(
+                        "no answer to PostcopyDone within the --timeout".into(),
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(SendError::Connection("connection closed".into()))
+                }
+            }
+        }
+    }
+
+    /// Up to BATCH missing pages not sent yet, from the cursor on.
+    fn next_batch(
+        &self,
+        cursor: &mut (usize, usize, u64),
+        sent: &[PageSet],
+    ) -> Option<(usize, Vec<Run>)> {
+        while cursor.0 < self.missing.len() {
+            let m = &self.missing[cursor.0];
+            while cursor.1 < m.runs.len() {
+                let r = m.runs[cursor.1];
+                let mut out = Vec::new();
+                let mut n = 0;
+                while cursor.2 < r.count as u64 && n < BATCH {
+                    let p = r.first + cursor.2;
+                    cursor.2 += 1;
+                    if !sent[cursor.0].contains(p) {
+                        crate::pages::push_run(&mut out, p, 1);
+                        n += 1;
+                    }
+                }
+                if cursor.2 >= r.count as u64 {
+                    cursor.1 += 1;
+                    cursor.2 = 0;
+                }
+                if !out.is_empty() {
+                    return Some((cursor.0, out));
+                }
+            }
+            cursor.0 += 1;
+            cursor.1 = 0;
+            cursor.2 = 0;
+        }
+        None
+    }
+
+    /// Read the pages of `runs` in missing region `i` from the stopped
+    /// process and send them: zero pages as Zero, the rest as one Pages
+    /// frame per run group.
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        i: usize,
+        runs: &[Run],
+        sent: &mut [PageSet],
+        comp: &mut Compressor,
+        frame: &mut Vec<u8>,
+        raw: &mut Vec<u8>,
+        w: &mut Writer,
+        served: &mut Served,
+    ) -> std::io::Result<()> {
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let ps = self.page_size as usize;
+        let m = &self.missing[i];
+        let pages: u64 = runs.iter().map(|r| r.count as u64).sum();
+        raw.resize(pages as usize * ps, 0);
+        self.mem
+            .read_runs(m.start, self.page_size, runs, raw)
+            .map_err(std::io::Error::other)?;
+        let mut zero = Vec::new();
+        let mut data_runs = Vec::new();
+        let mut data = Vec::new();
+        let mut off = 0;
+        for r in runs {
+            for p in r.first..r.first + r.count as u64 {
+                let page = &raw[off..off + ps];
+                if page.iter().all(|&b| b == 0) {
+                    crate::pages::push_run(&mut zero, p, 1);
+                } else {
+                    crate::pages::push_run(&mut data_runs, p, 1);
+                    data.extend_from_slice(page);
+                }
+                off += ps;
+                sent[i].insert_run(p, 1);
+            }
+        }
+        frame.clear();
+        if !zero.is_empty() {
+            Control::Zero {
+                round: POSTCOPY_ROUND,
+                region: m.index,
+                runs: zero,
+            }
+            .encode(frame);
+        }
+        if !data_runs.is_empty() {
+            protocol::encode_pages(
+                frame,
+                POSTCOPY_ROUND,
+                m.index,
+                &data_runs,
+                &data,
+                |input, out| comp.compress(input, out),
+            );
+        }
+        w.write_all(frame)?;
+        w.flush()?;
+        served.pages += pages;
+        served.bytes += frame.len() as u64;
+        Ok(())
+    }
+}
+
+fn in_runs(runs: &[Run], p: u64) -> bool {
+    let i = runs.partition_point(|r| r.first + r.count as u64 <= p);
+    runs.get(i).is_some_and(|r| r.first <= p)
+}
+
+/// A thread reading the destination's frames: page requests, and the final
+/// answer.
+fn spawn_reader(mut reader: Reader) -> Receiver<Msg> {
+    // Silence is fine here (a destination with no faults asks nothing);
+    // a dead link fails the writes (TCP_USER_TIMEOUT) and the final wait
+    // has its deadline.
+    reader.set_deadline(None);
+    let _ = reader.set_timeout(None);
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let _ = std::thread::Builder::new()
+        .name("postcopy-requests".into())
+        .spawn(move || {
+            let mut r = BufReader::new(reader);
+            loop {
+                let msg = match protocol::read_control(&mut r) {
+                    Ok(Control::PageRequest { addr, pages }) => Msg::Request(addr, pages),
+                    Ok(c) => Msg::Answer(c),
+                    Err(e) => Msg::Broken(e.to_string()),
+                };
+                let end = !matches!(msg, Msg::Request(..));
+                if tx.send(msg).is_err() || end {
+                    return;
+                }
+            }
+        });
+    rx
+}
