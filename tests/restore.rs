@@ -5,93 +5,11 @@
 
 mod common;
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
-
-/// Restore needs root; say so when it is not there.
-fn can_restore(test: &str) -> bool {
-    if !is_root() {
-        println!("skipped: {test}: restoring a process needs root");
-        return false;
-    }
-    true
-}
-
-/// Whether `prog` can be run; prints `skipped:` when not.
-fn have(prog: &str, test: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {prog}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        println!("skipped: {test}: {prog} is not installed (scripts/setup installs it)");
-    }
-    ok
-}
-
-/// Compile one of tests/programs/*.c into `dir`.
-fn compile(src: &str, dir: &TempDir) -> Option<PathBuf> {
-    if !have("gcc", src) {
-        return None;
-    }
-    let out = dir.join(src.trim_end_matches(".c"));
-    let st = Command::new("gcc")
-        .args(["-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/programs")
-                .join(src),
-        )
-        .status()
-        .expect("run gcc");
-    assert!(st.success(), "gcc {src} failed");
-    Some(out)
-}
-
-/// Spawn with no descriptors beyond 0-2 (the test harness may leak some,
-/// e.g. a jobserver pipe, which restore would rightly refuse) in a session
-/// of its own.
-fn spawn_clean(cmd: &mut Command) -> Child {
-    // SAFETY: close_range and setsid are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::close_range(3, u32::MAX, 0);
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn().expect("spawn test program")
-}
-
-/// A process that is not our child (a restored one): killed on drop.
-struct Pid(i32);
-
-impl Drop for Pid {
-    fn drop(&mut self) {
-        // SAFETY: plain kill.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
-/// Kill a spawned child on drop.
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    proc_state(pid).is_some_and(|(s, _)| s != 'Z' && s != 'X')
-}
 
 struct Outcome {
     send: std::process::Output,
@@ -140,23 +58,6 @@ fn assert_migrated(o: &Outcome) -> i32 {
     );
     assert_running(pid);
     pid
-}
-
-/// Wait until `f` holds, up to `secs` seconds.
-fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn lines(p: &Path) -> Vec<String> {
-    std::fs::read_to_string(p)
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
 }
 
 #[test]

@@ -659,6 +659,9 @@ impl<'a> Session<'a> {
                     ))
                 })?;
                 self.running = None;
+                if let Err(e) = crate::restore::clear_parent_death_signal(pid) {
+                    notes.push(format!("after post-copy: {e}"));
+                }
                 postcopy = Some(report);
             }
         }

@@ -963,11 +963,16 @@ impl Builder<'_> {
     /// thread's own registers.
     fn finish(&mut self) -> Result<(), String> {
         let st = self.st;
-        self.call(
-            libc::SYS_prctl,
-            [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
-            "prctl(PR_SET_PDEATHSIG)",
-        )?;
+        // Post-copy: the process dies with the restorer until every page
+        // is in (`clear_parent_death_signal` then), so it never runs on
+        // with memory that will not come.
+        if self.skip.is_empty() {
+            self.call(
+                libc::SYS_prctl,
+                [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+                "prctl(PR_SET_PDEATHSIG)",
+            )?;
+        }
         let c = &st.creds;
         let groups: Vec<u8> = c.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
         let g = self.put(&groups, 0)?;
@@ -986,6 +991,21 @@ impl Builder<'_> {
             [c.uid[0] as u64, c.uid[1] as u64, c.uid[2] as u64, 0, 0, 0],
             "setresuid",
         )?;
+        if !self.skip.is_empty() {
+            // Changing credentials cleared it: set it again.
+            self.call(
+                libc::SYS_prctl,
+                [
+                    libc::PR_SET_PDEATHSIG as u64,
+                    libc::SIGKILL as u64,
+                    0,
+                    0,
+                    0,
+                    0,
+                ],
+                "prctl(PR_SET_PDEATHSIG)",
+            )?;
+        }
         // setresuid clears the dumpable flag; the source's was set.
         self.call(
             libc::SYS_prctl,
@@ -1003,6 +1023,31 @@ impl Builder<'_> {
 
 fn is_kernel_name(n: &str) -> bool {
     n.starts_with("[vdso") || n.starts_with("[vvar")
+}
+
+/// After post-copy: the restored process no longer dies with procmig
+/// (it did meanwhile: without the restorer, its missing pages would never
+/// come). It is stopped for the one call.
+pub fn clear_parent_death_signal(pid: i32) -> Result<(), String> {
+    let mut att = crate::process::Attachment::seize(pid).map_err(|e| e.to_string())?;
+    att.stop().map_err(|e| e.to_string())?;
+    let tid = att.tids()[0];
+    let r = att
+        .inject_syscall(
+            tid,
+            libc::SYS_prctl,
+            [libc::PR_SET_PDEATHSIG as u64, 0, 0, 0, 0, 0],
+        )
+        .map_err(|e| e.to_string());
+    att.detach(crate::process::Leave::AsFound)
+        .map_err(|e| e.to_string())?;
+    match r? {
+        0 => Ok(()),
+        e => Err(format!(
+            "prctl(PR_SET_PDEATHSIG): {}",
+            std::io::Error::from_raw_os_error(-e as i32)
+        )),
+    }
 }
 
 /// Ranges sorted and merged.

@@ -15,7 +15,7 @@ mod fds;
 pub mod state;
 mod sys;
 
-pub use build::{restore, Memory, RestoreOptions, Restored};
+pub use build::{clear_parent_death_signal, restore, Memory, RestoreOptions, Restored};
 pub use capture::capture;
 pub use check::{check, privileges};
 pub use state::{ProcessState, STATE_NAME};

@@ -505,6 +505,7 @@ impl<'a> Migration<'a> {
             missing: std::mem::take(&mut c.missing),
             method: self.cfg.method,
             level: self.cfg.level,
+            max_bandwidth: self.handle.tunables().max_bandwidth(),
         };
         let (answer, served, w) = server
             .run(reader, writer, timeout)

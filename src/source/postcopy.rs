@@ -47,6 +47,9 @@ pub struct Server<'a> {
     pub missing: Vec<Missing>,
     pub method: Compression,
     pub level: i32,
+    /// `--max-bandwidth` for the background push (answers to faults are
+    /// never held back).
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Server<'_> {
@@ -73,11 +76,29 @@ impl Server<'_> {
         let broken = |e: std::io::Error| SendError::Connection(format!("post-copy: {e}"));
         // Background cursor: (region, run, page within run).
         let mut cursor = (0usize, 0usize, 0u64);
+        let t0 = Instant::now();
+        let mut background = 0u64;
         loop {
-            // Faults first.
+            // Faults first; while the background is over its rate, wait
+            // for them.
             loop {
-                match rx.try_recv() {
-                    Ok(Msg::Request(addr, n)) => {
+                let wait = self.max_bandwidth.map_or(Duration::ZERO, |rate| {
+                    Duration::from_secs_f64(background as f64 / rate as f64)
+                        .saturating_sub(t0.elapsed())
+                });
+                let msg = if wait.is_zero() {
+                    rx.try_recv().ok()
+                } else {
+                    rx.recv_timeout(wait.min(Duration::from_millis(20))).ok()
+                };
+                let Some(msg) = msg else {
+                    if wait.is_zero() {
+                        break;
+                    }
+                    continue;
+                };
+                match msg {
+                    Msg::Request(addr, n) => {
                         served.requests += 1;
                         let Some(i) = self
                             .missing
@@ -109,23 +130,23 @@ impl Server<'_> {
                         )
                         .map_err(broken)?;
                     }
-                    Ok(Msg::Answer(Control::Error { message, .. })) => {
+                    Msg::Answer(Control::Error { message, .. }) => {
                         return Err(SendError::Remote(message))
                     }
-                    Ok(Msg::Answer(other)) => {
+                    Msg::Answer(other) => {
                         return Err(SendError::BadAck(format!(
                             "{:?} during post-copy",
                             other.kind()
                         )))
                     }
-                    Ok(Msg::Broken(e)) => return Err(SendError::Connection(e)),
-                    Err(_) => break,
+                    Msg::Broken(e) => return Err(SendError::Connection(e)),
                 }
             }
             // Then the next background batch.
             let Some((i, batch)) = self.next_batch(&mut cursor, &sent) else {
                 break;
             };
+            let before = served.bytes;
             self.send(
                 i,
                 &batch,
@@ -137,6 +158,7 @@ impl Server<'_> {
                 &mut served,
             )
             .map_err(broken)?;
+            background += served.bytes - before;
         }
         protocol::write_control(
             &mut writer,

@@ -1,0 +1,253 @@
+//! Post-copy: the process runs on the destination before all of its memory
+//! has arrived; its faults are served over the connection while the rest
+//! is pushed. The restored process must see exactly the memory it would
+//! have seen (procmig-agent checks every page; python's output must equal
+//! an unmigrated run's).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Outcome {
+    send: std::process::Output,
+    recv_ok: bool,
+    recv: serde_json::Value,
+    recv_err: String,
+    restored: Option<Pid>,
+}
+
+fn migrate(pid: i32, dir: &TempDir, send_extra: &[&str]) -> Outcome {
+    let recv = Recv::start(&dir.join("img"), &["--restore", "--json"]);
+    let mut args = vec!["--json"];
+    args.extend_from_slice(send_extra);
+    let send = send(pid, &recv, &args);
+    let (recv_ok, out, recv_err) = recv.wait();
+    let recv: serde_json::Value = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+    let restored = recv["restored_pid"].as_i64().map(|p| Pid(p as i32));
+    Outcome {
+        send,
+        recv_ok,
+        recv,
+        recv_err,
+        restored,
+    }
+}
+
+fn assert_postcopy(o: &Outcome) -> i32 {
+    assert!(
+        o.send.status.success() && o.recv_ok,
+        "send: {}{}\nrecv: {}{}",
+        text(&o.send.stdout),
+        text(&o.send.stderr),
+        o.recv,
+        o.recv_err
+    );
+    let s: serde_json::Value = serde_json::from_slice(&o.send.stdout).unwrap();
+    assert!(s["postcopy"]["pages"].as_u64().unwrap() > 0, "{s}");
+    let pc = &o.recv["postcopy"];
+    assert!(pc["pages"].as_u64().unwrap() > 0, "{pc}");
+    assert_eq!(pc["pages"], s["postcopy"]["pages"]);
+    let pid = o.restored.as_ref().expect("restored pid").0;
+    assert_running(pid);
+    pid
+}
+
+/// Migrate the (restored) agent again into an image and check every page
+/// of it with the agent's own ledger.
+fn agent_checks_out(pid: i32, dir: &TempDir) -> String {
+    let recv = Recv::start(&dir.join("again"), &[]);
+    let out = send(
+        pid,
+        &recv,
+        &[
+            "--on-complete",
+            "resume",
+            "--max-iterations",
+            "2",
+            "--force-downtime",
+        ],
+    );
+    let (ok, rout, rerr) = recv.wait();
+    assert!(
+        out.status.success() && ok,
+        "{}{rout}{rerr}",
+        text(&out.stderr)
+    );
+    let (ok, v) = agent_verify(&dir.join("again"));
+    assert!(ok, "the restored agent's memory: {v}");
+    v
+}
+
+#[test]
+fn busy_agent_after_0_and_1_rounds() {
+    if !can_restore("post-copy") {
+        return;
+    }
+    for after in ["0", "1"] {
+        let dir = TempDir::new("postcopy-agent");
+        let agent = Agent::start(&["--size", "128M", "--threads", "2", "--dirty-rate", "20000"]);
+        let o = migrate(agent.pid, &dir, &["--postcopy-after", after]);
+        let pid = assert_postcopy(&o);
+        let requested = o.recv["postcopy"]["requested"].as_u64().unwrap();
+        assert!(requested > 0, "after {after}: no fault asked for a page");
+        // The image (pages as they stood at the switch, post-copy pages
+        // included) and the process after it ran on both check out.
+        let (ok, v) = agent_verify(&dir.join("img"));
+        assert!(ok, "after {after}: image: {v}");
+        std::thread::sleep(Duration::from_millis(300));
+        agent_checks_out(pid, &dir);
+        let _restored = Pid(pid);
+    }
+}
+
+#[test]
+fn pages_dropped_after_the_switch_read_as_zero() {
+    if !can_restore("post-copy MADV_DONTNEED") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-dontneed");
+    // The agent drops pages (MADV_DONTNEED) as it runs and records it in
+    // its ledger; verify then requires them all zero.
+    let agent = Agent::start(&[
+        "--size",
+        "128M",
+        "--dirty-rate",
+        "20000",
+        "--dontneed-rate",
+        "2000",
+    ]);
+    let o = migrate(
+        agent.pid,
+        &dir,
+        &["--postcopy-after", "0", "--max-bandwidth", "20M"],
+    );
+    let pid = assert_postcopy(&o);
+    let _restored = Pid(pid);
+    std::thread::sleep(Duration::from_millis(500));
+    agent_checks_out(pid, &dir);
+}
+
+#[test]
+fn python_that_outruns_pre_copy_finishes_with_the_same_output() {
+    if !can_restore("post-copy python") || !have("python3", "post-copy python") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-python");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/dict_mutator.py");
+    let run = |out: &Path| {
+        spawn_clean(
+            Command::new("python3")
+                .arg(&script)
+                .args(["300000", "40"])
+                .stdout(std::fs::File::create(out).unwrap())
+                .stderr(Stdio::null()),
+        )
+    };
+    let mut reference = run(&dir.join("ref.txt"));
+    assert!(reference.wait().unwrap().success());
+    let want = std::fs::read_to_string(dir.join("ref.txt")).unwrap();
+    let log = dir.join("log.txt");
+    let src = Kill(run(&log));
+    wait_for(30, "python to start mutating", || lines(&log).len() >= 3);
+    // A slow link: pre-copy cannot converge, auto switches to post-copy.
+    let o = migrate(
+        src.0.id() as i32,
+        &dir,
+        &["--postcopy-after", "auto", "--max-bandwidth", "30M"],
+    );
+    let pid = assert_postcopy(&o);
+    wait_for(120, "the restored python to finish", || !alive(pid));
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), want);
+}
+
+#[test]
+fn destination_killed_during_post_copy_leaves_the_source_whole() {
+    if !can_restore("post-copy, destination killed") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-kill");
+    let agent = Agent::start(&["--size", "32M", "--dirty-rate", "20000"]);
+    let recv = Recv::start(&dir.join("img"), &["--restore"]);
+    let recv_pid = recv.child.id() as i32;
+    // A slow background push keeps post-copy going for seconds.
+    let pid = agent.pid.to_string();
+    let to = recv.addr();
+    let sender = std::process::Command::new(procmig())
+        .args([
+            "send",
+            "--pid",
+            &pid,
+            "--to",
+            &to,
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "2M",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the restored process (a child of the receiver) to run.
+    let child_of_recv = || {
+        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            })
+    };
+    wait_for(60, "the restored process", || {
+        child_of_recv()
+            .is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
+    });
+    let restored = child_of_recv().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: plain kill.
+    unsafe { libc::kill(recv_pid, libc::SIGKILL) };
+    drop(recv);
+    let out = sender.wait_with_output().unwrap();
+    // The source says what happened, exits 3, and keeps the process
+    // stopped with all of its memory.
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("post-copy failed"), "{err}");
+    assert!(err.contains("kill -CONT"), "{err}");
+    assert_eq!(proc_state(agent.pid).map(|s| s.0), Some('T'));
+    // The restored copy died with its restorer (it lacked memory).
+    wait_for(10, "the restored copy to die", || !alive(restored));
+    // Resumed by hand, the source runs and its memory checks out.
+    // SAFETY: plain kill.
+    unsafe { libc::kill(agent.pid, libc::SIGCONT) };
+    assert_running(agent.pid);
+    let recv = Recv::start(&dir.join("img2"), &[]);
+    let out = send(agent.pid, &recv, &[]);
+    assert!(
+        recv.wait().0 && out.status.success(),
+        "{}",
+        text(&out.stderr)
+    );
+    check_image(
+        &agent,
+        &dir.join("img2"),
+        "the source after a broken post-copy",
+    );
+}
+
+#[test]
+fn postcopy_needs_a_restoring_receiver() {
+    let dir = TempDir::new("postcopy-norestore");
+    let agent = Agent::start(&["--size", "16M"]);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let out = send(agent.pid, &recv, &["--postcopy-after", "1"]);
+    assert_one_line_error(&out, "post-copy needs a receiver that restores");
+    assert_running(agent.pid);
+    let (ok, _, _) = recv.wait();
+    assert!(!ok);
+    assert!(!dir.join("img").exists());
+}
