@@ -11,7 +11,9 @@ mod build;
 mod capture;
 mod check;
 mod child;
+mod descriptors;
 mod fds;
+mod memory;
 pub mod state;
 mod sys;
 
