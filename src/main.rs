@@ -62,8 +62,15 @@ struct SendArgs {
     #[arg(long)]
     pid: i32,
     /// Receiver address, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    to: String,
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        required_unless_present = "resume_source"
+    )]
+    to: Option<String>,
+    /// Migrate nothing: resume a source process left stopped by a migration that broke after the handover (exit status 3), once its destination copy is known gone.
+    #[arg(long, conflicts_with = "to")]
+    resume_source: bool,
     /// Compression method (QEMU: multifd-compression); auto picks method and level per batch from the measured link and data.
     #[arg(long, value_enum, default_value_t = Compression::Zstd)]
     compress: Compression,
@@ -231,7 +238,12 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     if a.max_bandwidth == Some(0) {
         anyhow::bail!("--max-bandwidth must be positive");
     }
-    let mut cfg = SendConfig::new(a.pid, a.to);
+    if a.resume_source {
+        procmig::process::resume_stopped(a.pid)?;
+        println!("resumed process {}", a.pid);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut cfg = SendConfig::new(a.pid, a.to.unwrap_or_default());
     cfg.method = method;
     cfg.level = level;
     cfg.compress_threads = threads;

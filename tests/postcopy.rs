@@ -217,14 +217,19 @@ fn destination_killed_during_post_copy_leaves_the_source_whole() {
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(err.contains("post-copy failed"), "{err}");
-    assert!(err.contains("kill -CONT"), "{err}");
+    assert!(err.contains("--resume-source"), "{err}");
     assert_eq!(proc_state(agent.pid).map(|s| s.0), Some('T'));
     // The restored copy died with its restorer (it lacked memory).
     wait_for(10, "the restored copy to die", || !alive(restored));
     // Resumed by hand, the source runs and its memory checks out.
-    // SAFETY: plain kill.
-    unsafe { libc::kill(agent.pid, libc::SIGCONT) };
+    let r = run(&["send", "--resume-source", "--pid", &agent.pid.to_string()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
     assert_running(agent.pid);
+    // Not stopped any more: a second resume says so.
+    assert_one_line_error(
+        &run(&["send", "--resume-source", "--pid", &agent.pid.to_string()]),
+        "nothing to resume",
+    );
     let recv = Recv::start(&dir.join("img2"), &[]);
     let out = send(agent.pid, &recv, &[]);
     assert!(

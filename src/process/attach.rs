@@ -303,6 +303,38 @@ impl Attachment {
     }
 }
 
+/// `send --resume-source`: let a process left stopped by a migration run
+/// again. It must be stopped (group-stop) and not traced.
+pub fn resume_stopped(pid: i32) -> Result<(), ProcessError> {
+    let state = process_state(pid)?;
+    if state != 'T' {
+        return Err(ProcessError::NotStopped { pid, state });
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|_| ProcessError::NoSuchProcess { pid })?;
+    let tracer = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .map(str::trim)
+        .unwrap_or("0");
+    if tracer != "0" {
+        return Err(ProcessError::NotStopped { pid, state: 't' });
+    }
+    signal::kill(Pid::from_raw(pid), Signal::SIGCONT).map_err(|e| ProcessError::Ptrace {
+        pid,
+        op: "kill -CONT",
+        errno: e,
+    })?;
+    let t = std::time::Instant::now();
+    while t.elapsed() < std::time::Duration::from_secs(2) {
+        if process_state(pid).is_ok_and(|s| s != 'T') {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(())
+}
+
 /// Leave a process that was detached in group-stop ([`Leave::Stopped`])
 /// as asked: stopped, killed, or running again unless it was stopped when
 /// found. Best effort: a process that is gone needs nothing.

@@ -7,7 +7,7 @@ mod mem;
 mod pagemap;
 pub mod thp;
 
-pub use attach::{leave_detached, process_state, Attachment, Leave};
+pub use attach::{leave_detached, process_state, resume_stopped, Attachment, Leave};
 pub use maps::{
     read_mappings, read_regions, reason, select_regions, summarize, LeftOut, Region, RegionFilter,
     RegionKind,
@@ -25,6 +25,9 @@ pub enum ProcessError {
     /// The process exited while we worked on it.
     #[error("process {pid} exited")]
     Exited { pid: i32 },
+    /// `--resume-source` on a process that is not left stopped.
+    #[error("process {pid} is not a stopped, untraced process (state {state}); nothing to resume")]
+    NotStopped { pid: i32, state: char },
     /// procmig was asked to migrate itself.
     #[error("procmig cannot migrate itself")]
     SelfTarget,

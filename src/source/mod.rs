@@ -102,7 +102,7 @@ pub enum SendError {
     Capture { pid: i32, reason: String },
     /// Post-copy broke after the handover: the destination's copy has
     /// part of the memory, the stopped source all of it.
-    #[error("post-copy failed: {reason}; process {pid} is left stopped here and holds all of its memory. The destination kills its copy when post-copy breaks: `kill -CONT {pid}` resumes the process here")]
+    #[error("post-copy failed: {reason}; process {pid} is left stopped here and holds all of its memory. The destination kills its copy when post-copy breaks: `procmig send --resume-source --pid {pid}` resumes the process here")]
     PostcopyBroken { pid: i32, reason: String },
     /// --postcopy-after with a receiver that cannot do it.
     #[error(
