@@ -90,7 +90,13 @@ fn busy_agent_after_0_and_1_rounds() {
     for after in ["0", "1"] {
         let dir = TempDir::new("postcopy-agent");
         let agent = Agent::start(&["--size", "128M", "--threads", "2", "--dirty-rate", "20000"]);
-        let o = migrate(agent.pid, &dir, &["--postcopy-after", after]);
+        // The background push held to 20 MB/s: the agent's writes meet
+        // missing pages before it ends, however loaded the machine.
+        let o = migrate(
+            agent.pid,
+            &dir,
+            &["--postcopy-after", after, "--max-bandwidth", "20M"],
+        );
         let pid = assert_postcopy(&o);
         let requested = o.recv["postcopy"]["requested"].as_u64().unwrap();
         assert!(requested > 0, "after {after}: no fault asked for a page");
@@ -153,15 +159,40 @@ fn python_that_outruns_pre_copy_finishes_with_the_same_output() {
     let log = dir.join("log.txt");
     let src = Kill(run(&log));
     wait_for(30, "python to start mutating", || lines(&log).len() >= 3);
-    // A slow link: pre-copy cannot converge, auto switches to post-copy.
+    // After one round whatever the machine's speed (whether `auto` would
+    // switch depends on it; `auto_switches_when_pre_copy_cannot_converge`
+    // tests that with a load no machine can converge).
     let o = migrate(
         src.0.id() as i32,
         &dir,
-        &["--postcopy-after", "auto", "--max-bandwidth", "30M"],
+        &["--postcopy-after", "1", "--max-bandwidth", "30M"],
     );
     let pid = assert_postcopy(&o);
     wait_for(120, "the restored python to finish", || !alive(pid));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), want);
+}
+
+#[test]
+fn auto_switches_when_pre_copy_cannot_converge() {
+    if !can_restore("post-copy auto") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-auto");
+    // 16 MiB rewritten at up to 80 MB/s through a 2 MB/s link: even on a
+    // loaded machine the process outruns the link every round.
+    let agent = Agent::start(&["--size", "16M", "--dirty-rate", "20000"]);
+    let o = migrate(
+        agent.pid,
+        &dir,
+        &["--postcopy-after", "auto", "--max-bandwidth", "2M"],
+    );
+    let pid = assert_postcopy(&o);
+    let _restored = Pid(pid);
+    let s: serde_json::Value = serde_json::from_slice(&o.send.stdout).unwrap();
+    let rounds = s["rounds"].as_array().unwrap().len();
+    assert!(rounds <= 5, "auto switched only after {rounds} rounds");
+    std::thread::sleep(Duration::from_millis(300));
+    agent_checks_out(pid, &dir);
 }
 
 #[test]
