@@ -308,3 +308,46 @@ fn fault_loop(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn missing(pages: &[u64]) -> Missing {
+        Missing {
+            pages: pages.iter().copied().collect(),
+            remaps: Vec::new(),
+            asked: HashMap::new(),
+            latencies_us: Vec::new(),
+            zero_filled: 0,
+        }
+    }
+
+    #[test]
+    fn remapped_pages_are_followed_both_ways() {
+        let mut m = missing(&[0x10000, 0x11000, 0x20000]);
+        // mremap of [0x10000, 0x12000) to 0x50000, then of 0x50000 on to 0x90000.
+        m.remaps.push((0x10000, 0x50000, 0x2000));
+        m.remaps.push((0x50000, 0x90000, 0x1000));
+        assert_eq!(m.now(0x10000), 0x90000);
+        assert_eq!(m.now(0x11000), 0x51000);
+        assert_eq!(m.now(0x20000), 0x20000);
+        assert_eq!(m.source(0x90000), 0x10000);
+        assert_eq!(m.source(0x51000), 0x11000);
+        assert_eq!(m.source(0x20000), 0x20000);
+    }
+
+    #[test]
+    fn dropped_pages_are_no_longer_missing() {
+        let mut m = missing(&[0x10000, 0x11000, 0x12000]);
+        m.remaps.push((0x10000, 0x70000, 0x3000));
+        m.asked.insert(0x11000, Instant::now());
+        // MADV_DONTNEED of the middle page, at its new address.
+        m.forget(0x71000, 0x72000, 0x1000);
+        assert_eq!(
+            m.pages.iter().copied().collect::<Vec<_>>(),
+            vec![0x10000, 0x12000]
+        );
+        assert!(m.asked.is_empty());
+    }
+}

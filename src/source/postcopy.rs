@@ -325,3 +325,21 @@ fn spawn_reader(mut reader: Reader) -> Receiver<Msg> {
         });
     rx
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_in_runs() {
+        let runs = [
+            Run { first: 2, count: 3 },
+            Run {
+                first: 10,
+                count: 1,
+            },
+        ];
+        let inside: Vec<u64> = (0..12).filter(|&p| in_runs(&runs, p)).collect();
+        assert_eq!(inside, vec![2, 3, 4, 10]);
+    }
+}
