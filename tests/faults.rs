@@ -277,3 +277,164 @@ fn sender_terminated_in_every_phase() {
 fn link_cut_in_every_phase() {
     each_phase(Fault::CutLink);
 }
+
+/// Post-copy: strike once the process was handed over (Commit passed),
+/// while the destination runs it and pages still flow. Neither side holds
+/// the whole process then, so the rule is: the migration completes (the
+/// restored copy runs, the image is committed, the source is stopped), or
+/// it breaks and the restored copy dies, nothing is committed, and the
+/// source is stopped with all of its memory (the sender, if alive, exits 3
+/// and says how to resume it).
+fn run_postcopy_case(fault: Fault) {
+    if !is_root() {
+        println!("skipped: post-copy faults: restoring a process needs root");
+        return;
+    }
+    let what = format!("post-copy, {fault:?} after Commit");
+    let agent = Agent::start(&["--size", "16M", "--dirty-rate", "20000"]);
+    let dir = TempDir::new("fault-postcopy");
+    let out = dir.join("img");
+    let mut recv = Command::new(procmig())
+        .args([
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--timeout",
+            "3s",
+            "--restore",
+            "--out",
+        ])
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    // Kept open: a receiver writing to a closed stderr would die of it.
+    let mut recv_err = std::io::BufReader::new(recv.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut recv_err, &mut line).unwrap();
+    let recv_addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let recv_pid = recv.id() as i32;
+    // Every process the receiver starts (the restored copy).
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
+    let watching = Arc::new(AtomicBool::new(true));
+    {
+        let (seen, watching) = (seen.clone(), watching.clone());
+        std::thread::spawn(move || {
+            while watching.load(Ordering::Relaxed) {
+                let path = format!("/proc/{recv_pid}/task/{recv_pid}/children");
+                if let Ok(s) = std::fs::read_to_string(path) {
+                    let mut v = seen.lock().unwrap();
+                    for p in s.split_whitespace().filter_map(|w| w.parse().ok()) {
+                        if !v.contains(&p) {
+                            v.push(p);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+    }
+    let sender_pid = Arc::new(AtomicI32::new(0));
+    let sp = sender_pid.clone();
+    let strike = move || {
+        // Let post-copy get going first.
+        std::thread::sleep(Duration::from_millis(200));
+        let sender = Pid::from_raw(sp.load(Ordering::Relaxed));
+        match fault {
+            Fault::KillSender => drop(kill(sender, Signal::SIGKILL)),
+            Fault::KillReceiver => drop(kill(Pid::from_raw(recv_pid), Signal::SIGKILL)),
+            Fault::InterruptSender => drop(kill(sender, Signal::SIGINT)),
+            Fault::TerminateSender => drop(kill(sender, Signal::SIGTERM)),
+            Fault::CutLink => {}
+        }
+    };
+    let action = match fault {
+        Fault::CutLink => Action::Cut,
+        _ => Action::Strike(Box::new(strike)),
+    };
+    let struck = Arc::new(AtomicBool::new(false));
+    let port = proxy(recv_addr, At::Commit, action, struck.clone());
+    let mut sender = Command::new(procmig())
+        .args(["send", "--pid", &agent.pid.to_string(), "--to"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--timeout",
+            "3s",
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "2M",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sender_pid.store(sender.id() as i32, Ordering::Relaxed);
+    let st = wait_bounded(&mut sender, &format!("sender ({what})"));
+    let mut err = String::new();
+    let _ = sender.stderr.take().unwrap().read_to_string(&mut err);
+    let rst = wait_bounded(&mut recv, &format!("receiver ({what})"));
+    watching.store(false, Ordering::Relaxed);
+    let mut rerr = String::new();
+    let _ = recv_err.read_to_string(&mut rerr);
+    assert!(!err.contains("panicked"), "{what}: {err}");
+    assert!(!rerr.contains("panicked"), "{what}: receiver: {rerr}");
+    if fault != Fault::KillReceiver {
+        assert!(
+            rst.code().is_some_and(|c| c != 101),
+            "{what}: receiver: {rerr}"
+        );
+    }
+    assert!(
+        struck.load(Ordering::Relaxed),
+        "{what}: never reached Commit: {err}"
+    );
+    let restored: Vec<i32> = seen.lock().unwrap().clone();
+    let live: Vec<i32> = restored
+        .iter()
+        .copied()
+        .filter(|&p| proc_state(p).is_some_and(|(s, _)| s != 'Z' && s != 'X'))
+        .collect();
+    let (state, tracer) = proc_state(agent.pid).expect("the source process is gone");
+    assert_eq!(tracer, 0, "{what}: source left traced");
+    assert_eq!(state, 'T', "{what}: the source runs again by itself: {err}");
+    let committed = out.exists();
+    println!(
+        "{what}: committed {committed}, restored copies alive {live:?}, sender exit {:?}, receiver exit {:?}",
+        st.code(),
+        rst.code()
+    );
+    if committed {
+        // Completed: exactly one copy runs, the destination's.
+        assert_eq!(live.len(), 1, "{what}: completed without a running copy");
+        assert!(st.success() || fault == Fault::KillSender, "{what}: {err}");
+    } else {
+        assert!(
+            live.is_empty(),
+            "{what}: a restored copy runs without its memory"
+        );
+        if fault != Fault::KillSender {
+            assert_eq!(st.code(), Some(3), "{what}: {err}");
+            assert!(err.contains("--resume-source"), "{what}: {err}");
+        }
+        // The source resumes by hand, whole.
+        let r = run(&["send", "--resume-source", "--pid", &agent.pid.to_string()]);
+        assert!(r.status.success(), "{what}: {}", text(&r.stderr));
+        assert_running(agent.pid);
+    }
+    for p in live {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+#[test]
+fn postcopy_faults_leave_one_copy_or_a_whole_stopped_source() {
+    for fault in [
+        Fault::KillSender,
+        Fault::KillReceiver,
+        Fault::InterruptSender,
+        Fault::CutLink,
+    ] {
+        run_postcopy_case(fault);
+    }
+}
