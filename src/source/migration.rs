@@ -315,8 +315,10 @@ impl<'a> Migration<'a> {
                     PostcopyAfter::Rounds(n) => c.round >= n,
                     PostcopyAfter::Auto => c.outrun >= 2 || matches!(p.decision, Decision::GiveUp),
                 };
-                // Converged anyway: an ordinary downtime is shorter.
-                if switch && !matches!(p.decision, Decision::Downtime) {
+                // `auto` and converged anyway: an ordinary downtime is
+                // shorter. A round count is the user's explicit choice.
+                let converged = matches!(p.decision, Decision::Downtime);
+                if switch && (matches!(after, PostcopyAfter::Rounds(_)) || !converged) {
                     c.postcopy = true;
                     return Ok(plan.carry(&c.state));
                 }
