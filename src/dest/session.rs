@@ -23,12 +23,18 @@
 //!                           RoundEnd(round)  of this round; barrier (the whole round    InRound{round+1, false}
 //!                                            is applied); forget the round's pages;
 //!                                            send RoundApplied(round) (version 2)
+//!                           State            (version 3) the process state, once        InRound{round, started}
+//!                           Discard          (--restore) pages the restored process     InRound{round, started}
+//!                                            gets by post-copy
 //!                           End(totals)      barrier; stop the workers; totals          Applied
-//!                                            compared; send Applied (downtime ends)
+//!                                            compared; --restore: rebuild the process
+//!                                            (stopped); send Applied (downtime ends)
 //!                           Error            the source aborted                         failed
 //!                           anything else    "unexpected ... frame"                     failed
 //!  Applied                  Commit           (version 2; version 1 reads nothing)       Committed
-//!                                            the source handed over: digest, sync,
+//!                                            the source handed over: start the
+//!                                            restored process; post-copy (pages and
+//!                                            PostcopyDone, postcopy.rs); digest, sync,
 //!                                            rename into place; send Ack
 //!                           Error, EOF       the source kept the process: nothing       failed
 //!                                            is committed
