@@ -478,6 +478,20 @@ fn restore_without_privileges_says_what_it_needs() {
         .output()
         .unwrap();
     assert_one_line_error(&out, "needs root");
+    // A restoring receiver says so at once, before it listens.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(procmig())
+        .args(["recv", "--listen", "0", "--restore", "--out"])
+        .arg(dir.join("img2"))
+        .output()
+        .unwrap();
+    assert_one_line_error(&out, "needs root");
 }
 
 #[test]

@@ -199,6 +199,10 @@ impl Listener {
     /// Check the output path, create the staging directory, and bind.
     pub fn bind(cfg: RecvConfig) -> Result<Listener, RecvError> {
         let addr = parse_listen(&cfg.listen)?;
+        // Say it before anything is received, not after.
+        if cfg.restore.is_some() {
+            crate::restore::privileges().map_err(RecvError::Restore)?;
+        }
         let staging = Staging::create(&cfg.out, cfg.force)?;
         let listener = transport::Listener::bind(&addr).map_err(|source| RecvError::Bind {
             addr: addr.clone(),
