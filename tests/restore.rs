@@ -436,6 +436,43 @@ fn refusals_are_one_line_and_leave_the_source_running() {
 }
 
 #[test]
+fn no_new_privs_is_kept_and_reduced_capabilities_are_refused() {
+    if !can_restore("privilege flags") || !have("setpriv", "privilege flags") {
+        return;
+    }
+    let dir = TempDir::new("restore-privflags");
+    let Some(prog) = compile("pipe_epoll.c", &dir) else {
+        return;
+    };
+    // no_new_privs: restored as it was.
+    let log = dir.join("log.txt");
+    let src = Kill(spawn_clean(
+        Command::new("setpriv")
+            .arg("--no-new-privs")
+            .arg(&prog)
+            .arg(&log),
+    ));
+    wait_for(10, "first lines", || !lines(&log).is_empty());
+    let o = migrate(src.0.id() as i32, &dir, &[], &[]);
+    let restored = assert_migrated(&o);
+    let status = std::fs::read_to_string(format!("/proc/{restored}/status")).unwrap();
+    assert!(status.lines().any(|l| l == "NoNewPrivs:\t1"), "{status}");
+    // A root process with a smaller bounding set would come back with
+    // more privileges: refused before anything is stopped.
+    let log2 = dir.join("log2.txt");
+    let src2 = Kill(spawn_clean(
+        Command::new("setpriv")
+            .arg("--bounding-set=-net_raw")
+            .arg(&prog)
+            .arg(&log2),
+    ));
+    wait_for(10, "first lines", || !lines(&log2).is_empty());
+    let c = run(&["check", "--pid", &src2.0.id().to_string()]);
+    assert_eq!(c.status.code(), Some(2));
+    assert!(text(&c.stdout).contains("CapBnd"), "{}", text(&c.stdout));
+}
+
+#[test]
 fn a_changed_binary_is_refused() {
     if !can_restore("changed binary") {
         return;

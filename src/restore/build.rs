@@ -505,6 +505,13 @@ impl Builder<'_> {
                 "prctl(PR_SET_PDEATHSIG)",
             )?;
         }
+        if st.no_new_privs {
+            self.call(
+                libc::SYS_prctl,
+                [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
+                "prctl(PR_SET_NO_NEW_PRIVS)",
+            )?;
+        }
         // setresuid clears the dumpable flag; the source's was set.
         self.call(
             libc::SYS_prctl,

@@ -51,6 +51,7 @@ pub fn capture(
             .unwrap_or(0o022),
         rlimits: rlimits(pid)?,
         creds: creds(&status)?,
+        no_new_privs: status_field(&status, "NoNewPrivs:") == Some("1"),
         mm: mm_fields(pid)?,
         threads: Vec::new(),
         sigactions: Vec::new(),

@@ -44,6 +44,42 @@ pub fn check(pid: i32) -> Result<Vec<String>, String> {
             }
         }
     }
+    // What the restored process would gain or lose: a seccomp filter it
+    // runs under, capabilities other than procmig's own (root) or any at
+    // all (other users), a 32-bit program.
+    if field("Seccomp:") != "0" && !field("Seccomp:").is_empty() {
+        why.push("it runs under seccomp, whose filters are not restored".into());
+    }
+    let own = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let own_field = |k: &str| {
+        own.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let root = field("Uid:").split_whitespace().nth(1) == Some("0");
+    for cap in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:", "CapInh:"] {
+        let theirs = field(cap);
+        let differs = if root {
+            theirs != own_field(cap)
+        } else {
+            matches!(cap, "CapEff:" | "CapPrm:" | "CapAmb:") && theirs.trim_start_matches('0') != ""
+        };
+        if differs {
+            why.push(format!(
+                "its capability set {} is {theirs}, which restore does not reproduce",
+                cap.trim_end_matches(':')
+            ));
+        }
+    }
+    if let Ok(f) = std::fs::File::open(format!("/proc/{pid}/exe")) {
+        use std::io::Read;
+        let mut head = [0u8; 5];
+        if f.take(5).read_exact(&mut head).is_ok() && head[..4] == *b"\x7fELF" && head[4] != 2 {
+            why.push("it is a 32-bit program; only 64-bit ones are restored".into());
+        }
+    }
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("cannot read /proc/{pid}/maps: {e}"))?;
     for line in maps.lines() {

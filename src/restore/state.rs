@@ -31,6 +31,9 @@ pub struct ProcessState {
     /// getrlimit for every resource 0..RLIM_NLIMITS: [soft, hard].
     pub rlimits: Vec<[u64; 2]>,
     pub creds: Creds,
+    /// prctl(PR_SET_NO_NEW_PRIVS) was set.
+    #[serde(default)]
+    pub no_new_privs: bool,
     pub mm: MmFields,
     /// The main thread first.
     pub threads: Vec<ThreadState>,
