@@ -64,7 +64,8 @@ pub fn check(pid: i32) -> Result<Vec<String>, String> {
         let differs = if root {
             theirs != own_field(cap)
         } else {
-            matches!(cap, "CapEff:" | "CapPrm:" | "CapAmb:") && theirs.trim_start_matches('0') != ""
+            matches!(cap, "CapEff:" | "CapPrm:" | "CapAmb:")
+                && !theirs.trim_start_matches('0').is_empty()
         };
         if differs {
             why.push(format!(
