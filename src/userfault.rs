@@ -8,6 +8,7 @@ use crate::dirty::uffd::{
     ioctl, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFD_API,
 };
 
+pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
 pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
 pub const FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 pub const FEATURE_EVENT_UNMAP: u64 = 1 << 6;
@@ -47,11 +48,13 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
-/// UFFDIO_API for MISSING faults with the remove, unmap and remap events
+/// UFFDIO_API for MISSING faults with the fork, remove, unmap and remap
+/// events (a child forked meanwhile gets a userfaultfd of its own)
 /// (a page the process drops must read as zero afterwards, not as the
 /// data that arrives later).
 pub fn enable_missing(fd: i32) -> io::Result<()> {
-    let want = FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP;
+    let want =
+        FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP;
     let mut api = UffdioApi {
         api: UFFD_API,
         features: want,
@@ -89,6 +92,8 @@ pub enum Filled {
     Exists,
     /// The range is no longer mapped.
     Gone,
+    /// The process is gone.
+    Exited,
     /// The layout is changing (an event is pending): try again once the
     /// monitor has read it.
     Again,
@@ -101,9 +106,8 @@ fn filled(r: io::Result<i64>, fd: i32, start: u64, len: u64) -> io::Result<Fille
             wake(fd, start, len)?;
             Ok(Filled::Exists)
         }
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESRCH)) => {
-            Ok(Filled::Gone)
-        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Filled::Gone),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(Filled::Exited),
         Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Ok(Filled::Again),
         Err(e) => Err(e),
     }
@@ -146,10 +150,27 @@ pub fn wake(fd: i32, start: u64, len: u64) -> io::Result<()> {
 /// One event read from the userfaultfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    Fault { addr: u64 },
-    Remove { start: u64, end: u64 },
-    Unmap { start: u64, end: u64 },
-    Remap { from: u64, to: u64, len: u64 },
+    Fault {
+        addr: u64,
+    },
+    Remove {
+        start: u64,
+        end: u64,
+    },
+    Unmap {
+        start: u64,
+        end: u64,
+    },
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    /// A child was forked; `ufd` is a new descriptor in this process for
+    /// its userfaultfd.
+    Fork {
+        ufd: i32,
+    },
     Other(u8),
 }
 

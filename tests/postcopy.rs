@@ -323,3 +323,85 @@ fn four_thread_c_writer_goes_on_without_a_gap() {
         last[t] = Some(seq);
     }
 }
+
+/// Known bug: about 1 fork in 50 gives a child that dies of SIGBUS while
+/// it reads its memory (the others see exactly their parent's memory).
+/// Run with `cargo test --test postcopy -- --ignored` while fixing it.
+#[test]
+#[ignore = "known bug: about 1 in 50 children forked during post-copy dies of SIGBUS"]
+fn a_child_forked_during_post_copy_sees_its_parents_memory() {
+    if !can_restore("post-copy fork") || !have("python3", "post-copy fork") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-fork");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/forker.py");
+    let go = dir.join("go");
+    let run = |out: &Path| {
+        spawn_clean(
+            Command::new("python3")
+                .arg(&script)
+                .arg("60")
+                .arg(&go)
+                .stdout(std::fs::File::create(out).unwrap())
+                .stderr(Stdio::null()),
+        )
+    };
+    std::fs::write(&go, b"").unwrap();
+    let mut reference = run(&dir.join("ref.txt"));
+    assert!(reference.wait().unwrap().success());
+    let want = std::fs::read_to_string(dir.join("ref.txt")).unwrap();
+    std::fs::remove_file(&go).unwrap();
+    let log = dir.join("log.txt");
+    let src = Kill(run(&log));
+    wait_for(30, "python to start", || lines(&log).len() >= 3);
+    // Forking starts once the restored copy runs, while pages are still
+    // missing (a slow background push): the children must see them.
+    let recv = Recv::start(&dir.join("img"), &["--restore", "--json"]);
+    let recv_pid = recv.child.id() as i32;
+    let sender = Command::new(procmig())
+        .args([
+            "send",
+            "--json",
+            "--pid",
+            &src.0.id().to_string(),
+            "--to",
+            &recv.addr(),
+        ])
+        .args(["--postcopy-after", "0", "--max-bandwidth", "3M"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let child_of_recv = || {
+        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            })
+    };
+    wait_for(60, "the restored process", || {
+        child_of_recv()
+            .is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
+    });
+    std::fs::write(&go, b"").unwrap();
+    let send = sender.wait_with_output().unwrap();
+    let (recv_ok, out, recv_err) = recv.wait();
+    let o = Outcome {
+        send,
+        recv_ok,
+        recv: serde_json::from_str(&out).unwrap_or(serde_json::Value::Null),
+        recv_err,
+        restored: None,
+    };
+    let o = Outcome {
+        restored: o.recv["restored_pid"].as_i64().map(|p| Pid(p as i32)),
+        ..o
+    };
+    let pid = assert_postcopy(&o);
+    wait_for(120, "the restored python to finish", || !alive(pid));
+    let got = std::fs::read_to_string(&log).unwrap();
+    assert!(!got.contains("BAD"), "{got}");
+    assert_eq!(got, want);
+}

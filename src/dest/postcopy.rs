@@ -31,18 +31,26 @@ use crate::protocol::{self, Control, Kind, POSTCOPY_ROUND};
 use crate::stats::PostcopyReport;
 use crate::userfault::{self, Event, Filled};
 
-struct Missing {
+/// One process whose memory is being filled: the restored one, and any
+/// child it forks meanwhile (UFFD_EVENT_FORK gives each its own
+/// userfaultfd, and its own copy of what is missing).
+struct Proc {
+    fd: OwnedFd,
     /// Source addresses of the pages still missing.
     pages: BTreeSet<u64>,
     /// mremap events since the switch, in order: (from, to, len).
     remaps: Vec<(u64, u64, u64)>,
+}
+
+struct Missing {
+    procs: Vec<Proc>,
     /// When each outstanding request was sent.
     asked: HashMap<u64, Instant>,
     latencies_us: Vec<u64>,
     zero_filled: u64,
 }
 
-impl Missing {
+impl Proc {
     /// Where the page at source address `a` is now.
     fn now(&self, mut a: u64) -> u64 {
         for &(from, to, len) in &self.remaps {
@@ -68,7 +76,6 @@ impl Missing {
         while a < end {
             let s = self.source(a);
             self.pages.remove(&s);
-            self.asked.remove(&s);
             a += ps;
         }
     }
@@ -95,22 +102,24 @@ pub fn run(
         }
     }
     let shared = Arc::new(Mutex::new(Missing {
-        pages: set,
-        remaps: Vec::new(),
+        procs: vec![Proc {
+            fd: uffd,
+            pages: set,
+            remaps: Vec::new(),
+        }],
         asked: HashMap::new(),
         latencies_us: Vec::new(),
         zero_filled: 0,
     }));
-    let uffd = Arc::new(uffd);
     let stop = Arc::new(AtomicBool::new(false));
     let faults = {
-        let (shared, uffd, stop) = (shared.clone(), uffd.clone(), stop.clone());
+        let (shared, stop) = (shared.clone(), stop.clone());
         std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&shared, uffd.as_raw_fd(), writer, &stop, ps))
+            .spawn(move || fault_loop(&shared, writer, &stop, ps))
             .map_err(|e| format!("starting the fault thread: {e}"))?
     };
-    let r = receive(reader, &shared, uffd.as_raw_fd(), regions, timeout, cancel);
+    let r = receive(reader, &shared, regions, timeout, cancel);
     stop.store(true, Ordering::Relaxed);
     let fault_result = faults
         .join()
@@ -131,7 +140,6 @@ pub fn run(
 fn receive(
     reader: &mut BufReader<Reader>,
     shared: &Mutex<Missing>,
-    fd: i32,
     regions: &Regions,
     timeout: Duration,
     cancel: &AtomicBool,
@@ -205,33 +213,49 @@ fn receive(
                         std::ptr::copy_nonoverlapping(page.as_ptr(), at, ps as usize);
                     }
                 }
-                fill(shared, fd, rf.entry.start + p * ps, page, ps)?;
+                fill(shared, rf.entry.start + p * ps, page, ps)?;
             }
         }
     }
 }
 
-/// Put one arriving page into the process if it is still missing there.
-fn fill(shared: &Mutex<Missing>, fd: i32, src: u64, page: &[u8], ps: u64) -> Result<(), String> {
+/// Put one arriving page into every process still missing it.
+fn fill(shared: &Mutex<Missing>, src: u64, page: &[u8], ps: u64) -> Result<(), String> {
     loop {
         let mut m = shared.lock().expect("not poisoned");
-        if !m.pages.contains(&src) {
-            return Ok(());
+        let mut again = false;
+        let mut exited = Vec::new();
+        for (k, p) in m.procs.iter_mut().enumerate() {
+            if !p.pages.contains(&src) {
+                continue;
+            }
+            let at = p.now(src);
+            let fd = p.fd.as_raw_fd();
+            let r = if page.is_empty() {
+                userfault::zeropage(fd, at, ps)
+            } else {
+                userfault::copy(fd, at, page)
+            }
+            .map_err(|e| format!("filling {at:#x}: {e}"))?;
+            match r {
+                Filled::Again => again = true,
+                Filled::Exited => exited.push(k),
+                _ => {
+                    p.pages.remove(&src);
+                }
+            }
         }
-        let at = m.now(src);
-        let r = if page.is_empty() {
-            userfault::zeropage(fd, at, ps)
-        } else {
-            userfault::copy(fd, at, page)
+        // A forked child that exited needs nothing more (the restored
+        // process itself is watched by the session).
+        for k in exited.into_iter().rev().filter(|&k| k > 0) {
+            m.procs.remove(k);
         }
-        .map_err(|e| format!("filling {at:#x}: {e}"))?;
-        if r == Filled::Again {
+        if again {
             // An event is pending: let the fault thread read it.
             drop(m);
             std::thread::sleep(Duration::from_micros(50));
             continue;
         }
-        m.pages.remove(&src);
         if let Some(t) = m.asked.remove(&src) {
             m.latencies_us.push(t.elapsed().as_micros() as u64);
         }
@@ -241,35 +265,49 @@ fn fill(shared: &Mutex<Missing>, fd: i32, src: u64, page: &[u8], ps: u64) -> Res
 
 fn fault_loop(
     shared: &Mutex<Missing>,
-    fd: i32,
     mut writer: Writer,
     stop: &AtomicBool,
     ps: u64,
 ) -> Result<(), String> {
     let mut events = Vec::new();
     let mut ask = Vec::new();
-    // Zero-page fills refused while the layout changed: retried.
-    let mut retry: Vec<u64> = Vec::new();
+    // Zero-page fills refused while the layout changed: retried, per
+    // process.
+    let mut retry: Vec<(usize, u64)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one pollfd, valid for the call.
-        unsafe { libc::poll(&mut pfd, 1, 20) };
-        events.clear();
+        let mut pfds: Vec<libc::pollfd> = shared
+            .lock()
+            .expect("not poisoned")
+            .procs
+            .iter()
+            .map(|p| libc::pollfd {
+                fd: p.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: the pollfds live across the call.
+        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 20) };
         ask.clear();
-        {
-            let mut m = shared.lock().expect("not poisoned");
+        let mut m = shared.lock().expect("not poisoned");
+        let mut k = 0;
+        while k < m.procs.len() {
+            events.clear();
+            let fd = m.procs[k].fd.as_raw_fd();
             userfault::read_events(fd, &mut events).map_err(|e| format!("reading faults: {e}"))?;
-            events.extend(retry.drain(..).map(|addr| Event::Fault { addr }));
+            events.extend(
+                retry
+                    .iter()
+                    .filter(|(j, _)| *j == k)
+                    .map(|&(_, addr)| Event::Fault { addr }),
+            );
+            retry.retain(|(j, _)| *j != k);
             for &ev in &events {
                 match ev {
                     Event::Fault { addr } => {
                         let at = addr & !(ps - 1);
-                        let src = m.source(at);
-                        if m.pages.contains(&src) {
+                        let src = m.procs[k].source(at);
+                        if m.procs[k].pages.contains(&src) {
                             if let std::collections::hash_map::Entry::Vacant(e) = m.asked.entry(src)
                             {
                                 e.insert(Instant::now());
@@ -281,20 +319,33 @@ fn fault_loop(
                             let r = userfault::zeropage(fd, at, ps)
                                 .map_err(|e| format!("zero page at {at:#x}: {e}"))?;
                             if r == Filled::Again {
-                                retry.push(at);
+                                retry.push((k, at));
                             } else {
                                 m.zero_filled += 1;
                             }
                         }
                     }
                     Event::Remove { start, end } | Event::Unmap { start, end } => {
-                        m.forget(start, end, ps)
+                        m.procs[k].forget(start, end, ps)
                     }
-                    Event::Remap { from, to, len } => m.remaps.push((from, to, len)),
+                    Event::Remap { from, to, len } => m.procs[k].remaps.push((from, to, len)),
+                    Event::Fork { ufd } => {
+                        // SAFETY: the kernel installed this descriptor in
+                        // our table for the child; it is ours alone.
+                        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ufd) };
+                        let child = Proc {
+                            fd,
+                            pages: m.procs[k].pages.clone(),
+                            remaps: m.procs[k].remaps.clone(),
+                        };
+                        m.procs.push(child);
+                    }
                     Event::Other(_) => {}
                 }
             }
+            k += 1;
         }
+        drop(m);
         for &src in &ask {
             protocol::write_control(
                 &mut writer,
@@ -313,13 +364,14 @@ fn fault_loop(
 mod tests {
     use super::*;
 
-    fn missing(pages: &[u64]) -> Missing {
-        Missing {
+    fn missing(pages: &[u64]) -> Proc {
+        // SAFETY: a fresh descriptor of our own (any will do here).
+        let fd = unsafe { libc::eventfd(0, 0) };
+        Proc {
+            // SAFETY: as above.
+            fd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
             pages: pages.iter().copied().collect(),
             remaps: Vec::new(),
-            asked: HashMap::new(),
-            latencies_us: Vec::new(),
-            zero_filled: 0,
         }
     }
 
@@ -341,13 +393,11 @@ mod tests {
     fn dropped_pages_are_no_longer_missing() {
         let mut m = missing(&[0x10000, 0x11000, 0x12000]);
         m.remaps.push((0x10000, 0x70000, 0x3000));
-        m.asked.insert(0x11000, Instant::now());
         // MADV_DONTNEED of the middle page, at its new address.
         m.forget(0x71000, 0x72000, 0x1000);
         assert_eq!(
             m.pages.iter().copied().collect::<Vec<_>>(),
             vec![0x10000, 0x12000]
         );
-        assert!(m.asked.is_empty());
     }
 }
