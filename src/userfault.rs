@@ -4,9 +4,7 @@
 
 use std::io;
 
-use crate::dirty::uffd::{
-    ioctl, UffdioApi, UffdioRange, UffdioRegister, UFFDIO_API, UFFDIO_REGISTER, UFFD_API,
-};
+use crate::dirty::uffd::{enable, ioctl, register, UffdioRange};
 
 pub const FEATURE_EVENT_FORK: u64 = 1 << 1;
 pub const FEATURE_EVENT_REMAP: u64 = 1 << 2;
@@ -49,39 +47,18 @@ struct UffdioZeropage {
 }
 
 /// UFFDIO_API for MISSING faults with the fork, remove, unmap and remap
-/// events (a child forked meanwhile gets a userfaultfd of its own)
-/// (a page the process drops must read as zero afterwards, not as the
-/// data that arrives later).
+/// events: a child forked meanwhile gets a userfaultfd of its own, and a
+/// page the process drops must read as zero afterwards, not as the data
+/// that arrives later.
 pub fn enable_missing(fd: i32) -> io::Result<()> {
-    let want =
-        FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP;
-    let mut api = UffdioApi {
-        api: UFFD_API,
-        features: want,
-        ioctls: 0,
-    };
-    // SAFETY: UffdioApi is the UFFDIO_API argument.
-    unsafe { ioctl(fd, UFFDIO_API, &mut api) }?;
-    if api.features & want != want {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            format!(
-                "kernel granted userfaultfd features {:#x} of {want:#x}",
-                api.features
-            ),
-        ));
-    }
-    Ok(())
+    enable(
+        fd,
+        FEATURE_EVENT_FORK | FEATURE_EVENT_REMAP | FEATURE_EVENT_REMOVE | FEATURE_EVENT_UNMAP,
+    )
 }
 
 pub fn register_missing(fd: i32, start: u64, len: u64) -> io::Result<()> {
-    let mut reg = UffdioRegister {
-        range: UffdioRange { start, len },
-        mode: REGISTER_MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UffdioRegister is the UFFDIO_REGISTER argument.
-    unsafe { ioctl(fd, UFFDIO_REGISTER, &mut reg) }.map(drop)
+    register(fd, start, len, REGISTER_MODE_MISSING)
 }
 
 /// What a fill of missing pages found.

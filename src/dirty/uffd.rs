@@ -133,7 +133,15 @@ pub unsafe fn ioctl<T>(fd: i32, req: u64, arg: &mut T) -> io::Result<i64> {
 /// UFFDIO_API asking for async write-protect; fails unless every feature
 /// asked for is granted.
 pub fn enable_wp_async(fd: i32, extra: u64) -> io::Result<()> {
-    let want = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | extra;
+    enable(
+        fd,
+        UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | extra,
+    )
+}
+
+/// UFFDIO_API asking for the features `want`; fails unless every one is
+/// granted.
+pub fn enable(fd: i32, want: u64) -> io::Result<()> {
     let mut api = UffdioApi {
         api: UFFD_API,
         features: want,
@@ -151,9 +159,14 @@ pub fn enable_wp_async(fd: i32, extra: u64) -> io::Result<()> {
 }
 
 pub fn register_wp(fd: i32, start: u64, len: u64) -> io::Result<()> {
+    register(fd, start, len, UFFDIO_REGISTER_MODE_WP)
+}
+
+/// UFFDIO_REGISTER of `[start, start+len)` in `mode`.
+pub fn register(fd: i32, start: u64, len: u64, mode: u64) -> io::Result<()> {
     let mut reg = UffdioRegister {
         range: UffdioRange { start, len },
-        mode: UFFDIO_REGISTER_MODE_WP,
+        mode,
         ioctls: 0,
     };
     // SAFETY: UffdioRegister is the UFFDIO_REGISTER argument.

@@ -20,6 +20,30 @@ use super::{Attachment, ProcessError};
 /// `syscall` (0f 05) followed by `int3` (cc).
 const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
 
+/// `base` set up to run system call `nr` with `args` from the
+/// `syscall` instruction at `at`: orig_rax -1 (no restart of a call the
+/// thread was in), no single-step flag.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn syscall_regs(
+    base: libc::user_regs_struct,
+    at: u64,
+    nr: i64,
+    args: [u64; 6],
+) -> libc::user_regs_struct {
+    let mut regs = base;
+    regs.rax = nr as u64;
+    regs.rdi = args[0];
+    regs.rsi = args[1];
+    regs.rdx = args[2];
+    regs.r10 = args[3];
+    regs.r8 = args[4];
+    regs.r9 = args[5];
+    regs.rip = at;
+    regs.orig_rax = u64::MAX;
+    regs.eflags &= !0x100;
+    regs
+}
+
 impl Attachment {
     /// Run system call `nr` with `args` in the stopped thread `tid` of the
     /// target and return its raw result (a negative errno on failure).
@@ -45,17 +69,7 @@ impl Attachment {
         let word = ptrace::read(t, addr as ptrace::AddressType).map_err(err("peek code"))?;
         let mut code = (word as u64).to_le_bytes();
         code[..3].copy_from_slice(&SYSCALL_INT3);
-        let mut regs = saved;
-        regs.rax = nr as u64;
-        regs.rdi = args[0];
-        regs.rsi = args[1];
-        regs.rdx = args[2];
-        regs.r10 = args[3];
-        regs.r8 = args[4];
-        regs.r9 = args[5];
-        regs.rip = addr;
-        regs.orig_rax = u64::MAX;
-        regs.eflags &= !0x100; // no single-step trap flag
+        let regs = syscall_regs(saved, addr, nr, args);
         ptrace::write(
             t,
             addr as ptrace::AddressType,

@@ -88,7 +88,8 @@ impl fmt::Display for RegionFilter {
     }
 }
 
-fn path_name(p: &MMapPath) -> String {
+/// The name /proc/PID/maps shows for a mapping.
+pub(crate) fn path_name(p: &MMapPath) -> String {
     match p {
         MMapPath::Path(p) => p.to_string_lossy().into_owned(),
         MMapPath::Heap => "[heap]".into(),

@@ -8,6 +8,9 @@ mod pagemap;
 pub mod thp;
 
 pub use attach::{leave_detached, process_state, resume_stopped, Attachment, Leave};
+#[cfg(target_arch = "x86_64")]
+pub(crate) use inject::syscall_regs;
+pub(crate) use maps::path_name;
 pub use maps::{
     read_mappings, read_regions, reason, select_regions, summarize, LeftOut, Region, RegionFilter,
     RegionKind,

@@ -435,15 +435,7 @@ impl Control {
             Kind::Zero => {
                 let round = g.u32()?;
                 let region = g.u32()?;
-                let n = g.u32()?;
-                if n == 0 || n > MAX_ZERO_RUNS {
-                    return Err(DecodeError::TooLong {
-                        what: "zero run count",
-                        len: n as u64,
-                        max: MAX_ZERO_RUNS as u64,
-                    });
-                }
-                let runs = get_runs(&mut g, n)?;
+                let runs = get_run_list(&mut g, "zero run count")?;
                 Control::Zero {
                     round,
                     region,
@@ -464,15 +456,7 @@ impl Control {
             Kind::State => Control::State(g.rest().to_vec()),
             Kind::Discard => {
                 let region = g.u32()?;
-                let n = g.u32()?;
-                if n == 0 || n > MAX_ZERO_RUNS {
-                    return Err(DecodeError::TooLong {
-                        what: "discard run count",
-                        len: n as u64,
-                        max: MAX_ZERO_RUNS as u64,
-                    });
-                }
-                let runs = get_runs(&mut g, n)?;
+                let runs = get_run_list(&mut g, "discard run count")?;
                 Control::Discard { region, runs }
             }
             Kind::PageRequest => Control::PageRequest {
@@ -501,6 +485,19 @@ impl Control {
         g.finish()?;
         Ok(c)
     }
+}
+
+/// A run count (1..=MAX_ZERO_RUNS) and that many runs.
+fn get_run_list(g: &mut Get, what: &'static str) -> Result<Vec<Run>, DecodeError> {
+    let n = g.u32()?;
+    if n == 0 || n > MAX_ZERO_RUNS {
+        return Err(DecodeError::TooLong {
+            what,
+            len: n as u64,
+            max: MAX_ZERO_RUNS as u64,
+        });
+    }
+    get_runs(g, n)
 }
 
 fn get_runs(g: &mut Get, n: u32) -> Result<Vec<Run>, DecodeError> {

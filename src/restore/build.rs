@@ -156,12 +156,16 @@ fn check_files(st: &ProcessState) -> Result<(), String> {
         }
         Ok(())
     };
-    check(&st.exe)?;
-    for m in &st.mappings {
-        if let Backing::File(r) = &m.backing {
-            if !m.migrated || !m.shared() {
-                check(r)?;
-            }
+    // A file mapped several times (a library's segments) is checked once.
+    let mut checked: Vec<&FileRef> = Vec::new();
+    let files = st.mappings.iter().filter_map(|m| match &m.backing {
+        Backing::File(r) if !m.migrated || !m.shared() => Some(r),
+        _ => None,
+    });
+    for r in std::iter::once(&st.exe).chain(files) {
+        if !checked.contains(&r) {
+            check(r)?;
+            checked.push(r);
         }
     }
     Ok(())

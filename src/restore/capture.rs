@@ -212,19 +212,7 @@ fn mappings(pid: i32, migrated: &[(u64, u64)]) -> Result<Vec<Mapping>, String> {
             perms.push(if m.perms.contains(flag) { c } else { '-' });
         }
         perms.push(if shared { 's' } else { 'p' });
-        let name = match &m.pathname {
-            MMapPath::Path(p) => p.to_string_lossy().into_owned(),
-            MMapPath::Heap => "[heap]".into(),
-            MMapPath::Stack => "[stack]".into(),
-            MMapPath::TStack(t) => format!("[stack:{t}]"),
-            MMapPath::Vdso => "[vdso]".into(),
-            MMapPath::Vvar => "[vvar]".into(),
-            MMapPath::Vsyscall => "[vsyscall]".into(),
-            MMapPath::Anonymous => String::new(),
-            MMapPath::Vsys(k) => format!("/SYSV{k:08x}"),
-            MMapPath::Other(s) => format!("[{s}]"),
-            MMapPath::Rollup => "[rollup]".into(),
-        };
+        let name = crate::process::path_name(&m.pathname);
         let backing = match &m.pathname {
             MMapPath::Vdso | MMapPath::Vvar => Backing::Kernel,
             MMapPath::Other(s) if s.starts_with("vvar") || s.starts_with("vdso") => Backing::Kernel,

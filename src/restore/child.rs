@@ -16,6 +16,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::sys;
+use crate::process::syscall_regs;
 
 /// struct clone_args (clone3, size version 2) asking for one pid: `tid`.
 fn clone_args(flags: u64, exit_signal: u64, tid: &[i32; 1]) -> [u64; 11] {
@@ -191,17 +192,7 @@ impl Child {
     /// As [`Child::call`], the raw result.
     pub fn call_raw(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64, String> {
         let t = Pid::from_raw(tid);
-        let mut regs = self.template;
-        regs.rax = nr as u64;
-        regs.orig_rax = u64::MAX;
-        regs.rdi = args[0];
-        regs.rsi = args[1];
-        regs.rdx = args[2];
-        regs.r10 = args[3];
-        regs.r8 = args[4];
-        regs.r9 = args[5];
-        regs.rip = self.code;
-        regs.eflags &= !0x100;
+        let regs = syscall_regs(self.template, self.code, nr, args);
         ptrace::setregs(t, regs).map_err(perr("setregs"))?;
         ptrace::cont(t, None).map_err(perr("cont"))?;
         loop {
@@ -270,12 +261,8 @@ impl Child {
     /// (the page is gone) and faults instead; the fault is not delivered.
     pub fn unmap_code(&mut self, len: u64) -> Result<(), String> {
         let t = Pid::from_raw(self.pid);
-        let mut regs = self.template;
-        regs.rax = libc::SYS_munmap as u64;
-        regs.orig_rax = u64::MAX;
-        regs.rdi = self.code;
-        regs.rsi = len;
-        regs.rip = self.code;
+        let args = [self.code, len, 0, 0, 0, 0];
+        let regs = syscall_regs(self.template, self.code, libc::SYS_munmap, args);
         ptrace::setregs(t, regs).map_err(perr("setregs"))?;
         ptrace::cont(t, None).map_err(perr("cont"))?;
         loop {
