@@ -148,6 +148,49 @@ fn wait_bounded(child: &mut Child, what: &str) -> std::process::ExitStatus {
     }
 }
 
+/// A receiver on a free loopback port: the child, its stderr (kept open: a
+/// receiver writing to a closed stderr would die of it) and its address.
+fn start_recv(
+    out: &std::path::Path,
+    extra: &[&str],
+) -> (Child, std::io::BufReader<std::process::ChildStderr>, String) {
+    let mut recv = Command::new(procmig())
+        .args(["recv", "--listen", "127.0.0.1:0", "--timeout", "3s"])
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut err = std::io::BufReader::new(recv.stderr.take().unwrap());
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    (recv, err, addr)
+}
+
+/// What the proxy does for `fault`, `delay` after its frame passed:
+/// signal the sender (its pid, once known, in `sender`) or the receiver,
+/// or cut the link.
+fn action_for(fault: Fault, sender: Arc<AtomicI32>, recv_pid: i32, delay: Duration) -> Action {
+    let strike = move || {
+        std::thread::sleep(delay);
+        let sender = Pid::from_raw(sender.load(Ordering::Relaxed));
+        match fault {
+            Fault::KillSender => drop(kill(sender, Signal::SIGKILL)),
+            Fault::KillReceiver => drop(kill(Pid::from_raw(recv_pid), Signal::SIGKILL)),
+            Fault::InterruptSender => drop(kill(sender, Signal::SIGINT)),
+            Fault::TerminateSender => drop(kill(sender, Signal::SIGTERM)),
+            Fault::CutLink => {}
+        }
+    };
+    match fault {
+        Fault::CutLink => Action::Cut,
+        _ => Action::Strike(Box::new(strike)),
+    }
+}
+
 fn run_case(at: At, fault: Fault) {
     let what = format!("{fault:?} at {at:?}");
     let agent = Agent::start(&[
@@ -160,43 +203,10 @@ fn run_case(at: At, fault: Fault) {
     ]);
     let dir = TempDir::new("fault");
     let out = dir.join("img");
-    let mut recv = Command::new(procmig())
-        .args([
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--timeout",
-            "3s",
-            "--out",
-        ])
-        .arg(&out)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(recv.stderr.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let recv_addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut recv, _recv_err, recv_addr) = start_recv(&out, &[]);
     let recv_pid = recv.id() as i32;
     let sender_pid = Arc::new(AtomicI32::new(0));
-    let sp = sender_pid.clone();
-    let strike = move || {
-        let sender = Pid::from_raw(sp.load(Ordering::Relaxed));
-        match fault {
-            Fault::KillSender => drop(kill(sender, Signal::SIGKILL)),
-            Fault::KillReceiver => drop(kill(Pid::from_raw(recv_pid), Signal::SIGKILL)),
-            Fault::InterruptSender => drop(kill(sender, Signal::SIGINT)),
-            Fault::TerminateSender => drop(kill(sender, Signal::SIGTERM)),
-            Fault::CutLink => {}
-        }
-    };
-    let action = match fault {
-        Fault::CutLink => Action::Cut,
-        _ => Action::Strike(Box::new(strike)),
-    };
+    let action = action_for(fault, sender_pid.clone(), recv_pid, Duration::ZERO);
     let struck = Arc::new(AtomicBool::new(false));
     let port = proxy(recv_addr, at, action, struck.clone());
     let mut sender = Command::new(procmig())
@@ -294,26 +304,7 @@ fn run_postcopy_case(fault: Fault) {
     let agent = Agent::start(&["--size", "16M", "--dirty-rate", "20000"]);
     let dir = TempDir::new("fault-postcopy");
     let out = dir.join("img");
-    let mut recv = Command::new(procmig())
-        .args([
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--timeout",
-            "3s",
-            "--restore",
-            "--out",
-        ])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    // Kept open: a receiver writing to a closed stderr would die of it.
-    let mut recv_err = std::io::BufReader::new(recv.stderr.take().unwrap());
-    std::io::BufRead::read_line(&mut recv_err, &mut line).unwrap();
-    let recv_addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let (mut recv, mut recv_err, recv_addr) = start_recv(&out, &["--restore"]);
     let recv_pid = recv.id() as i32;
     // Every process the receiver starts (the restored copy).
     let seen = Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));
@@ -336,23 +327,13 @@ fn run_postcopy_case(fault: Fault) {
         });
     }
     let sender_pid = Arc::new(AtomicI32::new(0));
-    let sp = sender_pid.clone();
-    let strike = move || {
-        // Let post-copy get going first.
-        std::thread::sleep(Duration::from_millis(200));
-        let sender = Pid::from_raw(sp.load(Ordering::Relaxed));
-        match fault {
-            Fault::KillSender => drop(kill(sender, Signal::SIGKILL)),
-            Fault::KillReceiver => drop(kill(Pid::from_raw(recv_pid), Signal::SIGKILL)),
-            Fault::InterruptSender => drop(kill(sender, Signal::SIGINT)),
-            Fault::TerminateSender => drop(kill(sender, Signal::SIGTERM)),
-            Fault::CutLink => {}
-        }
-    };
-    let action = match fault {
-        Fault::CutLink => Action::Cut,
-        _ => Action::Strike(Box::new(strike)),
-    };
+    // Let post-copy get going first.
+    let action = action_for(
+        fault,
+        sender_pid.clone(),
+        recv_pid,
+        Duration::from_millis(200),
+    );
     let struck = Arc::new(AtomicBool::new(false));
     let port = proxy(recv_addr, At::Commit, action, struck.clone());
     let mut sender = Command::new(procmig())

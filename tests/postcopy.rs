@@ -37,6 +37,24 @@ fn migrate(pid: i32, dir: &TempDir, send_extra: &[&str]) -> Outcome {
     }
 }
 
+/// Wait until the restored process (the receiver's child) runs, freely;
+/// returns its pid.
+fn restored_running(recv_pid: i32) -> i32 {
+    let child = || {
+        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            })
+    };
+    wait_for(60, "the restored process", || {
+        child().is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
+    });
+    child().unwrap()
+}
+
 fn assert_postcopy(o: &Outcome) -> i32 {
     assert!(
         o.send.status.success() && o.recv_ok,
@@ -223,21 +241,7 @@ fn destination_killed_during_post_copy_leaves_the_source_whole() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the restored process (a child of the receiver) to run.
-    let child_of_recv = || {
-        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse::<i32>().ok())
-            })
-    };
-    wait_for(60, "the restored process", || {
-        child_of_recv()
-            .is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
-    });
-    let restored = child_of_recv().unwrap();
+    let restored = restored_running(recv_pid);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: plain kill.
     unsafe { libc::kill(recv_pid, libc::SIGKILL) };
@@ -372,19 +376,7 @@ fn a_child_forked_during_post_copy_sees_its_parents_memory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let child_of_recv = || {
-        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse::<i32>().ok())
-            })
-    };
-    wait_for(60, "the restored process", || {
-        child_of_recv()
-            .is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
-    });
+    restored_running(recv_pid);
     std::fs::write(&go, b"").unwrap();
     let send = sender.wait_with_output().unwrap();
     let (recv_ok, out, recv_err) = recv.wait();
