@@ -189,6 +189,19 @@ fn timerfd(info: &str) -> Result<FdKind, String> {
         .ok_or("no clockid in timerfd fdinfo")?;
     let (vs, vn) = pair("it_value:").ok_or("no it_value in timerfd fdinfo")?;
     let (is, ins) = pair("it_interval:").ok_or("no it_interval in timerfd fdinfo")?;
+    let ticks: u64 = field(info, "ticks:")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // A timer that has expired but was not read yet shows it_value 0: the
+    // kernel re-arms a periodic timerfd only when it is read. Armed again
+    // with 0 it would be disarmed for good; 1 ns makes it expire at once
+    // (the reader sees its tick) and then go on at its interval. The count
+    // of missed expirations itself is not restored (at least one is).
+    let (vs, vn) = if vs == 0 && vn == 0 && (ticks > 0 || is != 0 || ins != 0) {
+        (0, 1)
+    } else {
+        (vs, vn)
+    };
     Ok(FdKind::Timerfd {
         clockid,
         times: [is, ins, vs, vn],
@@ -326,7 +339,56 @@ mod tests {
                 times: [1, 0, 0, 49406829]
             }
         );
+        // Expired and not read yet: armed again to expire at once.
+        let t = "clockid: 1\nticks: 3\nsettime flags: 00\nit_value: (0, 0)\nit_interval: (0, 20000000)\n";
+        assert_eq!(
+            timerfd(t).unwrap(),
+            FdKind::Timerfd {
+                clockid: 1,
+                times: [0, 20000000, 0, 1]
+            }
+        );
+        // Disarmed stays disarmed.
+        let t = "clockid: 0\nticks: 0\nsettime flags: 00\nit_value: (0, 0)\nit_interval: (0, 0)\n";
+        assert_eq!(
+            timerfd(t).unwrap(),
+            FdKind::Timerfd {
+                clockid: 0,
+                times: [0; 4]
+            }
+        );
         assert_eq!(bracketed("pipe:[123]", "pipe:"), Some(123));
+    }
+
+    #[test]
+    fn an_expired_unread_periodic_timer_is_captured_armed() {
+        // SAFETY: test-only plain system calls on a descriptor we own.
+        let tfd = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) };
+        assert!(tfd >= 0);
+        let its = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            },
+            it_value: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 1_000_000,
+            },
+        };
+        // SAFETY: as above.
+        assert_eq!(
+            unsafe { libc::timerfd_settime(tfd, 0, &its, std::ptr::null_mut()) },
+            0
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{tfd}")).unwrap();
+        let FdKind::Timerfd { times, .. } = timerfd(&info).unwrap() else {
+            unreachable!()
+        };
+        // SAFETY: as above.
+        unsafe { libc::close(tfd) };
+        assert_eq!(times[..2], [0, 1_000_000], "{info}");
+        assert!(times[2] != 0 || times[3] != 0, "captured disarmed: {info}");
     }
 
     #[test]
