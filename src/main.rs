@@ -14,6 +14,7 @@ use procmig::dirty::Tracking;
 use procmig::image::Image;
 use procmig::process::RegionFilter;
 use procmig::progress::Display;
+use procmig::protocol::tls::{host_of, TlsClient, TlsServer};
 use procmig::source::{self, MigrationHandle, Mode, OnComplete, SendConfig, ThrottleParams};
 use procmig::units::parse_size;
 
@@ -134,6 +135,12 @@ struct SendArgs {
     /// Switch to post-copy after the bulk copy and N pre-copy rounds, or `auto` when pre-copy stops converging; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
     #[arg(long, value_name = "N|auto")]
     postcopy_after: Option<source::PostcopyAfter>,
+    /// TLS 1.3: directory with ca-cert.pem, and client-cert.pem/client-key.pem for a receiver that verifies its peers (QEMU's tls-creds-x509 layout).
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// With --tls-creds: the name the receiver's certificate must carry [default: the host of --to].
+    #[arg(long, value_name = "NAME", requires = "tls_creds")]
+    tls_hostname: Option<String>,
 }
 
 #[derive(Args)]
@@ -171,6 +178,15 @@ struct RecvArgs {
     /// With --restore: keep the process's pid and thread ids (they must be free here); default: new ones.
     #[arg(long)]
     same_pid: bool,
+    /// TLS 1.3: directory with server-cert.pem, server-key.pem and ca-cert.pem (QEMU's tls-creds-x509 layout); plain clients are refused.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate from ca-cert.pem's CA (QEMU's verify-peer).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, requires = "tls_creds")]
+    tls_verify_peer: bool,
+    /// With --tls-creds: let in only clients whose certificate's distinguished name (e.g. CN=host,O=Org) matches a line of FILE; `*` matches anything (QEMU's tls-authz).
+    #[arg(long, value_name = "FILE", requires = "tls_creds")]
+    tls_authz: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -200,6 +216,14 @@ struct VerifyArgs {
 }
 
 /// `300ms`, `1.5s`, or a plain number of milliseconds.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{s:?}: expected on or off")),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
@@ -262,6 +286,13 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.force_downtime = a.force_downtime;
     cfg.timeout = a.timeout;
     cfg.postcopy_after = a.postcopy_after;
+    if let Some(dir) = &a.tls_creds {
+        let host = match &a.tls_hostname {
+            Some(h) => h.clone(),
+            None => host_of(&cfg.to).to_string(),
+        };
+        cfg.tls = Some(TlsClient::load(dir, &host)?);
+    }
     cfg.throttle = ThrottleParams {
         trigger_threshold: a.throttle_trigger_threshold,
         initial: a.cpu_throttle_initial,
@@ -312,6 +343,14 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
             stdio: a.stdio,
             same_pid: a.same_pid,
         }),
+        tls: match &a.tls_creds {
+            Some(dir) => Some(TlsServer::load(
+                dir,
+                a.tls_verify_peer,
+                a.tls_authz.as_deref(),
+            )?),
+            None => None,
+        },
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

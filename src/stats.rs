@@ -137,6 +137,9 @@ pub struct DowntimeParts {
 pub struct SendReport {
     pub status: String,
     pub pid: i32,
+    /// Over TLS 1.3: the name in the receiver's certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_peer: Option<String>,
     pub mode: String,
     pub dirty_tracking: String,
     /// Regions tracked by comparison because the tracker could not handle them.
@@ -309,6 +312,9 @@ impl fmt::Display for SendReport {
             "pid: {} ({} regions, {} threads stopped)",
             self.pid, self.regions, self.threads_stopped
         )?;
+        if let Some(p) = &self.tls_peer {
+            writeln!(f, "link: TLS 1.3 to {p}")?;
+        }
         writeln!(
             f,
             "mode: {} (dirty tracking: {}{})",
@@ -439,6 +445,8 @@ pub struct RecvReport {
     pub out: String,
     pub source_pid: u32,
     pub source_comm: String,
+    /// The sender's address, and over TLS its certificate's name.
+    pub from: String,
     pub total_time_ms: f64,
     /// Bytes read from the socket.
     pub received: u64,
@@ -474,7 +482,11 @@ impl fmt::Display for RecvReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Migration status: {}", self.status)?;
         writeln!(f, "image: {}", self.out)?;
-        writeln!(f, "source: pid {} ({})", self.source_pid, self.source_comm)?;
+        writeln!(
+            f,
+            "source: pid {} ({}) from {}",
+            self.source_pid, self.source_comm, self.from
+        )?;
         if let Some(pid) = self.restored_pid {
             writeln!(
                 f,

@@ -14,8 +14,9 @@ use crossbeam_channel::{unbounded, Sender};
 
 use super::session::check_hello;
 use super::{RecvConfig, RecvError, StreamError};
+use crate::protocol::tls::TlsServer;
 use crate::protocol::transport::{self, Closer, Connection, Reader, Writer};
-use crate::protocol::{self, error_code, Control, Hello, ReadError};
+use crate::protocol::{self, error_code, Control, DecodeError, Hello, ReadError};
 
 /// Clients waiting for their Hello to be read, at most.
 pub const MAX_PENDING: usize = 8;
@@ -57,26 +58,56 @@ pub fn admit(
         }
         pending.fetch_add(1, Ordering::Relaxed);
         let (tx, pending, timeout) = (tx.clone(), pending.clone(), cfg.timeout);
+        let tls = cfg.tls.clone();
         std::thread::Builder::new()
             .name("hello".into())
             .spawn(move || {
-                hear(conn, timeout, &tx);
+                hear(conn, timeout, tls.as_ref(), &tx);
                 pending.fetch_sub(1, Ordering::Relaxed);
             })
             .map_err(RecvError::Accept)?;
     }
 }
 
-/// Read one client's Hello and pass the client on, or reject it.
-fn hear(conn: Connection, timeout: Duration, tx: &Sender<Admitted>) {
+/// Shake hands (TLS), read one client's Hello and pass the client on, or
+/// reject it. The handshake and the Hello share one `timeout`.
+fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sender<Admitted>) {
     let peer = conn.peer().to_string();
     let reject = |why: &dyn std::fmt::Display| eprintln!("procmig recv: rejected {peer}: {why}");
-    let split = conn.set_liveness(timeout).and_then(|()| conn.split());
-    let (mut reader, mut writer, closer) = match split {
+    let deadline = Instant::now() + timeout;
+    let conn = match conn.set_liveness(timeout) {
+        Err(e) => return reject(&e),
+        Ok(()) => match tls {
+            None => conn,
+            Some(tls) => match tls.wrap(conn, deadline) {
+                Ok(c) => c,
+                Err(e) => return reject(&e),
+            },
+        },
+    };
+    let refused = tls.map_or(Ok(()), |t| t.authorise(conn.identity()));
+    let peer = match (conn.is_tls(), conn.identity()) {
+        (false, _) => peer,
+        (true, Some(id)) => format!("{peer} over TLS 1.3 as {id}"),
+        (true, None) => format!("{peer} over TLS 1.3, anonymous"),
+    };
+    let reject = |why: &dyn std::fmt::Display| eprintln!("procmig recv: rejected {peer}: {why}");
+    let (mut reader, mut writer, closer) = match conn.split() {
         Ok(parts) => parts,
         Err(e) => return reject(&e),
     };
-    reader.set_deadline(Some(Instant::now() + timeout));
+    if let Err(why) = refused {
+        let message = format!("not authorised: {why}");
+        let _ = protocol::write_control(
+            &mut writer,
+            &Control::Error {
+                code: error_code::FAILED,
+                message: message.clone(),
+            },
+        );
+        return reject(&message);
+    }
+    reader.set_deadline(Some(deadline));
     let hello = match protocol::read_control(&mut reader) {
         Ok(Control::Hello(h)) => h,
         Ok(other) => {
@@ -84,6 +115,9 @@ fn hear(conn: Connection, timeout: Duration, tx: &Sender<Admitted>) {
                 expected: protocol::Kind::Hello,
                 got: other.kind(),
             })
+        }
+        Err(ReadError::Decode(DecodeError::BadMagic(m))) if protocol::looks_like_tls(m) => {
+            return reject(&"a TLS client, and this receiver has no --tls-creds")
         }
         Err(ReadError::Decode(e)) => return reject(&StreamError::NotProcmig(e)),
         Err(e) => return reject(&StreamError::from(e)),

@@ -33,7 +33,7 @@ pub use workers::ApplyError;
 /// Everything `procmig recv` needs, validated.
 #[derive(Debug, Clone)]
 pub struct RecvConfig {
-    /// `[ADDR:]PORT`; the address defaults to 0.0.0.0.
+    /// `[ADDR:]PORT`; the address defaults to 127.0.0.1.
     pub listen: String,
     pub out: PathBuf,
     pub decompress_threads: usize,
@@ -48,6 +48,8 @@ pub struct RecvConfig {
     pub max_image_size: Option<u64>,
     /// `--restore`: run the process here once its memory is in.
     pub restore: Option<crate::restore::RestoreOptions>,
+    /// `--tls-creds`: only TLS 1.3 clients with these credentials.
+    pub tls: Option<crate::protocol::tls::TlsServer>,
 }
 
 /// QEMU's default decompress-threads.

@@ -40,6 +40,7 @@ pub struct Summary<'a> {
     pub out: &'a Path,
     pub source_pid: u32,
     pub source_comm: &'a str,
+    pub from: &'a str,
     pub received: &'a Received,
     pub rounds: u32,
     /// Regions in the final table, and their bytes.
@@ -64,6 +65,7 @@ impl From<Summary<'_>> for RecvReport {
             out: s.out.display().to_string(),
             source_pid: s.source_pid,
             source_comm: s.source_comm.to_string(),
+            from: s.from.to_string(),
             total_time_ms: s.elapsed.as_secs_f64() * 1000.0,
             received: s.received.bytes,
             throughput_mbps: stats::mbps(s.received.bytes, s.transfer),

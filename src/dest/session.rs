@@ -706,6 +706,7 @@ impl<'a> Session<'a> {
             out: &self.cfg.out,
             source_pid: self.source.pid,
             source_comm: &self.source.comm,
+            from: &self.peer,
             received: &self.received,
             rounds,
             regions: regions.files.len(),

@@ -657,12 +657,16 @@ pub enum ReadError {
 /// is allocated, and the payload checksum before it is returned.
 pub fn read_frame<R: Read>(r: &mut R, payload: &mut Vec<u8>) -> Result<Kind, ReadError> {
     let mut header = [0u8; HEADER_LEN];
-    read_full(r, &mut header, true)?;
-    let mut g = Get::new(&header);
-    let magic = g.u32()?;
+    // The magic first: a short stream that is not procmig's (a TLS alert)
+    // is named as such, not as a truncated frame.
+    read_full(r, &mut header[..4], true)?;
+    let magic = Get::new(&header[..4]).u32()?;
     if magic != MAGIC {
         return Err(DecodeError::BadMagic(magic).into());
     }
+    read_full(r, &mut header[4..], false)?;
+    let mut g = Get::new(&header);
+    g.u32()?;
     let kind = Kind::from_u16(g.u16()?)?;
     let flags = g.u16()?;
     if flags != 0 {

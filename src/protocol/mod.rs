@@ -37,6 +37,7 @@
 //! know. docs/protocol.md has the full byte layout.
 
 mod frame;
+pub mod tls;
 pub mod transport;
 mod wire;
 
@@ -72,6 +73,13 @@ pub const MAX_NAME: usize = 1024;
 pub const MAX_MESSAGE: usize = 4096;
 /// Most runs in one Zero frame.
 pub const MAX_ZERO_RUNS: u32 = 1 << 16;
+
+/// Whether a bad frame magic is the start of a TLS record (a handshake
+/// or an alert): a peer that speaks TLS where plain procmig was expected.
+pub fn looks_like_tls(magic: u32) -> bool {
+    let [kind, major, ..] = magic.to_le_bytes();
+    (kind == 0x15 || kind == 0x16) && major == 0x03
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {

@@ -8,17 +8,19 @@
 //! so a blocked read or write returns at once; that is how cancellation
 //! works, for every kind of connection (see [`CloseOnCancel`]).
 //!
-//! Today a connection is plain TCP. The halves hide the socket so that a
-//! TLS session or a Unix socket can stand behind them later without the
-//! state machines changing. A migration may hold several connections (the
+//! A connection is plain TCP, or a TLS session (see [`super::tls`]) whose
+//! plaintext reaches the halves through a Unix socket pair; the state
+//! machines cannot tell them apart. A migration may hold several connections (the
 //! main stream now; a return path, a fault channel or parallel channels
 //! later): each is its own `Connection`, opened with [`connect`] or taken
 //! from the same [`Listener`].
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -35,10 +37,98 @@ pub enum ConnectError {
     Connect { to: String, source: io::Error },
 }
 
+/// The socket the halves read and write: the TCP connection itself, or
+/// the plaintext end of a TLS pump.
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn try_clone(&self) -> io::Result<Sock> {
+        Ok(match self {
+            Sock::Tcp(s) => Sock::Tcp(s.try_clone()?),
+            Sock::Unix(s) => Sock::Unix(s.try_clone()?),
+        })
+    }
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(t),
+            Sock::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+    fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_write_timeout(t),
+            Sock::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+    fn shutdown(&self) {
+        let _ = match self {
+            Sock::Tcp(s) => s.shutdown(Shutdown::Both),
+            Sock::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+    fn fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+}
+
+/// Why a TLS pump gave up, for the halves to report instead of a bare
+/// end of stream.
+type TlsFailure = Arc<Mutex<Option<String>>>;
+
+/// Turn an end of stream or an error on a TLS connection into the TLS
+/// failure behind it, when there is one.
+fn tls_cause<T>(
+    failed: &Option<TlsFailure>,
+    r: io::Result<T>,
+    eof: impl Fn(&T) -> bool,
+) -> io::Result<T> {
+    let broke = match &r {
+        Ok(v) => eof(v),
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        ),
+    };
+    if broke {
+        if let Some(why) = failed
+            .as_ref()
+            .and_then(|f| f.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                format!("TLS: {why}"),
+            ));
+        }
+    }
+    r
+}
+
 /// One open connection, not yet split.
 pub struct Connection {
-    tcp: TcpStream,
+    sock: Sock,
+    /// The TCP connection under a TLS session.
+    under: Option<TcpStream>,
+    failed: Option<TlsFailure>,
     peer: String,
+    identity: Option<String>,
 }
 
 impl Connection {
@@ -49,12 +139,60 @@ impl Connection {
         let peer = tcp
             .peer_addr()
             .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
-        Ok(Connection { tcp, peer })
+        Ok(Connection {
+            sock: Sock::Tcp(tcp),
+            under: None,
+            failed: None,
+            peer,
+            identity: None,
+        })
+    }
+
+    /// The plain TCP stream, for a TLS handshake (panics on a connection
+    /// that already is TLS: nobody wraps twice).
+    pub(super) fn into_tcp(self) -> (TcpStream, String) {
+        match self.sock {
+            Sock::Tcp(tcp) if self.under.is_none() => (tcp, self.peer),
+            _ => panic!("a TLS connection wrapped again"),
+        }
+    }
+
+    /// The plaintext end of a TLS pump over `under`.
+    pub(super) fn from_pump(
+        app: UnixStream,
+        under: TcpStream,
+        peer: String,
+        failed: TlsFailure,
+        identity: Option<String>,
+    ) -> Connection {
+        Connection {
+            sock: Sock::Unix(app),
+            under: Some(under),
+            failed: Some(failed),
+            peer,
+            identity,
+        }
     }
 
     /// The other end, for messages.
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Over TLS, the distinguished name of the peer's certificate.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
+    }
+
+    /// Whether the connection is a TLS session.
+    pub fn is_tls(&self) -> bool {
+        self.under.is_some()
+    }
+
+    fn tcp_fd(&self) -> RawFd {
+        self.under
+            .as_ref()
+            .map_or(self.sock.fd(), |t| t.as_raw_fd())
     }
 
     /// Bound how long the peer may stay silent: TCP keepalive probes
@@ -63,7 +201,7 @@ impl Connection {
     /// a peer that stopped reading) fails the connection instead of
     /// leaving a writer blocked forever.
     pub fn set_liveness(&self, timeout: Duration) -> io::Result<()> {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.tcp);
+        let fd = self.tcp_fd();
         let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
         let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as libc::c_uint;
         setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
@@ -85,17 +223,27 @@ impl Connection {
 
     /// Split into independent halves and a closer.
     pub fn split(self) -> io::Result<(Reader, Writer, Closer)> {
-        let read = self.tcp.try_clone()?;
-        let close = self.tcp.try_clone()?;
+        let read = self.sock.try_clone()?;
+        let close = self.sock.try_clone()?;
+        let under = match &self.under {
+            Some(t) => Some(Arc::new(t.try_clone()?)),
+            None => None,
+        };
         Ok((
             Reader {
                 tcp: read,
+                failed: self.failed.clone(),
                 deadline: None,
                 timeout: None,
             },
-            Writer { tcp: self.tcp },
+            Writer {
+                tcp: self.sock,
+                under: under.clone(),
+                failed: self.failed,
+            },
             Closer {
                 tcp: Arc::new(close),
+                under,
             },
         ))
     }
@@ -103,7 +251,8 @@ impl Connection {
 
 /// The read half.
 pub struct Reader {
-    tcp: TcpStream,
+    tcp: Sock,
+    failed: Option<TlsFailure>,
     /// No read may end after this (a whole frame's deadline: a peer that
     /// sends a byte now and then cannot hold the connection).
     deadline: Option<Instant>,
@@ -117,6 +266,7 @@ impl Reader {
     pub fn try_clone(&self) -> io::Result<Reader> {
         Ok(Reader {
             tcp: self.tcp.try_clone()?,
+            failed: self.failed.clone(),
             deadline: None,
             timeout: self.timeout,
         })
@@ -141,6 +291,13 @@ impl Reader {
 
 impl Read for Reader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let r = self.read_inner(buf);
+        tls_cause(&self.failed, r, |&n| n == 0 && !buf.is_empty())
+    }
+}
+
+impl Reader {
+    fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if let Some(d) = self.deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -185,7 +342,9 @@ fn setsockopt(fd: i32, level: i32, name: i32, value: libc::c_int) -> io::Result<
 
 /// The write half.
 pub struct Writer {
-    tcp: TcpStream,
+    tcp: Sock,
+    under: Option<Arc<TcpStream>>,
+    failed: Option<TlsFailure>,
 }
 
 impl Writer {
@@ -199,41 +358,46 @@ impl Writer {
     pub fn try_clone(&self) -> io::Result<Writer> {
         Ok(Writer {
             tcp: self.tcp.try_clone()?,
+            under: self.under.clone(),
+            failed: self.failed.clone(),
         })
     }
 
     /// Cap the kernel's send buffer: what is queued there delays a frame
     /// written after it (post-copy answers to page faults).
     pub fn set_send_buffer(&self, bytes: i32) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        setsockopt(
-            self.tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            bytes,
-        )
+        setsockopt(self.tcp.fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, bytes)?;
+        match &self.under {
+            Some(t) => setsockopt(t.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, bytes),
+            None => Ok(()),
+        }
     }
 }
 
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tcp.write(buf)
+        let r = self.tcp.write(buf);
+        tls_cause(&self.failed, r, |_| false)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.tcp.flush()
+        Ok(())
     }
 }
 
 /// Ends a connection in both directions from any thread.
 #[derive(Clone)]
 pub struct Closer {
-    tcp: Arc<TcpStream>,
+    tcp: Arc<Sock>,
+    under: Option<Arc<TcpStream>>,
 }
 
 impl Closer {
     /// Blocked and later reads and writes on either half return.
     pub fn close(&self) {
-        let _ = self.tcp.shutdown(Shutdown::Both);
+        self.tcp.shutdown();
+        if let Some(t) = &self.under {
+            let _ = t.shutdown(Shutdown::Both);
+        }
     }
 }
 

@@ -375,11 +375,9 @@ mod tests {
                 tv_nsec: 1_000_000,
             },
         };
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { libc::timerfd_settime(tfd, 0, &its, std::ptr::null_mut()) },
-            0
-        );
+        // SAFETY: as above; `its` lives across the call.
+        let r = unsafe { libc::timerfd_settime(tfd, 0, &its, std::ptr::null_mut()) };
+        assert_eq!(r, 0);
         std::thread::sleep(std::time::Duration::from_millis(20));
         let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{tfd}")).unwrap();
         let FdKind::Timerfd { times, .. } = timerfd(&info).unwrap() else {

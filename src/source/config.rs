@@ -91,6 +91,8 @@ pub struct SendConfig {
     pub timeout: Duration,
     /// Switch to post-copy (needs a receiver with `--restore`).
     pub postcopy_after: Option<PostcopyAfter>,
+    /// `--tls-creds`: the connection is TLS 1.3 with these credentials.
+    pub tls: Option<crate::protocol::tls::TlsClient>,
 }
 
 impl SendConfig {
@@ -116,6 +118,7 @@ impl SendConfig {
             force_downtime: false,
             timeout: Duration::from_secs(30),
             postcopy_after: None,
+            tls: None,
         }
     }
 }

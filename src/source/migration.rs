@@ -729,6 +729,7 @@ impl<'a> Migration<'a> {
             state_note: c.state_note,
             postcopy: c.served,
             transfer: h.transfer,
+            tls_peer: self.link.as_ref().and_then(|l| l.tls_peer.clone()),
         }))
     }
 

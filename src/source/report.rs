@@ -59,6 +59,7 @@ impl Snapshot {
 /// Everything the report says that the counters do not.
 pub struct Summary<'a> {
     pub cfg: &'a SendConfig,
+    pub tls_peer: Option<String>,
     pub counters: &'a Counters,
     pub state: &'a RegionState,
     pub page_size: u64,
@@ -120,6 +121,7 @@ pub fn build(s: Summary) -> SendReport {
     SendReport {
         status: "completed".into(),
         pid: s.cfg.pid,
+        tls_peer: s.tls_peer.clone(),
         mode: if s.live { "live" } else { "stop-and-copy" }.into(),
         dirty_tracking: s.tracker.clone(),
         fallback_regions: s.fallback_regions,

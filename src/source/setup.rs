@@ -23,6 +23,8 @@ pub struct Link {
     pub restore: bool,
     /// The receiver can finish by post-copy.
     pub postcopy: bool,
+    /// Over TLS: the name in the receiver's certificate.
+    pub tls_peer: Option<String>,
     /// Closes the link on cancel; taken away at the handover, after
     /// which a signal no longer interrupts anything.
     watch: Option<CloseOnCancel>,
@@ -38,6 +40,18 @@ impl Link {
         let conn = transport::connect(&cfg.to)?;
         conn.set_liveness(cfg.timeout)
             .map_err(|e| SendError::Connection(e.to_string()))?;
+        let conn = match &cfg.tls {
+            Some(tls) => tls
+                .wrap(conn, std::time::Instant::now() + cfg.timeout)
+                .map_err(|e| SendError::Handshake {
+                    to: cfg.to.clone(),
+                    reason: e.to_string(),
+                })?,
+            None => conn,
+        };
+        let tls_peer = conn
+            .is_tls()
+            .then(|| conn.identity().unwrap_or("?").to_string());
         let (reader, writer, closer) = conn
             .split()
             .map_err(|e| SendError::Connection(e.to_string()))?;
@@ -54,6 +68,7 @@ impl Link {
             timeout: cfg.timeout,
             restore: false,
             postcopy: false,
+            tls_peer,
         };
         link.handshake(cfg, page_size)?;
         Ok(link)
@@ -96,6 +111,13 @@ impl Link {
             }
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
             Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
+            Err(ReadError::Decode(protocol::DecodeError::BadMagic(m)))
+                if protocol::looks_like_tls(m) =>
+            {
+                Err(fail(
+                    "the receiver answered in TLS: it expects --tls-creds".into(),
+                ))
+            }
             Err(ReadError::Decode(e)) => Err(fail(format!("not a procmig receiver ({e})"))),
             Err(e) => Err(fail(describe(e, self.timeout))),
         }
