@@ -69,20 +69,27 @@ pub fn admit(
     }
 }
 
-/// Shake hands (TLS), read one client's Hello and pass the client on, or
-/// reject it. The handshake and the Hello share one `timeout`.
-fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sender<Admitted>) {
+/// Shake hands (TLS) and read one client's Hello within `timeout`;
+/// `Err` says why the client is turned away (it was told when it could
+/// be). Over a Unix socket (fuzzing, tests) there is no TCP liveness.
+pub fn hear_one(
+    conn: Connection,
+    timeout: Duration,
+    tls: Option<&TlsServer>,
+) -> Result<Admitted, String> {
     let peer = conn.peer().to_string();
-    let reject = |why: &dyn std::fmt::Display| eprintln!("procmig recv: rejected {peer}: {why}");
+    let reject = |why: &dyn std::fmt::Display| Err(format!("rejected {peer}: {why}"));
     let deadline = Instant::now() + timeout;
-    let conn = match conn.set_liveness(timeout) {
-        Err(e) => return reject(&e),
-        Ok(()) => match tls {
-            None => conn,
-            Some(tls) => match tls.wrap(conn, deadline) {
-                Ok(c) => c,
-                Err(e) => return reject(&e),
-            },
+    if conn.is_tcp() {
+        if let Err(e) = conn.set_liveness(timeout) {
+            return reject(&e);
+        }
+    }
+    let conn = match tls {
+        None => conn,
+        Some(tls) => match tls.wrap(conn, deadline) {
+            Ok(c) => c,
+            Err(e) => return reject(&e),
         },
     };
     let refused = tls.map_or(Ok(()), |t| t.authorise(conn.identity()));
@@ -91,7 +98,7 @@ fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sende
         (true, Some(id)) => format!("{peer} over TLS 1.3 as {id}"),
         (true, None) => format!("{peer} over TLS 1.3, anonymous"),
     };
-    let reject = |why: &dyn std::fmt::Display| eprintln!("procmig recv: rejected {peer}: {why}");
+    let reject = |why: &dyn std::fmt::Display| Err(format!("rejected {peer}: {why}"));
     let (mut reader, mut writer, closer) = match conn.split() {
         Ok(parts) => parts,
         Err(e) => return reject(&e),
@@ -132,12 +139,20 @@ fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sende
         return reject(&e);
     }
     reader.set_deadline(None);
-    let admitted = Admitted {
+    Ok(Admitted {
         peer,
         reader,
         writer,
         closer,
         hello,
+    })
+}
+
+/// [`hear_one`], then pass the client on, or say why it was rejected.
+fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sender<Admitted>) {
+    let admitted = match hear_one(conn, timeout, tls) {
+        Ok(a) => a,
+        Err(why) => return eprintln!("procmig recv: {why}"),
     };
     if let Err(back) = tx.send(admitted) {
         // Another client got the session first.

@@ -80,6 +80,9 @@ pub enum RecvError {
     /// SIGINT or SIGTERM.
     #[error("cancelled by signal")]
     Cancelled,
+    /// The one client [`serve`] was given is not a procmig sender.
+    #[error("{0}")]
+    Rejected(String),
     /// `--restore`: the process could not be rebuilt here; nothing ran and
     /// nothing was committed, so the source keeps (and resumes) it.
     #[error("restore failed: {0}")]
@@ -240,4 +243,18 @@ impl Listener {
         let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
         Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel).run(a.hello)
     }
+}
+
+/// Receive one migration from a connection already open (no listener):
+/// what the fuzzer drives, from a Unix socket pair. The same admission and
+/// session as `recv`; a rejected client is `RecvError::Rejected`.
+pub fn serve(
+    cfg: &RecvConfig,
+    conn: transport::Connection,
+    cancel: &Arc<AtomicBool>,
+) -> Result<RecvReport, RecvError> {
+    let staging = Staging::create(&cfg.out, cfg.force)?;
+    let a = gate::hear_one(conn, cfg.timeout, cfg.tls.as_ref()).map_err(RecvError::Rejected)?;
+    let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
+    Session::new(cfg, a.peer, a.reader, a.writer, staging, cancel).run(a.hello)
 }

@@ -148,12 +148,30 @@ impl Connection {
         })
     }
 
-    /// The plain TCP stream, for a TLS handshake (panics on a connection
-    /// that already is TLS: nobody wraps twice).
-    pub(super) fn into_tcp(self) -> (TcpStream, String) {
+    /// One end of a Unix stream socket pair (fuzzing and tests drive a
+    /// receiver through one).
+    pub fn from_unix(sock: UnixStream, peer: &str) -> Connection {
+        Connection {
+            sock: Sock::Unix(sock),
+            under: None,
+            failed: None,
+            peer: peer.to_string(),
+            identity: None,
+        }
+    }
+
+    /// Whether the connection is TCP (plain or under TLS).
+    pub fn is_tcp(&self) -> bool {
+        self.under.is_some() || matches!(self.sock, Sock::Tcp(_))
+    }
+
+    /// The plain TCP stream, for a TLS handshake.
+    pub(super) fn into_tcp(self) -> io::Result<(TcpStream, String)> {
         match self.sock {
-            Sock::Tcp(tcp) if self.under.is_none() => (tcp, self.peer),
-            _ => panic!("a TLS connection wrapped again"),
+            Sock::Tcp(tcp) if self.under.is_none() => Ok((tcp, self.peer)),
+            _ => Err(io::Error::other(
+                "TLS needs a plain TCP connection under it",
+            )),
         }
     }
 
@@ -420,7 +438,8 @@ impl CloseOnCancel {
                         closer.close();
                         return;
                     }
-                    std::thread::sleep(Duration::from_millis(20));
+                    // Woken at once when dropped (no 20 ms wait to end).
+                    std::thread::park_timeout(Duration::from_millis(20));
                 }
             })
             .ok();
@@ -432,6 +451,7 @@ impl Drop for CloseOnCancel {
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
+            h.thread().unpark();
             let _ = h.join();
         }
     }
