@@ -192,7 +192,6 @@ fn action_for(fault: Fault, sender: Arc<AtomicI32>, recv_pid: i32, delay: Durati
 }
 
 fn run_case(at: At, fault: Fault) {
-    let what = format!("{fault:?} at {at:?}");
     let agent = Agent::start(&[
         "--size",
         "16M",
@@ -201,6 +200,17 @@ fn run_case(at: At, fault: Fault) {
         "--dirty-rate",
         "4000",
     ]);
+    strike(agent.pid, at, fault, &|| {});
+}
+
+/// Migrate `pid` through the proxy, strike `fault` at `at`, and check the
+/// rule. `survivor` then checks a source that runs on, or that was left
+/// stopped with the sender saying so (exit 3) and is resumed here as its
+/// user would, with `send --resume-source`. A source handed over (image
+/// committed, process stopped) is continued with SIGCONT afterwards, so
+/// that the next case can migrate it again.
+fn strike(pid: i32, at: At, fault: Fault, survivor: &dyn Fn()) {
+    let what = format!("{fault:?} at {at:?}");
     let dir = TempDir::new("fault");
     let out = dir.join("img");
     let (mut recv, _recv_err, recv_addr) = start_recv(&out, &[]);
@@ -210,7 +220,7 @@ fn run_case(at: At, fault: Fault) {
     let struck = Arc::new(AtomicBool::new(false));
     let port = proxy(recv_addr, at, action, struck.clone());
     let mut sender = Command::new(procmig())
-        .args(["send", "--pid", &agent.pid.to_string(), "--to"])
+        .args(["send", "--pid", &pid.to_string(), "--to"])
         .arg(format!("127.0.0.1:{port}"))
         .args([
             "--timeout",
@@ -221,6 +231,7 @@ fn run_case(at: At, fault: Fault) {
             "3",
         ])
         .args(["--force-downtime", "--on-complete", "stop"])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -236,7 +247,7 @@ fn run_case(at: At, fault: Fault) {
     );
 
     let committed = out.exists();
-    let (state, tracer) = proc_state(agent.pid).expect("the source process is gone");
+    let (state, tracer) = proc_state(pid).expect("the source process is gone");
     assert_eq!(tracer, 0, "{what}: source left traced");
     let stopped = state == 'T';
     println!(
@@ -244,15 +255,23 @@ fn run_case(at: At, fault: Fault) {
         st.code()
     );
     match (committed, stopped) {
-        (true, true) => {}
-        (false, false) => {
-            assert_eq!(uffd_wp_vmas(agent.pid), 0, "{what}: write-protect left");
+        (true, true) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
         }
-        (false, true) => assert_eq!(
-            st.code(),
-            Some(3),
-            "{what}: source stopped, nothing committed, and the sender did not say so: {err}"
-        ),
+        (false, false) => {
+            assert_eq!(uffd_wp_vmas(pid), 0, "{what}: write-protect left");
+            survivor();
+        }
+        (false, true) => {
+            assert_eq!(
+                st.code(),
+                Some(3),
+                "{what}: source stopped, nothing committed, and the sender did not say so: {err}"
+            );
+            let r = run(&["send", "--pid", &pid.to_string(), "--resume-source"]);
+            assert!(r.status.success(), "{what}: {}", text(&r.stderr));
+            survivor();
+        }
         (true, false) => panic!("{what}: two live copies: image committed and source running"),
     }
 }
@@ -286,6 +305,103 @@ fn sender_terminated_in_every_phase() {
 #[test]
 fn link_cut_in_every_phase() {
     each_phase(Fault::CutLink);
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let mut c = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run redis-cli");
+    wait_bounded(&mut c, "redis-cli");
+    let mut out = String::new();
+    let _ = c.stdout.take().unwrap().read_to_string(&mut out);
+    out.trim().to_string()
+}
+
+/// The matrix again with redis-server serving redis-benchmark as the
+/// source: whenever the source is the survivor, redis answers, holds the
+/// keys it held before, and takes new writes.
+#[test]
+fn redis_under_load_survives_every_fault_in_every_phase() {
+    if !have("redis-server", "redis fault matrix") || !have("redis-benchmark", "redis fault matrix")
+    {
+        return;
+    }
+    let dir = TempDir::new("fault-redis");
+    let port = free_port();
+    let redis = Kill(spawn_clean(
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null()),
+    ));
+    wait_for(10, "redis to answer", || {
+        redis_cli(port, &["ping"]) == "PONG"
+    });
+    let fill = Command::new("redis-benchmark")
+        .args([
+            "-p",
+            &port.to_string(),
+            "-q",
+            "-n",
+            "20000",
+            "-r",
+            "20000",
+            "-t",
+            "set",
+        ])
+        .output()
+        .unwrap();
+    assert!(fill.status.success());
+    let keys: Vec<String> = (0..20).map(|_| redis_cli(port, &["randomkey"])).collect();
+    let values: Vec<String> = keys.iter().map(|k| redis_cli(port, &["get", k])).collect();
+    // Load that never touches those keys (counters and a list).
+    let _load = Kill(spawn_clean(
+        Command::new("redis-benchmark")
+            .args([
+                "-p",
+                &port.to_string(),
+                "-q",
+                "-n",
+                "100000000",
+                "-r",
+                "1000",
+                "-c",
+                "4",
+            ])
+            .args(["-t", "get,incr,lpush"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    ));
+    let survivor = || {
+        assert_eq!(redis_cli(port, &["ping"]), "PONG");
+        for (k, v) in keys.iter().zip(&values) {
+            assert_eq!(&redis_cli(port, &["get", k]), v, "key {k}");
+        }
+        assert_eq!(redis_cli(port, &["set", "after", "yes"]), "OK");
+        assert_eq!(redis_cli(port, &["get", "after"]), "yes");
+    };
+    for fault in [
+        Fault::KillSender,
+        Fault::KillReceiver,
+        Fault::InterruptSender,
+        Fault::TerminateSender,
+        Fault::CutLink,
+    ] {
+        for at in [At::Bulk, At::Iterate, At::End, At::Commit] {
+            strike(redis.0.id() as i32, at, fault, &survivor);
+        }
+    }
 }
 
 /// Post-copy: strike once the process was handed over (Commit passed),
