@@ -200,6 +200,8 @@ pub struct PostcopySent {
     pub requested_pages: u64,
     /// Bytes put on the wire after the switch.
     pub bytes: u64,
+    /// Answers to faults went on a preempt channel of their own.
+    pub preempt_channel: bool,
 }
 
 /// Post-copy, as the destination saw it.
@@ -393,10 +395,15 @@ impl fmt::Display for SendReport {
         if let Some(p) = &self.postcopy {
             writeln!(
                 f,
-                "postcopy: {} pages ({} kbytes) after the switch, {} page requests served",
+                "postcopy: {} pages ({} kbytes) after the switch, {} page requests served{}",
                 p.pages,
                 p.bytes / 1024,
-                p.requests
+                p.requests,
+                if p.preempt_channel {
+                    " on a preempt channel"
+                } else {
+                    ""
+                }
             )?;
         }
         if let Some(p) = self.restored_pid {

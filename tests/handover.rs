@@ -45,6 +45,7 @@ fn fake_receiver(after: AfterCommit) -> (u16, JoinHandle<bool>) {
                     version: protocol::VERSION,
                     capabilities: protocol::CAPABILITIES,
                     decompress_threads: 1,
+                    channel_token: 0,
                 }),
                 Control::RoundEnd(r) => Control::RoundApplied(r),
                 Control::End(_) => Control::Applied,

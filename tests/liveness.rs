@@ -62,6 +62,7 @@ fn a_receiver_that_stops_answering_ends_the_migration() {
                 version: protocol::VERSION,
                 capabilities: protocol::CAPABILITIES,
                 decompress_threads: 1,
+                channel_token: 0,
             }),
         )
         .unwrap();

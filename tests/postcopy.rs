@@ -118,6 +118,10 @@ fn busy_agent_after_0_and_1_rounds() {
         let pid = assert_postcopy(&o);
         let requested = o.recv["postcopy"]["requested"].as_u64().unwrap();
         assert!(requested > 0, "after {after}: no fault asked for a page");
+        // The answers came on the preempt channel, the background push on
+        // the main connection, and the two made one whole memory.
+        let sent: serde_json::Value = serde_json::from_slice(&o.send.stdout).unwrap();
+        assert_eq!(sent["postcopy"]["preempt_channel"], true, "{sent}");
         // The image (pages as they stood at the switch, post-copy pages
         // included) and the process after it ran on both check out.
         let (ok, v) = agent_verify(&dir.join("img"));

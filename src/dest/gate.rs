@@ -3,8 +3,9 @@
 //! [`MAX_PENDING`] waiting at once. A client that sends garbage, speaks
 //! another version, trickles bytes or says nothing is rejected with one
 //! line on stderr and the receiver keeps listening, so nobody can lock the
-//! real sender out. The first valid Hello gets the session; the listener
-//! is closed then, and a later Hello still in flight is told "busy".
+//! real sender out. The first valid Hello gets the session; a later Hello
+//! still in flight is told "busy". The session keeps the listener only
+//! until the source's preempt channel (post-copy) has come in.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -32,7 +33,7 @@ pub struct Admitted {
 
 /// Accept until one client sends a valid Hello (or `cancel` is set).
 pub fn admit(
-    listener: transport::Listener,
+    listener: &transport::Listener,
     cfg: &RecvConfig,
     cancel: &AtomicBool,
 ) -> Result<Admitted, RecvError> {
@@ -168,5 +169,56 @@ fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sende
             "procmig recv: rejected {}: busy with another migration",
             a.peer
         );
+    }
+}
+
+/// The preempt channel: the connection a source opens right after
+/// Welcome to carry post-copy answers, recognised by the `token` Welcome
+/// gave it. Other clients arriving meanwhile are told "busy". Within
+/// `timeout` (the source connects at once), or the migration fails at
+/// setup, before anything was stopped.
+pub fn accept_channel(
+    listener: &transport::Listener,
+    token: u64,
+    timeout: Duration,
+    tls: Option<&TlsServer>,
+    cancel: &AtomicBool,
+) -> Result<(Reader, Closer), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let conn = match listener.accept(cancel, Some(deadline)) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Err("cancelled by signal".into()),
+            Err(e) => return Err(format!("the source's preempt channel did not come: {e}")),
+        };
+        let peer = conn.peer().to_string();
+        let opened = conn.set_liveness(timeout).and_then(|()| match tls {
+            Some(t) => t.wrap(conn, deadline),
+            None => Ok(conn),
+        });
+        let (mut reader, mut writer, closer) = match opened.and_then(|c| c.split()) {
+            Ok(parts) => parts,
+            Err(e) => {
+                eprintln!("procmig recv: rejected {peer}: {e}");
+                continue;
+            }
+        };
+        reader.set_deadline(Some(deadline));
+        match protocol::read_control(&mut reader) {
+            Ok(Control::Channel { token: t }) if t == token => {
+                reader.set_deadline(None);
+                return Ok((reader, closer));
+            }
+            _ => {
+                let _ = protocol::write_control(
+                    &mut writer,
+                    &Control::Error {
+                        code: error_code::FAILED,
+                        message: "busy: another migration is being received".into(),
+                    },
+                );
+                eprintln!("procmig recv: rejected {peer}: busy with another migration");
+            }
+        }
     }
 }

@@ -239,9 +239,13 @@ impl Listener {
             listener,
             staging,
         } = self;
-        let a = gate::admit(listener, &cfg, cancel)?;
+        let a = gate::admit(&listener, &cfg, cancel)?;
         let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
-        Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel).run(a.hello)
+        // Kept for the preempt channel of a post-copy migration.
+        let listener = cfg.restore.is_some().then_some(listener);
+        Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel)
+            .with_listener(listener)
+            .run(a.hello)
     }
 }
 

@@ -12,7 +12,9 @@
 //! - The main thread reads frames (answers to faults and the background
 //!   push, in any order), writes each page into the image and, if it is
 //!   still missing, into the process with UFFDIO_COPY (which wakes the
-//!   threads waiting on it).
+//!   threads waiting on it). With a preempt channel (version 4), a second
+//!   thread does the same with the answers, which then never wait behind
+//!   background data; the source sends each page once, on one of the two.
 //!
 //! Both hold one lock while they touch the missing set and the process's
 //! memory, so a page dropped by the process is never filled afterwards.
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::workers::Regions;
 use crate::codec::Decompressor;
-use crate::protocol::transport::{Reader, Writer};
+use crate::protocol::transport::{Closer, Reader, Writer};
 use crate::protocol::{self, Control, Kind, POSTCOPY_ROUND};
 use crate::stats::PostcopyReport;
 use crate::userfault::{self, Event, Filled};
@@ -82,8 +84,10 @@ impl Proc {
 }
 
 /// Serve the restored process until the source has sent every page.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     reader: &mut BufReader<Reader>,
+    channel: Option<(Reader, Closer)>,
     writer: Writer,
     uffd: OwnedFd,
     regions: &Regions,
@@ -119,12 +123,35 @@ pub fn run(
             .spawn(move || fault_loop(&shared, writer, &stop, ps))
             .map_err(|e| format!("starting the fault thread: {e}"))?
     };
-    let r = receive(reader, &shared, regions, timeout, cancel);
+    let (r, answered) = std::thread::scope(|s| {
+        // The channel has no frame deadline: it is silent while nothing
+        // faults (TCP keepalive and TCP_USER_TIMEOUT watch the link).
+        let side = channel.map(|(ch, closer)| {
+            let shared = &shared;
+            let h = s.spawn(move || {
+                let mut ch = BufReader::with_capacity(1 << 20, ch);
+                receive(&mut ch, shared, regions, None, cancel)
+            });
+            (h, closer)
+        });
+        let r = receive(reader, &shared, regions, Some(timeout), cancel);
+        let answered = side.map(|(h, closer)| {
+            if r.is_err() {
+                closer.close();
+            }
+            h.join()
+                .unwrap_or_else(|_| Err("the channel thread panicked".into()))
+        });
+        (r, answered)
+    });
     stop.store(true, Ordering::Relaxed);
     let fault_result = faults
         .join()
         .unwrap_or_else(|_| Err("fault thread panicked".into()));
     let pages = r?;
+    if let Some(a) = answered {
+        a.map_err(|e| format!("preempt channel: {e}"))?;
+    }
     fault_result?;
     let m = shared.lock().expect("not poisoned");
     Ok(PostcopyReport::new(
@@ -135,13 +162,13 @@ pub fn run(
     ))
 }
 
-/// Read the source's post-copy frames until PostcopyDone; returns the
-/// pages it sent.
+/// Read the source's post-copy frames until PostcopyDone, each within
+/// `timeout` when given; returns the pages it says it sent.
 fn receive(
     reader: &mut BufReader<Reader>,
     shared: &Mutex<Missing>,
     regions: &Regions,
-    timeout: Duration,
+    timeout: Option<Duration>,
     cancel: &AtomicBool,
 ) -> Result<u64, String> {
     let ps = regions.page_size;
@@ -154,7 +181,7 @@ fn receive(
         }
         reader
             .get_mut()
-            .set_deadline(Some(Instant::now() + timeout));
+            .set_deadline(timeout.map(|t| Instant::now() + t));
         let kind = protocol::read_frame(reader, &mut buf).map_err(|e| e.to_string())?;
         let (region, runs, data): (u32, Vec<protocol::Run>, Option<&[u8]>) = if kind == Kind::Pages
         {
@@ -201,28 +228,40 @@ fn receive(
                     None => &[],
                 };
                 off += ps as usize;
-                // Into the image (the file is the image of the process at
-                // the switch, complete once every page arrived).
-                // SAFETY: p < rf.pages, so the page lies inside the
-                // mapping, and only this thread writes the files now.
-                unsafe {
-                    let at = rf.ptr().add((p * ps) as usize);
-                    if page.is_empty() {
-                        std::ptr::write_bytes(at, 0, ps as usize);
-                    } else {
-                        std::ptr::copy_nonoverlapping(page.as_ptr(), at, ps as usize);
-                    }
-                }
-                fill(shared, rf.entry.start + p * ps, page, ps)?;
+                // SAFETY: p < rf.pages, so the page lies inside the mapping.
+                let image = unsafe { rf.ptr().add((p * ps) as usize) };
+                fill(shared, rf.entry.start + p * ps, page, ps, image)?;
             }
         }
     }
 }
 
-/// Put one arriving page into every process still missing it.
-fn fill(shared: &Mutex<Missing>, src: u64, page: &[u8], ps: u64) -> Result<(), String> {
+/// Put one arriving page into the image at `image` (the file is the
+/// image of the process at the switch, complete once every page arrived)
+/// and into every process still missing it.
+fn fill(
+    shared: &Mutex<Missing>,
+    src: u64,
+    page: &[u8],
+    ps: u64,
+    image: *mut u8,
+) -> Result<(), String> {
+    let mut imaged = false;
     loop {
         let mut m = shared.lock().expect("not poisoned");
+        if !imaged {
+            // SAFETY: `image` is a page inside a region file's mapping
+            // (checked by the caller), and every writer of the files in
+            // post-copy holds this lock.
+            unsafe {
+                if page.is_empty() {
+                    std::ptr::write_bytes(image, 0, ps as usize);
+                } else {
+                    std::ptr::copy_nonoverlapping(page.as_ptr(), image, ps as usize);
+                }
+            }
+            imaged = true;
+        }
         let mut again = false;
         let mut exited = Vec::new();
         for (k, p) in m.procs.iter_mut().enumerate() {

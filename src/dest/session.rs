@@ -56,7 +56,7 @@ use super::staging::{RegionFile, Staging, StagingError};
 use super::workers::{ApplyError, ApplyJob, Regions, RoundMap, WorkerPool};
 use super::{RecvConfig, RecvError, StreamError};
 use crate::progress::Progress;
-use crate::protocol::transport::{Reader, Writer};
+use crate::protocol::transport::{Closer, Reader, Writer};
 use crate::protocol::{
     self, error_code, AckInfo, Control, DecodeError, Hello, Kind, PagesHeader, ReadError,
     RegionEntry, Run, Totals, Welcome, WireCodec,
@@ -201,6 +201,10 @@ pub struct Session<'a> {
     discards: Vec<(u64, u64)>,
     /// The restored process once it runs: killed if post-copy breaks.
     running: Option<i32>,
+    /// `--restore`: the listener, until the source's preempt channel came.
+    listener: Option<crate::protocol::transport::Listener>,
+    /// Post-copy answers come on this connection (version 4).
+    channel: Option<(Reader, Closer)>,
 }
 
 impl<'a> Session<'a> {
@@ -236,7 +240,15 @@ impl<'a> Session<'a> {
             restore_copy: None,
             discards: Vec::new(),
             running: None,
+            listener: None,
+            channel: None,
         }
+    }
+
+    /// Keep `listener` for the preempt channel a post-copy source opens.
+    pub fn with_listener(mut self, listener: Option<crate::protocol::transport::Listener>) -> Self {
+        self.listener = listener;
+        self
     }
 
     /// Receive the migration of the client that sent `hello` (admitted by
@@ -345,12 +357,37 @@ impl<'a> Session<'a> {
             }
             capabilities |= protocol::CAP_RESTORE | protocol::CAP_POSTCOPY;
         }
+        // A source that may switch to post-copy opens a channel of its own
+        // for the answers to faults, at once.
+        let token = if version >= protocol::CHANNEL_VERSION
+            && hello.capabilities & protocol::CAP_PREEMPT != 0
+            && self.listener.is_some()
+        {
+            capabilities |= protocol::CAP_PREEMPT;
+            random_token()
+        } else {
+            0
+        };
         self.send(&Control::Welcome(Welcome {
             version,
             capabilities,
             decompress_threads: self.cfg.decompress_threads as u16,
+            channel_token: token,
         }))
         .map_err(StreamError::SendWelcome)?;
+        if let Some(listener) = self.listener.take() {
+            if token != 0 {
+                let (reader, closer) = super::gate::accept_channel(
+                    &listener,
+                    token,
+                    self.cfg.timeout,
+                    self.cfg.tls.as_ref(),
+                    self.cancel,
+                )
+                .map_err(Stop::Restore)?;
+                self.channel = Some((reader, closer));
+            }
+        }
         self.source = Source {
             pid: hello.pid,
             comm: hello.comm,
@@ -652,6 +689,7 @@ impl<'a> Session<'a> {
                     .map_err(|e| Stop::Restore(format!("post-copy: {e}")))?;
                 let report = super::postcopy::run(
                     &mut self.reader,
+                    self.channel.take(),
                     writer,
                     uffd,
                     &self.regions,
@@ -824,6 +862,24 @@ fn zero_pages(rf: &RegionFile, runs: &[Run], ps: u64) {
         // SAFETY: the run was checked against the region's page count, and
         // no worker writes these pages now (RoundMap).
         unsafe { std::ptr::write_bytes(rf.ptr().add(at), 0, len) };
+    }
+}
+
+/// A channel token nobody can guess: 64 random bits, never 0.
+fn random_token() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most the buffer's length into it.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let t = u64::from_le_bytes(b);
+    if n == 8 && t != 0 {
+        t
+    } else {
+        // getrandom cannot fail for 8 bytes once the pool is ready; the
+        // clock is enough for a token that is checked, not secret.
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64))
+            | 1
     }
 }
 

@@ -33,6 +33,11 @@ pub enum Kind {
     PageRequest = 15,
     /// Version 3, post-copy: every missing page was sent.
     PostcopyDone = 16,
+    /// Version 4: the first frame on a second connection (the preempt
+    /// channel that carries answers to faults during post-copy), with the
+    /// token the receiver gave in Welcome; on the main connection, just
+    /// before the switch, it says that channel is open.
+    Channel = 17,
 }
 
 impl Kind {
@@ -54,6 +59,7 @@ impl Kind {
             14 => Kind::Discard,
             15 => Kind::PageRequest,
             16 => Kind::PostcopyDone,
+            17 => Kind::Channel,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -70,7 +76,8 @@ impl Kind {
             | Kind::RoundApplied
             | Kind::Commit
             | Kind::PageRequest
-            | Kind::PostcopyDone => 4096,
+            | Kind::PostcopyDone
+            | Kind::Channel => 4096,
             Kind::Discard => 12 + MAX_ZERO_RUNS * RUN_LEN as u32,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::State => crate::restore::state::MAX_STATE as u32,
@@ -113,6 +120,9 @@ pub const CAP_LZ4: u64 = 1 << 2;
 pub const CAP_RESTORE: u64 = 1 << 3;
 /// Welcome only: the receiver restores and can finish by post-copy.
 pub const CAP_POSTCOPY: u64 = 1 << 4;
+/// Version 4: post-copy answers may come on a channel of their own (the
+/// source says it can in Hello, the receiver gives a token in Welcome).
+pub const CAP_PREEMPT: u64 = 1 << 5;
 /// The round number of pages sent after the handover (post-copy).
 pub const POSTCOPY_ROUND: u32 = u32::MAX;
 /// What this build supports.
@@ -139,6 +149,9 @@ pub struct Welcome {
     pub version: u16,
     pub capabilities: u64,
     pub decompress_threads: u16,
+    /// Version 4 with [`CAP_PREEMPT`]: the token a preempt channel shows
+    /// in its Channel frame (0: no channel; not encoded then).
+    pub channel_token: u64,
 }
 
 /// One region of the table. Region ids are indexes into the table.
@@ -253,6 +266,10 @@ pub enum Control {
     PostcopyDone {
         pages: u64,
     },
+    /// Version 4: a preempt channel's first frame (see [`Kind::Channel`]).
+    Channel {
+        token: u64,
+    },
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
     Applied,
@@ -317,6 +334,9 @@ impl Control {
                 p.u16(w.version)
                     .u64(w.capabilities)
                     .u16(w.decompress_threads);
+                if w.channel_token != 0 {
+                    p.u64(w.channel_token);
+                }
             }
             Control::Regions(regions) => {
                 p.u32(regions.len() as u32);
@@ -356,6 +376,9 @@ impl Control {
             Control::PostcopyDone { pages } => {
                 p.u64(*pages);
             }
+            Control::Channel { token } => {
+                p.u64(*token);
+            }
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
                     .u64(a.zero_pages)
@@ -385,6 +408,7 @@ impl Control {
             Control::Discard { .. } => Kind::Discard,
             Control::PageRequest { .. } => Kind::PageRequest,
             Control::PostcopyDone { .. } => Kind::PostcopyDone,
+            Control::Channel { .. } => Kind::Channel,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -411,6 +435,7 @@ impl Control {
                 version: g.u16()?,
                 capabilities: g.u64()?,
                 decompress_threads: g.u16()?,
+                channel_token: if g.rest_len() >= 8 { g.u64()? } else { 0 },
             }),
             Kind::Regions => {
                 let n = g.u32()?;
@@ -464,6 +489,7 @@ impl Control {
                 pages: g.u32()?,
             },
             Kind::PostcopyDone => Control::PostcopyDone { pages: g.u64()? },
+            Kind::Channel => Control::Channel { token: g.u64()? },
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -770,6 +796,7 @@ mod tests {
             version: 1,
             capabilities: CAP_ZSTD,
             decompress_threads: 2,
+            channel_token: 0,
         }));
         roundtrip(Control::Regions(vec![
             RegionEntry {
@@ -825,6 +852,16 @@ mod tests {
             pages: 8,
         });
         roundtrip(Control::PostcopyDone { pages: 99 });
+        roundtrip(Control::Channel { token: 0xfeed });
+        // Welcome: the token is there in version 4, absent before.
+        for token in [0, 7] {
+            roundtrip(Control::Welcome(Welcome {
+                version: 4,
+                capabilities: CAP_PREEMPT,
+                decompress_threads: 2,
+                channel_token: token,
+            }));
+        }
         roundtrip(Control::Error {
             code: error_code::FAILED,
             message: "disk full".into(),

@@ -48,7 +48,7 @@ pub use frame::*;
 /// rate pages really arrive at and enters the downtime with no backlog)
 /// and the handover: after Applied the receiver commits only on the
 /// source's Commit, so exactly one side owns the process at every instant.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Oldest version this build accepts.
 pub const MIN_VERSION: u16 = 1;
 /// The first version with RoundApplied and Commit.
@@ -56,6 +56,9 @@ pub const ROUND_APPLIED_VERSION: u16 = 2;
 pub const HANDOVER_VERSION: u16 = 2;
 /// Version 3: the State frame (restore) and the restored pid in Ack.
 pub const STATE_VERSION: u16 = 3;
+/// Version 4: the preempt channel for post-copy answers (Channel frame,
+/// the token in Welcome).
+pub const CHANNEL_VERSION: u16 = 4;
 /// `PMIG` as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PMIG");
 /// Size of the frame header.

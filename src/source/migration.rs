@@ -509,8 +509,9 @@ impl<'a> Migration<'a> {
             level: self.cfg.level,
             max_bandwidth: self.handle.tunables().max_bandwidth(),
         };
+        let answers = link.channel.take();
         let (answer, served, w) = server
-            .run(reader, writer, timeout)
+            .run(reader, writer, answers, timeout)
             .map_err(|e| broken(e.to_string()))?;
         link.writer = Some(w);
         c.served = Some(served);

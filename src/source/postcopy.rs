@@ -2,8 +2,12 @@
 //! destination and the stopped source serves what it still lacks. Pages
 //! the destination faults on are asked for (PageRequest) and sent before
 //! anything else; meanwhile every missing page is pushed in the
-//! background, each page once. The send buffer is kept small so that an
-//! answer to a fault never waits behind much background data.
+//! background, each page once. With a preempt channel (version 4) the
+//! answers go on that connection of their own and never queue behind the
+//! background push (QEMU's postcopy-preempt); without one, the send buffer
+//! is kept small so that an answer waits behind little background data.
+//! After an answer the background scan goes on just after the faulted
+//! pages, where the process is likely to touch next.
 
 use std::io::{BufReader, Write};
 use std::time::{Duration, Instant};
@@ -59,9 +63,13 @@ impl Server<'_> {
         self,
         reader: Reader,
         mut writer: Writer,
+        mut answers: Option<Writer>,
         answer_timeout: Duration,
     ) -> Result<(Control, Served, Writer), SendError> {
         let _ = writer.set_send_buffer(SEND_BUFFER);
+        if let Some(a) = &answers {
+            let _ = a.set_send_buffer(SEND_BUFFER);
+        }
         let rx = spawn_reader(reader);
         let (method, level) = match self.method {
             Compression::Auto => (Compression::Zstd, 1),
@@ -70,7 +78,12 @@ impl Server<'_> {
         let mut comp = Compressor::new(method, level)?;
         let ps = self.page_size;
         let mut sent: Vec<PageSet> = self.missing.iter().map(|_| PageSet::default()).collect();
-        let mut served = Served::default();
+        let mut served = Served {
+            preempt_channel: answers.is_some(),
+            ..Served::default()
+        };
+        // Pages that went on the channel: it says so at its end.
+        let mut answered = 0u64;
         let mut frame = Vec::new();
         let mut raw = Vec::new();
         let broken = |e: std::io::Error| SendError::Connection(format!("post-copy: {e}"));
@@ -118,6 +131,7 @@ impl Server<'_> {
                             }
                         }
                         served.requested_pages += 1;
+                        let before = served.pages;
                         self.send(
                             i,
                             &want,
@@ -125,10 +139,14 @@ impl Server<'_> {
                             &mut comp,
                             &mut frame,
                             &mut raw,
-                            &mut writer,
+                            answers.as_mut().unwrap_or(&mut writer),
                             &mut served,
                         )
                         .map_err(broken)?;
+                        if answers.is_some() {
+                            answered += served.pages - before;
+                        }
+                        cursor = after(&m.runs, i, upto);
                     }
                     Msg::Answer(Control::Error { message, .. }) => {
                         return Err(SendError::Remote(message))
@@ -160,6 +178,12 @@ impl Server<'_> {
             .map_err(broken)?;
             background += served.bytes - before;
         }
+        // The channel's end first: the destination takes the main
+        // connection's PostcopyDone as the end of both.
+        if let Some(a) = answers.as_mut() {
+            protocol::write_control(a, &Control::PostcopyDone { pages: answered })
+                .map_err(broken)?;
+        }
         protocol::write_control(
             &mut writer,
             &Control::PostcopyDone {
@@ -189,8 +213,24 @@ impl Server<'_> {
         }
     }
 
-    /// Up to BATCH missing pages not sent yet, from the cursor on.
+    /// Up to BATCH missing pages not sent yet, from the cursor on, and
+    /// from the start again at the end (an answer moves the cursor ahead
+    /// of pages not sent yet); `None` once a whole pass finds none.
     fn next_batch(
+        &self,
+        cursor: &mut (usize, usize, u64),
+        sent: &[PageSet],
+    ) -> Option<(usize, Vec<Run>)> {
+        for _pass in 0..2 {
+            if let Some(b) = self.scan(cursor, sent) {
+                return Some(b);
+            }
+            *cursor = (0, 0, 0);
+        }
+        None
+    }
+
+    fn scan(
         &self,
         cursor: &mut (usize, usize, u64),
         sent: &[PageSet],
@@ -326,6 +366,16 @@ fn spawn_reader(mut reader: Reader) -> Receiver<Msg> {
     rx
 }
 
+/// The background cursor just after page `page` of missing region `i`
+/// (whose missing pages are `runs`): at the first missing page from
+/// there on.
+fn after(runs: &[Run], i: usize, page: u64) -> (usize, usize, u64) {
+    match runs.iter().position(|r| r.first + r.count as u64 > page) {
+        Some(k) => (i, k, page.saturating_sub(runs[k].first)),
+        None => (i, runs.len(), 0),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,5 +391,21 @@ mod tests {
         ];
         let inside: Vec<u64> = (0..12).filter(|&p| in_runs(&runs, p)).collect();
         assert_eq!(inside, vec![2, 3, 4, 10]);
+    }
+
+    #[test]
+    fn the_background_goes_on_after_the_faulted_pages() {
+        let runs = [
+            Run { first: 2, count: 3 },
+            Run {
+                first: 10,
+                count: 4,
+            },
+        ];
+        assert_eq!(after(&runs, 1, 0), (1, 0, 0));
+        assert_eq!(after(&runs, 1, 3), (1, 0, 1));
+        assert_eq!(after(&runs, 1, 5), (1, 1, 0));
+        assert_eq!(after(&runs, 1, 12), (1, 1, 2));
+        assert_eq!(after(&runs, 1, 14), (1, 2, 0));
     }
 }

@@ -25,6 +25,11 @@ pub struct Link {
     pub postcopy: bool,
     /// Over TLS: the name in the receiver's certificate.
     pub tls_peer: Option<String>,
+    /// Version 4, post-copy: the preempt channel, a second connection
+    /// that carries answers to faults ahead of the background push.
+    pub channel: Option<Writer>,
+    /// Closes the channel on cancel, like `watch` the main connection.
+    channel_watch: Option<CloseOnCancel>,
     /// Closes the link on cancel; taken away at the handover, after
     /// which a signal no longer interrupts anything.
     watch: Option<CloseOnCancel>,
@@ -69,12 +74,47 @@ impl Link {
             restore: false,
             postcopy: false,
             tls_peer,
+            channel: None,
+            channel_watch: None,
         };
-        link.handshake(cfg, page_size)?;
+        let token = link.handshake(cfg, page_size)?;
+        if token != 0 {
+            link.open_channel(cfg, handle, token)?;
+        }
         Ok(link)
     }
 
-    fn handshake(&mut self, cfg: &SendConfig, page_size: u64) -> Result<(), SendError> {
+    /// Connect the preempt channel (as the main connection: liveness,
+    /// TLS) and present `token`.
+    fn open_channel(
+        &mut self,
+        cfg: &SendConfig,
+        handle: &MigrationHandle,
+        token: u64,
+    ) -> Result<(), SendError> {
+        let fail = |reason: String| SendError::Handshake {
+            to: cfg.to.clone(),
+            reason: format!("preempt channel: {reason}"),
+        };
+        let conn = transport::connect(&cfg.to).map_err(|e| fail(e.to_string()))?;
+        conn.set_liveness(cfg.timeout)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = match &cfg.tls {
+            Some(tls) => tls
+                .wrap(conn, std::time::Instant::now() + cfg.timeout)
+                .map_err(|e| fail(e.to_string()))?,
+            None => conn,
+        };
+        let (_reader, mut writer, closer) = conn.split().map_err(|e| fail(e.to_string()))?;
+        protocol::write_control(&mut writer, &Control::Channel { token })
+            .map_err(|e| fail(e.to_string()))?;
+        self.channel_watch = Some(CloseOnCancel::new(handle.cancel_flag().clone(), closer));
+        self.channel = Some(writer);
+        Ok(())
+    }
+
+    /// Hello and Welcome; returns the preempt channel's token (0: none).
+    fn handshake(&mut self, cfg: &SendConfig, page_size: u64) -> Result<u64, SendError> {
         let fail = |reason: String| SendError::Handshake {
             to: self.to.clone(),
             reason,
@@ -83,7 +123,13 @@ impl Link {
             version: protocol::VERSION,
             min_version: protocol::MIN_VERSION,
             page_size: page_size as u32,
-            capabilities: protocol::CAPABILITIES,
+            // Post-copy may follow: ask for a preempt channel.
+            capabilities: protocol::CAPABILITIES
+                | if cfg.postcopy_after.is_some() {
+                    protocol::CAP_PREEMPT
+                } else {
+                    0
+                },
             codec: cfg.method.wire() as u8,
             level: cfg.level,
             compress_threads: cfg.compress_threads as u16,
@@ -107,7 +153,9 @@ impl Link {
                 self.version = w.version;
                 self.restore = w.capabilities & protocol::CAP_RESTORE != 0;
                 self.postcopy = w.capabilities & protocol::CAP_POSTCOPY != 0;
-                Ok(())
+                let preempt = w.version >= protocol::CHANNEL_VERSION
+                    && w.capabilities & protocol::CAP_PREEMPT != 0;
+                Ok(if preempt { w.channel_token } else { 0 })
             }
             Ok(Control::Error { message, .. }) => Err(SendError::Remote(message)),
             Ok(other) => Err(fail(format!("unexpected {:?} frame", other.kind()))),
