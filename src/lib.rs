@@ -3,6 +3,7 @@
 pub mod cancel;
 pub mod choice;
 pub mod codec;
+pub mod control;
 pub mod dest;
 pub mod dirty;
 pub mod image;

@@ -49,6 +49,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running migration how it is doing (QMP query-migrate).
+    Status {
+        /// The migration's control socket (`send --qmp PATH`).
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+        /// Print QMP's reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running migration: before the handover the source process resumes (QMP migrate_cancel).
+    Cancel {
+        /// The migration's control socket (`send --qmp PATH`).
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+    },
+    /// Change a running migration's parameters (QMP migrate-set-parameters).
+    Set {
+        /// The migration's control socket (`send --qmp PATH`).
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+        /// New cap on wire bytes per second (K/M/G suffixes; 0: unlimited).
+        #[arg(long, value_name = "RATE", value_parser = parse_size)]
+        max_bandwidth: Option<u64>,
+        /// New longest acceptable pause, e.g. 100ms.
+        #[arg(long, value_name = "TIME", value_parser = parse_duration)]
+        downtime_limit: Option<Duration>,
+    },
     /// Write the man pages (procmig.1, procmig-send.1, ...) into DIR.
     #[command(hide = true)]
     Man {
@@ -132,6 +159,9 @@ struct SendArgs {
     /// Longest wait for the receiver's answers; a link silent this long is dead (TCP keepalive, TCP_USER_TIMEOUT).
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Serve QMP on this Unix socket while the migration runs (query-migrate, migrate-set-parameters, migrate_cancel, events); see `procmig status|cancel|set`.
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
     /// Switch to post-copy after the bulk copy and N pre-copy rounds, or `auto` when pre-copy stops converging; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
     #[arg(long, value_name = "N|auto")]
     postcopy_after: Option<source::PostcopyAfter>,
@@ -302,7 +332,19 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.progress = Display::choose(std::io::stderr().is_terminal(), a.progress);
     let cancel = procmig::cancel::install_signal_flag()?;
     let handle = MigrationHandle::new(&cfg, cancel);
-    let report = match source::send(&cfg, &handle) {
+    let qmp = match &a.qmp {
+        Some(path) => Some(
+            procmig::control::qmp::QmpServer::start(path, handle.clone())
+                .map_err(|e| anyhow::anyhow!("--qmp {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let result = source::send(&cfg, &handle);
+    if let Some(q) = qmp {
+        // Clients polling for the end see it before the socket goes.
+        q.finish(Duration::from_secs(2));
+    }
+    let report = match result {
         Ok(r) => r,
         Err(e) => {
             if a.json {
@@ -469,6 +511,50 @@ fn man(dir: PathBuf) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Connect to a migration's QMP socket and run `f` on it.
+fn control(
+    path: &std::path::Path,
+    f: impl FnOnce(
+        &mut procmig::control::client::Client,
+    ) -> Result<(), procmig::control::client::ClientError>,
+) -> anyhow::Result<ExitCode> {
+    let mut c = procmig::control::client::Client::connect(path, Duration::from_secs(10))?;
+    f(&mut c)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(r: &serde_json::Value) {
+    println!("status: {}", r["status"].as_str().unwrap_or("?"));
+    let ram = &r["ram"];
+    if ram.is_object() {
+        let n = |k: &str| ram[k].as_u64().unwrap_or(0);
+        println!(
+            "transferred: {} kbytes, remaining {} kbytes of {} kbytes",
+            n("transferred") / 1024,
+            n("remaining") / 1024,
+            n("total") / 1024
+        );
+        println!(
+            "pages: {} normal, {} duplicate; dirty rate {} pages/s; {:.1} mbps; dirty sync count {}",
+            n("normal"),
+            n("duplicate"),
+            n("dirty-pages-rate"),
+            ram["mbps"].as_f64().unwrap_or(0.0),
+            n("dirty-sync-count")
+        );
+    }
+    for (k, label) in [
+        ("total-time", "total time"),
+        ("setup-time", "setup"),
+        ("expected-downtime", "expected downtime"),
+        ("downtime", "downtime"),
+    ] {
+        if let Some(v) = r[k].as_u64() {
+            println!("{label}: {v} ms");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.command {
@@ -487,6 +573,33 @@ fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Man { dir } => man(dir),
+        Command::Status { qmp, json: as_json } => control(&qmp, |c| {
+            let r = c.execute("query-migrate", serde_json::json!({}))?;
+            if as_json {
+                println!("{r}");
+            } else {
+                print_status(&r);
+            }
+            Ok(())
+        }),
+        Command::Cancel { qmp } => control(&qmp, |c| {
+            c.execute("migrate_cancel", serde_json::json!({}))
+                .map(|_| ())
+        }),
+        Command::Set {
+            qmp,
+            max_bandwidth,
+            downtime_limit,
+        } => control(&qmp, |c| {
+            let mut args = serde_json::Map::new();
+            if let Some(b) = max_bandwidth {
+                args.insert("max-bandwidth".into(), b.into());
+            }
+            if let Some(d) = downtime_limit {
+                args.insert("downtime-limit".into(), (d.as_millis() as u64).into());
+            }
+            c.execute("migrate-set-parameters", args.into()).map(|_| ())
+        }),
     };
     match r {
         Ok(code) => code,

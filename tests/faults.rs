@@ -83,55 +83,89 @@ enum Action {
 
 /// Forward one connection to `to`; once the frame `at` names has passed,
 /// act.
+/// Forward `a` to `b` until either closes, or swallow once `cut`.
+fn forward(mut a: TcpStream, mut b: TcpStream, cut: Arc<AtomicBool>) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = a.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if !cut.load(Ordering::Relaxed) && b.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if !cut.load(Ordering::Relaxed) {
+        let _ = b.shutdown(std::net::Shutdown::Both);
+    } else {
+        std::thread::sleep(BOUND);
+    }
+}
+
+/// The proxy: the first connection is the migration stream, watched frame
+/// by frame; later ones (the post-copy preempt channel) are forwarded as
+/// they are, and cut with it.
 fn proxy(to: String, at: At, action: Action, struck: Arc<AtomicBool>) -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
+    let cut = Arc::new(AtomicBool::new(false));
     std::thread::spawn(move || {
-        let (mut from_src, _) = l.accept().unwrap();
-        let mut to_dst = TcpStream::connect(&to).unwrap();
-        let (mut back_from, mut back_to) =
-            (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
-        let cut = Arc::new(AtomicBool::new(false));
-        let cut_back = cut.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = back_from.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if !cut_back.load(Ordering::Relaxed) && back_to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            // The receiver closed (or died): the sender sees it too,
-            // unless the link is "cut", where nobody sees anything.
-            if !cut_back.load(Ordering::Relaxed) {
-                let _ = back_to.shutdown(std::net::Shutdown::Both);
-            }
-        });
-        let mut action = Some(action);
-        let mut pages = 0;
-        while let Some((kind, frame)) = raw_frame(&mut from_src) {
-            if cut.load(Ordering::Relaxed) {
-                continue; // swallowed by the dead link
-            }
-            if to_dst.write_all(&frame).is_err() {
-                break;
-            }
-            if action.is_some() && at.hit(kind, &frame[16..], &mut pages) {
-                struck.store(true, Ordering::Relaxed);
-                match action.take().unwrap() {
-                    Action::Strike(f) => f(),
-                    Action::Cut => cut.store(true, Ordering::Relaxed),
-                }
-            }
+        let Ok((from_src, _)) = l.accept() else {
+            return;
+        };
+        {
+            let (to, cut) = (to.clone(), cut.clone());
+            std::thread::spawn(move || watch(from_src, to, at, action, struck, cut));
         }
-        if cut.load(Ordering::Relaxed) {
-            std::thread::sleep(BOUND);
+        while let Ok((src, _)) = l.accept() {
+            let Ok(dst) = TcpStream::connect(&to) else {
+                continue;
+            };
+            let (s2, d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+            let (c1, c2) = (cut.clone(), cut.clone());
+            std::thread::spawn(move || forward(src, dst, c1));
+            std::thread::spawn(move || forward(d2, s2, c2));
         }
-        drop((from_src, to_dst));
     });
     port
+}
+
+/// The migration stream through the proxy: frames forwarded one by one,
+/// and `action` taken once the frame `at` has passed.
+fn watch(
+    mut from_src: TcpStream,
+    to: String,
+    at: At,
+    action: Action,
+    struck: Arc<AtomicBool>,
+    cut: Arc<AtomicBool>,
+) {
+    let mut to_dst = TcpStream::connect(&to).unwrap();
+    let (back_from, back_to) = (to_dst.try_clone().unwrap(), from_src.try_clone().unwrap());
+    {
+        let cut = cut.clone();
+        std::thread::spawn(move || forward(back_from, back_to, cut));
+    }
+    let mut action = Some(action);
+    let mut pages = 0;
+    while let Some((kind, frame)) = raw_frame(&mut from_src) {
+        if cut.load(Ordering::Relaxed) {
+            continue; // swallowed by the dead link
+        }
+        if to_dst.write_all(&frame).is_err() {
+            break;
+        }
+        if action.is_some() && at.hit(kind, &frame[16..], &mut pages) {
+            struck.store(true, Ordering::Relaxed);
+            match action.take().unwrap() {
+                Action::Strike(f) => f(),
+                Action::Cut => cut.store(true, Ordering::Relaxed),
+            }
+        }
+    }
+    if cut.load(Ordering::Relaxed) {
+        std::thread::sleep(BOUND);
+    }
+    drop((from_src, to_dst));
 }
 
 fn wait_bounded(child: &mut Child, what: &str) -> std::process::ExitStatus {

@@ -116,6 +116,9 @@ pub enum StreamError {
         .0.peer_min, .0.peer_max, crate::protocol::MIN_VERSION, crate::protocol::VERSION
     )]
     Version(VersionMismatch),
+    /// The post-copy preempt channel did not come (version 4).
+    #[error("preempt channel: {0}")]
+    Channel(String),
     #[error("unsupported page size {0}")]
     PageSize(u32),
     #[error("region {index} has bad bounds {start:#x}-{end:#x}")]

@@ -384,7 +384,7 @@ impl<'a> Session<'a> {
                     self.cfg.tls.as_ref(),
                     self.cancel,
                 )
-                .map_err(Stop::Restore)?;
+                .map_err(StreamError::Channel)?;
                 self.channel = Some((reader, closer));
             }
         }

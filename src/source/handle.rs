@@ -25,6 +25,9 @@ pub enum Status {
     Completed = 3,
     Failed = 4,
     Cancelled = 5,
+    /// Handed over; the destination runs the process and fetches what it
+    /// lacks.
+    PostcopyActive = 6,
 }
 
 impl Status {
@@ -35,6 +38,7 @@ impl Status {
             2 => Status::Device,
             3 => Status::Completed,
             4 => Status::Failed,
+            6 => Status::PostcopyActive,
             _ => Status::Cancelled,
         }
     }
@@ -47,6 +51,7 @@ impl Status {
             Status::Completed => "completed",
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
+            Status::PostcopyActive => "postcopy-active",
         }
     }
 }
@@ -98,6 +103,9 @@ struct Shared {
     counters: Arc<Counters>,
     tunables: Arc<Tunables>,
     live: Live,
+    started: std::time::Instant,
+    /// Once finished: (total, setup, downtime).
+    times: Mutex<Option<(Duration, Duration, Duration)>>,
 }
 
 /// Figures of the round in progress, for progress displays and queries.
@@ -138,6 +146,8 @@ impl MigrationHandle {
                 counters: Arc::new(Counters::new(cfg.compress_threads)),
                 tunables: Arc::new(tunables),
                 live: Live::default(),
+                started: std::time::Instant::now(),
+                times: Mutex::new(None),
             }),
         }
     }
@@ -241,6 +251,33 @@ impl MigrationHandle {
             duplicate: Counters::get(&c.zero_pages),
             rounds: self.rounds(),
         }
+    }
+
+    /// Time since the migration began, or its total once finished; its
+    /// setup time and downtime once finished (QEMU's total-time,
+    /// setup-time, downtime).
+    pub fn times(&self) -> (Duration, Option<(Duration, Duration)>) {
+        match *self.shared.times.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((total, setup, down)) => (total, Some((setup, down))),
+            None => (self.shared.started.elapsed(), None),
+        }
+    }
+
+    pub(crate) fn set_times(&self, setup: Duration, downtime: Duration) {
+        *self.shared.times.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((self.shared.started.elapsed(), setup, downtime));
+    }
+
+    /// Bytes of the migrated regions, the page size, the dirty rate
+    /// (pages/s) and the expected downtime, as the planner last saw them.
+    pub fn live_figures(&self) -> (u64, u64, f64, Duration) {
+        let l = &self.shared.live;
+        (
+            l.total_bytes.load(Relaxed),
+            l.page_size.load(Relaxed),
+            f64::from_bits(l.dirty_rate.load(Relaxed)),
+            Duration::from_micros(l.expected_downtime_us.load(Relaxed)),
+        )
     }
 
     /// The round being sent (0 is the bulk copy).

@@ -495,6 +495,7 @@ impl<'a> Migration<'a> {
     fn serve_postcopy(&mut self, c: &mut Copy, timeout: Duration) -> Result<Control, SendError> {
         let pid = self.cfg.pid;
         let broken = |reason: String| SendError::PostcopyBroken { pid, reason };
+        self.handle.set_status(Status::PostcopyActive);
         let link = self.link.as_mut().expect("connected");
         let reader = link.reader.try_clone().map_err(|e| broken(e.to_string()))?;
         let writer = link

@@ -58,6 +58,7 @@ pub use config::{
 pub use converge::ThrottleParams;
 pub use handle::{MigrationHandle, Status, Tunables};
 use migration::Migration;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -133,6 +134,10 @@ pub fn send(cfg: &SendConfig, handle: &MigrationHandle) -> Result<SendReport, Se
     m.cleanup();
     match r {
         Ok(report) => {
+            handle.set_times(
+                Duration::from_secs_f64(report.setup_time_ms / 1000.0),
+                Duration::from_secs_f64(report.downtime_ms / 1000.0),
+            );
             handle.set_status(Status::Completed);
             Ok(report)
         }

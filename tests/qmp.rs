@@ -1,0 +1,240 @@
+//! The QMP control socket (`send --qmp PATH`) driven by the real QEMU
+//! client library (`qemu.qmp` from PyPI) and by procmig's own shell
+//! clients: follow a migration to completion, lower its bandwidth while it
+//! runs, cancel one, and survive bad input.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs/qmp_client.py")
+}
+
+fn have_qemu_qmp() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        println!("skipped: the qemu.qmp Python package is not installed (scripts/setup installs it from PyPI)");
+    }
+    ok
+}
+
+/// `procmig send` of `agent` to `recv` serving QMP on `sock`.
+fn send_with_qmp(agent: &Agent, recv: &Recv, sock: &Path, extra: &[&str]) -> Child {
+    Command::new(procmig())
+        .args([
+            "send",
+            "--pid",
+            &agent.pid.to_string(),
+            "--to",
+            &recv.addr(),
+        ])
+        .arg("--qmp")
+        .arg(sock)
+        .args(["--compress", "none", "--on-complete", "resume"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_socket(sock: &Path) {
+    wait_for(20, "the QMP socket", || sock.exists());
+}
+
+#[test]
+fn qemu_qmp_follows_steers_and_cancels_a_migration() {
+    if !have_qemu_qmp() {
+        return;
+    }
+    let dir = TempDir::new("qmp");
+    let sock = dir.join("qmp.sock");
+    let agent = Agent::start(&["--size", "96M", "--profile", "random"]);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "30M"]);
+    wait_socket(&sock);
+    // Lowered to 4 MB/s once active, back to unlimited 1.5 s later.
+    let low = 4_000_000u64;
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["follow", sock.to_str().unwrap(), &low.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", text(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(send.wait().unwrap().success());
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    let statuses: Vec<&str> = seen["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.last(), Some(&"completed"), "{seen}");
+    assert!(statuses.contains(&"active"), "{seen}");
+    let t: Vec<u64> = seen["transferred"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        t.windows(2).all(|w| w[0] <= w[1]),
+        "transferred went down: {t:?}"
+    );
+    // The new cap held on the wire: an upper bound, true on any machine
+    // (one 256 KiB batch of slack for the batch in flight at the change).
+    let rate = seen["rate_after"]
+        .as_f64()
+        .expect("measured after lowering");
+    assert!(
+        rate <= low as f64 * 1.2 + 256.0 * 1024.0 / 1.5,
+        "{rate} B/s after lowering to {low}"
+    );
+    assert!(
+        seen["unknown"].as_str().unwrap().contains("not been found"),
+        "{seen}"
+    );
+    let events = seen["events"].to_string();
+    assert!(
+        events.contains(r#"MIGRATION:{\"status\": \"completed\"}"#),
+        "{events}"
+    );
+    assert!(seen["final"]["downtime"].is_u64(), "{seen}");
+    check_image(&agent, &dir.join("img"), "a migration followed over QMP");
+
+    // A second one, cancelled: the source runs on, untraced.
+    let _ = std::fs::remove_dir_all(dir.join("img2"));
+    let recv = Recv::start(&dir.join("img2"), &[]);
+    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "4M"]);
+    wait_socket(&sock);
+    let out = Command::new("python3")
+        .arg(script())
+        .args(["cancel", sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", text(&out.stderr));
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        seen["statuses"].as_array().unwrap().last().unwrap(),
+        "cancelled",
+        "{seen}"
+    );
+    let st = send.wait().unwrap();
+    assert_eq!(st.code(), Some(2));
+    drop(recv);
+    assert_running(agent.pid);
+    assert_eq!(uffd_wp_vmas(agent.pid), 0);
+    assert!(!dir.join("img2").exists());
+}
+
+/// One raw exchange on a fresh connection: the greeting, then `input`,
+/// then what comes back until `replies` lines.
+fn raw(sock: &Path, input: &[u8], replies: usize) -> Vec<serde_json::Value> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(input).unwrap();
+    let mut got = Vec::new();
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    while got.len() < replies + 1 {
+        let n = s.read(&mut b).unwrap();
+        assert!(n > 0, "closed after {got:?}");
+        buf.extend_from_slice(&b[..n]);
+        while let Some(i) = buf.iter().position(|&c| c == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+            if v.get("event").is_none() {
+                got.push(v);
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn shell_clients_and_bad_input_never_disturb_the_migration() {
+    let dir = TempDir::new("qmp-shell");
+    let sock = dir.join("qmp.sock");
+    let agent = Agent::start(&["--size", "64M", "--profile", "random"]);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "2M"]);
+    wait_socket(&sock);
+    let s = sock.to_str().unwrap();
+    let status = run(&["status", "--qmp", s, "--json"]);
+    assert!(status.status.success(), "{}", text(&status.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(
+        ["setup", "active"].contains(&v["status"].as_str().unwrap()),
+        "{v}"
+    );
+    let human = run(&["status", "--qmp", s]);
+    assert!(
+        text(&human.stdout).starts_with("status: "),
+        "{}",
+        text(&human.stdout)
+    );
+    // Before negotiation, bad JSON, unknown commands: QMP errors.
+    let r = raw(&sock, b"{\"execute\":\"query-migrate\",\"id\":7}\n", 1);
+    assert!(r[0]["QMP"].is_object(), "{r:?}");
+    assert_eq!(r[1]["error"]["class"], "CommandNotFound");
+    assert_eq!(r[1]["id"], 7);
+    let r = raw(
+        &sock,
+        b"{\"execute\":\"qmp_capabilities\"}\n{bad json}\nnot json at all\n{\"execute\":\"nope\"}\n{\"execute\":\"query-status\"}\n",
+        5,
+    );
+    assert_eq!(r[1]["return"], serde_json::json!({}));
+    assert_eq!(r[2]["error"]["class"], "GenericError", "{r:?}");
+    assert_eq!(r[3]["error"]["class"], "GenericError", "{r:?}");
+    assert_eq!(r[4]["error"]["class"], "CommandNotFound", "{r:?}");
+    assert_eq!(r[5]["return"]["running"], true, "{r:?}");
+    // A client that leaves in the middle of a command.
+    {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.write_all(b"{\"execute\":\"qmp_capabilities\"}{\"execute\":\"query-mi")
+            .unwrap();
+    }
+    // Steering from the shell, then cancelling.
+    let set = run(&[
+        "set",
+        "--qmp",
+        s,
+        "--max-bandwidth",
+        "1M",
+        "--downtime-limit",
+        "50ms",
+    ]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let bad = run(&["status", "--qmp", "/nonexistent/qmp.sock"]);
+    assert_one_line_error(&bad, "is a migration running with --qmp?");
+    assert!(
+        send.try_wait().unwrap().is_none(),
+        "the migration ended early"
+    );
+    let cancel = run(&["cancel", "--qmp", s]);
+    assert!(cancel.status.success(), "{}", text(&cancel.stderr));
+    let st = send.wait().unwrap();
+    let mut err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert_running(agent.pid);
+    assert!(!sock.exists(), "the socket outlived the migration");
+    drop(recv);
+}
