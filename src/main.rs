@@ -245,7 +245,7 @@ struct VerifyArgs {
     json: bool,
 }
 
-/// `300ms`, `1.5s`, or a plain number of milliseconds.
+/// `on`/`off` (also yes/no, true/false), as QEMU's boolean properties.
 fn parse_on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" | "yes" | "true" => Ok(true),
@@ -254,6 +254,7 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
     }
 }
 
+/// `300ms`, `1.5s`, or a plain number of milliseconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(v) = t.strip_suffix("ms") {
@@ -601,6 +602,9 @@ fn main() -> ExitCode {
             c.execute("migrate-set-parameters", args.into()).map(|_| ())
         }),
     };
+    // What TLS connections were last given (an Ack, an Error) is sent
+    // before the process goes.
+    procmig::protocol::tls::finish(Duration::from_secs(3));
     match r {
         Ok(code) => code,
         Err(e) => {

@@ -172,6 +172,9 @@ fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sende
     }
 }
 
+/// Longest one would-be preempt channel may take to show its token.
+const CANDIDATE_TIME: Duration = Duration::from_secs(5);
+
 /// The preempt channel: the connection a source opens right after
 /// Welcome to carry post-copy answers, recognised by the `token` Welcome
 /// gave it. Other clients arriving meanwhile are told "busy". Within
@@ -192,8 +195,12 @@ pub fn accept_channel(
             Err(e) => return Err(format!("the source's preempt channel did not come: {e}")),
         };
         let peer = conn.peer().to_string();
+        // Each candidate gets a few seconds, not the whole time: the
+        // source connects at once, and a silent stranger must not keep
+        // it waiting in the backlog.
+        let own = deadline.min(Instant::now() + CANDIDATE_TIME);
         let opened = conn.set_liveness(timeout).and_then(|()| match tls {
-            Some(t) => t.wrap(conn, deadline),
+            Some(t) => t.wrap(conn, own),
             None => Ok(conn),
         });
         let (mut reader, mut writer, closer) = match opened.and_then(|c| c.split()) {
@@ -203,7 +210,7 @@ pub fn accept_channel(
                 continue;
             }
         };
-        reader.set_deadline(Some(deadline));
+        reader.set_deadline(Some(own));
         match protocol::read_control(&mut reader) {
             Ok(Control::Channel { token: t }) if t == token => {
                 reader.set_deadline(None);

@@ -136,7 +136,13 @@ pub fn run(
         });
         let r = receive(reader, &shared, regions, Some(timeout), cancel);
         let answered = side.map(|(h, closer)| {
-            if r.is_err() {
+            // The source ends the channel before the main connection: it
+            // has little left to say; if the main one broke, stop it.
+            let deadline = Instant::now() + timeout;
+            while r.is_ok() && !h.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !h.is_finished() {
                 closer.close();
             }
             h.join()

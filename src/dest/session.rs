@@ -384,7 +384,13 @@ impl<'a> Session<'a> {
                     self.cfg.tls.as_ref(),
                     self.cancel,
                 )
-                .map_err(StreamError::Channel)?;
+                .map_err(|e| {
+                    if self.cancel.load(Ordering::Relaxed) {
+                        Stop::Cancelled
+                    } else {
+                        StreamError::Channel(e).into()
+                    }
+                })?;
                 self.channel = Some((reader, closer));
             }
         }

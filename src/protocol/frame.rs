@@ -35,8 +35,7 @@ pub enum Kind {
     PostcopyDone = 16,
     /// Version 4: the first frame on a second connection (the preempt
     /// channel that carries answers to faults during post-copy), with the
-    /// token the receiver gave in Welcome; on the main connection, just
-    /// before the switch, it says that channel is open.
+    /// token the receiver gave in Welcome.
     Channel = 17,
 }
 

@@ -262,7 +262,7 @@ fn over_tls(
     let note = failed.clone();
     tcp.set_nonblocking(true)?;
     ours.set_nonblocking(true)?;
-    std::thread::Builder::new()
+    let h = std::thread::Builder::new()
         .name("tls".into())
         .spawn(move || {
             if let Err(e) = pump(session, &tcp, &ours) {
@@ -271,7 +271,40 @@ fn over_tls(
             let _ = tcp.shutdown(Shutdown::Both);
             let _ = ours.shutdown(Shutdown::Both);
         })?;
+    let mut pumps = PUMPS.lock().unwrap_or_else(|p| p.into_inner());
+    pumps.retain(|h| !h.is_finished());
+    pumps.push(h);
     Ok(Connection::from_pump(app, under, peer, failed, identity))
+}
+
+/// Every pump thread still running, so that the process does not exit
+/// before the last frame it wrote (an Ack, an Error) is encrypted and
+/// sent: see [`finish`].
+static PUMPS: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// How long a pump may go on once its application side is closed: to
+/// flush what was written and say close_notify, not to wait for a peer
+/// that never closes.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Wait (at most `limit`) until every TLS connection has sent what was
+/// written to it. Call before the process exits, once the connections
+/// are dropped.
+pub fn finish(limit: std::time::Duration) {
+    let deadline = Instant::now() + limit;
+    let pumps: Vec<_> = PUMPS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+        .collect();
+    for h in pumps {
+        while !h.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn handshake(
@@ -318,7 +351,16 @@ fn pump(
     // tcp_eof: the network said end of stream.
     let (mut app_done, mut peer_done, mut tcp_eof) = (false, false, false);
     let (mut app_shut, mut tcp_shut) = (false, false);
+    // Set when the application side ended: the pump then has LINGER to
+    // flush and hear the peer's end.
+    let mut ended: Option<Instant> = None;
     loop {
+        if app_done && ended.is_none() {
+            ended = Some(Instant::now());
+        }
+        if ended.is_some_and(|t| t.elapsed() > LINGER) {
+            return Ok(());
+        }
         let mut progress = false;
         // Plaintext from the peer to the application.
         while out_at < out.len() {
@@ -330,11 +372,12 @@ fn pump(
                 Err(e) if e.kind() == WouldBlock => break,
                 Err(e) if e.kind() == Interrupted => {}
                 Err(_) => {
-                    // Nobody reads any more: drop it, and stop reading.
+                    // Nobody reads any more: drop it and stop reading
+                    // the peer; what the application wrote before it
+                    // closed is still read and sent.
                     out.clear();
                     out_at = 0;
                     peer_done = true;
-                    app_done = true;
                 }
             }
         }
@@ -442,7 +485,7 @@ fn pump(
             ),
         ];
         // SAFETY: `fds` is a valid array of pollfd for the call's length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, if ended.is_some() { 50 } else { 1000 }) };
         if r < 0 && io::Error::last_os_error().kind() != Interrupted {
             return Err(io::Error::last_os_error().to_string());
         }

@@ -261,7 +261,6 @@ impl Connection {
             },
             Closer {
                 tcp: Arc::new(close),
-                under,
             },
         ))
     }
@@ -406,16 +405,15 @@ impl Write for Writer {
 #[derive(Clone)]
 pub struct Closer {
     tcp: Arc<Sock>,
-    under: Option<Arc<TcpStream>>,
 }
 
 impl Closer {
-    /// Blocked and later reads and writes on either half return.
+    /// Blocked and later reads and writes on either half return. Over
+    /// TLS only the plaintext side is shut: the pump still encrypts and
+    /// sends what was written before (a last Error frame), says
+    /// close_notify and ends within its linger time.
     pub fn close(&self) {
         self.tcp.shutdown();
-        if let Some(t) = &self.under {
-            let _ = t.shutdown(Shutdown::Both);
-        }
     }
 }
 

@@ -87,6 +87,8 @@ impl Server<'_> {
         let mut frame = Vec::new();
         let mut raw = Vec::new();
         let broken = |e: std::io::Error| SendError::Connection(format!("post-copy: {e}"));
+        let channel_broken =
+            |e: std::io::Error| SendError::Connection(format!("post-copy, preempt channel: {e}"));
         // Background cursor: (region, run, page within run).
         let mut cursor = (0usize, 0usize, 0u64);
         let t0 = Instant::now();
@@ -142,11 +144,19 @@ impl Server<'_> {
                             answers.as_mut().unwrap_or(&mut writer),
                             &mut served,
                         )
-                        .map_err(broken)?;
+                        .map_err(|e| {
+                            if answers.is_some() {
+                                channel_broken(e)
+                            } else {
+                                broken(e)
+                            }
+                        })?;
                         if answers.is_some() {
                             answered += served.pages - before;
                         }
-                        cursor = after(&m.runs, i, upto);
+                        // Only forwards: going back would walk pages
+                        // already sent again.
+                        cursor = cursor.max(after(&m.runs, i, upto));
                     }
                     Msg::Answer(Control::Error { message, .. }) => {
                         return Err(SendError::Remote(message))
@@ -182,7 +192,7 @@ impl Server<'_> {
         // connection's PostcopyDone as the end of both.
         if let Some(a) = answers.as_mut() {
             protocol::write_control(a, &Control::PostcopyDone { pages: answered })
-                .map_err(broken)?;
+                .map_err(channel_broken)?;
         }
         protocol::write_control(
             &mut writer,

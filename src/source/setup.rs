@@ -30,6 +30,8 @@ pub struct Link {
     pub channel: Option<Writer>,
     /// Closes the channel on cancel, like `watch` the main connection.
     channel_watch: Option<CloseOnCancel>,
+    /// The address the main connection reached.
+    peer_addr: Option<String>,
     /// Closes the link on cancel; taken away at the handover, after
     /// which a signal no longer interrupts anything.
     watch: Option<CloseOnCancel>,
@@ -57,6 +59,11 @@ impl Link {
         let tls_peer = conn
             .is_tls()
             .then(|| conn.identity().unwrap_or("?").to_string());
+        let peer_addr = conn
+            .peer()
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.to_string());
         let (reader, writer, closer) = conn
             .split()
             .map_err(|e| SendError::Connection(e.to_string()))?;
@@ -76,6 +83,7 @@ impl Link {
             tls_peer,
             channel: None,
             channel_watch: None,
+            peer_addr,
         };
         let token = link.handshake(cfg, page_size)?;
         if token != 0 {
@@ -96,7 +104,10 @@ impl Link {
             to: cfg.to.clone(),
             reason: format!("preempt channel: {reason}"),
         };
-        let conn = transport::connect(&cfg.to).map_err(|e| fail(e.to_string()))?;
+        // The address the main connection reached, not `--to` resolved
+        // again (a name with several addresses could lead elsewhere).
+        let to = self.peer_addr.clone().unwrap_or_else(|| cfg.to.clone());
+        let conn = transport::connect(&to).map_err(|e| fail(e.to_string()))?;
         conn.set_liveness(cfg.timeout)
             .map_err(|e| fail(e.to_string()))?;
         let conn = match &cfg.tls {
@@ -191,6 +202,7 @@ impl Link {
     /// answer to Commit is worth waiting for (within its deadline).
     pub fn disarm_cancel(&mut self) {
         self.watch = None;
+        self.channel_watch = None;
     }
 
     /// The receiver's next answer, within `timeout`; an Error frame is
