@@ -2,7 +2,7 @@
 //! configs, runs them, and prints reports and errors.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -162,8 +162,11 @@ struct SendArgs {
     /// Serve QMP on this Unix socket while the migration runs (query-migrate, migrate-set-parameters, migrate_cancel, events); see `procmig status|cancel|set`.
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
-    /// Switch to post-copy after the bulk copy and N pre-copy rounds, or `auto` when pre-copy stops converging; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
-    #[arg(long, value_name = "N|auto")]
+    /// Append the QMP events (MIGRATION, MIGRATION_PASS) to FILE as JSON lines as they happen (/dev/fd/N for a pipe).
+    #[arg(long, value_name = "FILE")]
+    events: Option<PathBuf>,
+    /// Switch to post-copy after the bulk copy and N pre-copy rounds, `auto` when pre-copy stops converging, or `command` when QMP's migrate-start-postcopy says so; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
+    #[arg(long, value_name = "N|auto|command")]
     postcopy_after: Option<source::PostcopyAfter>,
     /// TLS 1.3: directory with ca-cert.pem, and client-cert.pem/client-key.pem for a receiver that verifies its peers (QEMU's tls-creds-x509 layout).
     #[arg(long, value_name = "DIR")]
@@ -333,12 +336,28 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     cfg.progress = Display::choose(std::io::stderr().is_terminal(), a.progress);
     let cancel = procmig::cancel::install_signal_flag()?;
     let handle = MigrationHandle::new(&cfg, cancel);
-    let qmp = match &a.qmp {
+    let events = match &a.events {
         Some(path) => Some(
-            procmig::control::qmp::QmpServer::start(path, handle.clone())
-                .map_err(|e| anyhow::anyhow!("--qmp {}: {e}", path.display()))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| anyhow::anyhow!("--events {}: {e}", path.display()))?,
         ),
         None => None,
+    };
+    let qmp = if a.qmp.is_some() || events.is_some() {
+        Some(
+            procmig::control::qmp::QmpServer::start(a.qmp.as_deref(), events, handle.clone())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--qmp {}: {e}",
+                        a.qmp.as_deref().unwrap_or(Path::new("")).display()
+                    )
+                })?,
+        )
+    } else {
+        None
     };
     let result = source::send(&cfg, &handle);
     if let Some(q) = qmp {

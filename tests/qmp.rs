@@ -238,3 +238,110 @@ fn shell_clients_and_bad_input_never_disturb_the_migration() {
     assert!(!sock.exists(), "the socket outlived the migration");
     drop(recv);
 }
+
+/// `--postcopy-after command` switches only when QMP says
+/// `migrate-start-postcopy`; `--events FILE` gets the same events as the
+/// socket, one JSON line each.
+#[test]
+fn migrate_start_postcopy_and_the_events_file() {
+    if !can_restore("migrate-start-postcopy") {
+        return;
+    }
+    use procmig::control::client::Client;
+    let dir = TempDir::new("qmp-postcopy");
+    let sock = dir.join("qmp.sock");
+    let events = dir.join("events.jsonl");
+    let agent = Agent::start(&["--size", "64M", "--threads", "2", "--dirty-rate", "20000"]);
+    let recv = Recv::start(&dir.join("img"), &["--restore", "--json"]);
+    let mut send = Command::new(procmig())
+        .args([
+            "send",
+            "--pid",
+            &agent.pid.to_string(),
+            "--to",
+            &recv.addr(),
+        ])
+        .arg("--qmp")
+        .arg(&sock)
+        .arg("--events")
+        .arg(&events)
+        .args([
+            "--postcopy-after",
+            "command",
+            "--max-bandwidth",
+            "8M",
+            "--json",
+        ])
+        .args(["--on-complete", "kill"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_socket(&sock);
+    let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
+    wait_for(60, "the migration to be active", || {
+        c.execute("query-migrate", serde_json::json!({})).unwrap()["status"] == "active"
+    });
+    c.execute("migrate-start-postcopy", serde_json::json!({}))
+        .unwrap();
+    drop(c);
+    let st = send.wait().unwrap();
+    let mut out = String::new();
+    send.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    send.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(st.success(), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(report["postcopy"].is_object(), "no post-copy: {report}");
+    let (ok, rout, rerr) = recv.wait();
+    assert!(ok, "{rerr}");
+    let r: serde_json::Value = serde_json::from_str(&rout).unwrap();
+    if let Some(pid) = r["restored_pid"].as_i64() {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let statuses: Vec<&str> = lines
+        .iter()
+        .filter(|e| e["event"] == "MIGRATION")
+        .map(|e| e["data"]["status"].as_str().unwrap())
+        .collect();
+    for s in ["setup", "active", "postcopy-active", "completed"] {
+        assert!(statuses.contains(&s), "{s} missing from {statuses:?}");
+    }
+    assert!(lines.iter().any(|e| e["event"] == "MIGRATION_PASS"));
+    assert!(lines.iter().all(|e| e["timestamp"]["seconds"].is_u64()));
+}
+
+#[test]
+fn start_postcopy_needs_it_enabled() {
+    use procmig::control::client::Client;
+    let dir = TempDir::new("qmp-nopostcopy");
+    let sock = dir.join("qmp.sock");
+    let agent = Agent::start(&["--size", "32M", "--profile", "random"]);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "2M"]);
+    wait_socket(&sock);
+    let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
+    let e = c
+        .execute("migrate-start-postcopy", serde_json::json!({}))
+        .unwrap_err();
+    assert!(e.to_string().contains("--postcopy-after"), "{e}");
+    c.execute("migrate_cancel", serde_json::json!({})).unwrap();
+    assert_eq!(send.wait().unwrap().code(), Some(2));
+    assert_running(agent.pid);
+    drop(recv);
+}

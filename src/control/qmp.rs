@@ -1,4 +1,5 @@
-//! A QMP server for one migration (`send --qmp PATH`): enough of QEMU's
+//! A QMP server for one migration (`send --qmp PATH`, and the same
+//! events as JSON lines with `--events FILE`): enough of QEMU's
 //! machine protocol for its real clients (the `qemu.qmp` Python package,
 //! scripts that speak JSON over the socket) to follow and steer a running
 //! migration with QEMU's command names and reply shapes.
@@ -8,7 +9,8 @@
 //! - Commands: `qmp_capabilities`, `query-status`, `query-migrate`,
 //!   `query-migrate-parameters`, `migrate-set-parameters` (`max-bandwidth`
 //!   and `downtime-limit`, which take effect within one batch),
-//!   `migrate_cancel`, `query-commands`. Ids are echoed; failures are
+//!   `migrate_cancel`, `migrate-start-postcopy`, `query-commands`. Ids are
+//!   echoed; failures are
 //!   `{"error": {"class", "desc"}}`.
 //! - Events, with timestamps: `MIGRATION` on every status change and
 //!   `MIGRATION_PASS` on every round.
@@ -57,7 +59,7 @@ impl Client {
 
 /// The running server; [`QmpServer::finish`] ends it.
 pub struct QmpServer {
-    path: PathBuf,
+    path: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     clients: Clients,
     threads: Vec<JoinHandle<()>>,
@@ -65,23 +67,28 @@ pub struct QmpServer {
 
 impl QmpServer {
     /// Listen on the Unix socket `path` (a stale socket file left by a
-    /// dead process is replaced; a live one is an error).
-    pub fn start(path: &Path, handle: MigrationHandle) -> io::Result<QmpServer> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("{} is in use by another process", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        listener.set_nonblocking(true)?;
+    /// dead process is replaced; a live one is an error), and/or append
+    /// the events as JSON lines to `events` (`--events FILE`).
+    pub fn start(
+        path: Option<&Path>,
+        events: Option<std::fs::File>,
+        handle: MigrationHandle,
+    ) -> io::Result<QmpServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::default();
         let mut threads = Vec::new();
-        {
+        if let Some(path) = path {
+            if path.exists() {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("{} is in use by another process", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?;
+            }
+            let listener = UnixListener::bind(path)?;
+            listener.set_nonblocking(true)?;
             let (stop, clients, handle) = (stop.clone(), clients.clone(), handle.clone());
             threads.push(
                 std::thread::Builder::new()
@@ -94,11 +101,11 @@ impl QmpServer {
             threads.push(
                 std::thread::Builder::new()
                     .name("qmp-events".into())
-                    .spawn(move || events_loop(&handle, &clients, &stop))?,
+                    .spawn(move || events_loop(&handle, &clients, events, &stop))?,
             );
         }
         Ok(QmpServer {
-            path: path.to_path_buf(),
+            path: path.map(Path::to_path_buf),
             stop,
             clients,
             threads,
@@ -131,7 +138,9 @@ impl QmpServer {
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.path {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     fn connected(&self) -> usize {
@@ -198,8 +207,14 @@ fn event(name: &str, data: Value) -> Value {
     json!({"event": name, "data": data, "timestamp": timestamp()})
 }
 
-/// Watch the handle and tell every negotiated client of changes.
-fn events_loop(handle: &MigrationHandle, clients: &Clients, stop: &AtomicBool) {
+/// Watch the handle and tell every negotiated client of changes, and the
+/// events file.
+fn events_loop(
+    handle: &MigrationHandle,
+    clients: &Clients,
+    mut file: Option<std::fs::File>,
+    stop: &AtomicBool,
+) {
     let mut status = None;
     let mut pass = None;
     loop {
@@ -214,6 +229,16 @@ fn events_loop(handle: &MigrationHandle, clients: &Clients, stop: &AtomicBool) {
         if matches!(s, Status::Active | Status::Device) && pass != Some(r) {
             pass = Some(r);
             out.push(event("MIGRATION_PASS", json!({"pass": r + 1})));
+        }
+        if let (Some(f), false) = (file.as_mut(), out.is_empty()) {
+            let mut lines = String::new();
+            for e in &out {
+                lines.push_str(&e.to_string());
+                lines.push('\n');
+            }
+            if f.write_all(lines.as_bytes()).is_err() {
+                file = None; // a full disk or a closed pipe: stop writing
+            }
         }
         if !out.is_empty() {
             let list = clients.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -335,6 +360,7 @@ const COMMANDS: &[&str] = &[
     "query-migrate-parameters",
     "migrate-set-parameters",
     "migrate_cancel",
+    "migrate-start-postcopy",
 ];
 
 fn command(v: &Value, client: &Client, handle: &MigrationHandle) -> Value {
@@ -387,6 +413,10 @@ fn command(v: &Value, client: &Client, handle: &MigrationHandle) -> Value {
             handle.cancel();
             json!({"return": {}})
         }
+        ("migrate-start-postcopy", true) => match handle.start_postcopy() {
+            Ok(()) => json!({"return": {}}),
+            Err(e) => error("GenericError", e),
+        },
         (other, true) => error(
             "CommandNotFound",
             format!("The command {other} has not been found"),

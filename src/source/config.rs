@@ -40,17 +40,22 @@ pub enum PostcopyAfter {
     /// When pre-copy stops converging (the dirty rate outruns the link for
     /// two rounds, or the planner gives up).
     Auto,
+    /// Only when told (QMP `migrate-start-postcopy`); a migration that
+    /// converges first ends with an ordinary downtime, as in QEMU.
+    Command,
 }
 
 impl std::str::FromStr for PostcopyAfter {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "auto" {
-            return Ok(PostcopyAfter::Auto);
+        match s {
+            "auto" => return Ok(PostcopyAfter::Auto),
+            "command" => return Ok(PostcopyAfter::Command),
+            _ => {}
         }
-        s.parse()
-            .map(PostcopyAfter::Rounds)
-            .map_err(|_| format!("--postcopy-after takes a round count or auto, not {s:?}"))
+        s.parse().map(PostcopyAfter::Rounds).map_err(|_| {
+            format!("--postcopy-after takes a round count, auto or command, not {s:?}")
+        })
     }
 }
 

@@ -106,6 +106,10 @@ struct Shared {
     started: std::time::Instant,
     /// Once finished: (total, setup, downtime).
     times: Mutex<Option<(Duration, Duration, Duration)>>,
+    /// Started with `--postcopy-after`: post-copy may be asked for.
+    postcopy_enabled: bool,
+    /// `migrate-start-postcopy` was asked.
+    start_postcopy: AtomicBool,
 }
 
 /// Figures of the round in progress, for progress displays and queries.
@@ -148,6 +152,8 @@ impl MigrationHandle {
                 live: Live::default(),
                 started: std::time::Instant::now(),
                 times: Mutex::new(None),
+                postcopy_enabled: cfg.postcopy_after.is_some(),
+                start_postcopy: AtomicBool::new(false),
             }),
         }
     }
@@ -251,6 +257,29 @@ impl MigrationHandle {
             duplicate: Counters::get(&c.zero_pages),
             rounds: self.rounds(),
         }
+    }
+
+    /// QMP `migrate-start-postcopy`: switch at the end of the current
+    /// round. Refused unless the migration was started with
+    /// `--postcopy-after` (QEMU: the postcopy-ram capability) and is
+    /// still pre-copying.
+    pub fn start_postcopy(&self) -> Result<(), String> {
+        if !self.shared.postcopy_enabled {
+            return Err("post-copy is not enabled: start the migration with --postcopy-after (e.g. --postcopy-after command)".into());
+        }
+        match self.status() {
+            Status::Setup | Status::Active => {
+                self.shared.start_postcopy.store(true, Relaxed);
+                Ok(())
+            }
+            s => Err(format!(
+                "the migration is {s}: too late to switch to post-copy"
+            )),
+        }
+    }
+
+    pub(crate) fn postcopy_requested(&self) -> bool {
+        self.shared.start_postcopy.load(Relaxed)
     }
 
     /// Time since the migration began, or its total once finished; its

@@ -311,14 +311,20 @@ impl<'a> Migration<'a> {
                 let outrun =
                     inputs.wire_rate > 0.0 && inputs.dirty_rate > inputs.wire_rate * inputs.ratio;
                 c.outrun = if outrun { c.outrun + 1 } else { 0 };
-                let switch = match after {
-                    PostcopyAfter::Rounds(n) => c.round >= n,
-                    PostcopyAfter::Auto => c.outrun >= 2 || matches!(p.decision, Decision::GiveUp),
-                };
+                let told = self.handle.postcopy_requested();
+                let switch = told
+                    || match after {
+                        PostcopyAfter::Rounds(n) => c.round >= n,
+                        PostcopyAfter::Auto => {
+                            c.outrun >= 2 || matches!(p.decision, Decision::GiveUp)
+                        }
+                        PostcopyAfter::Command => false,
+                    };
                 // `auto` and converged anyway: an ordinary downtime is
-                // shorter. A round count is the user's explicit choice.
+                // shorter. A round count or a command is the user's
+                // explicit choice.
                 let converged = matches!(p.decision, Decision::Downtime);
-                if switch && (matches!(after, PostcopyAfter::Rounds(_)) || !converged) {
+                if switch && (told || matches!(after, PostcopyAfter::Rounds(_)) || !converged) {
                     c.postcopy = true;
                     return Ok(plan.carry(&c.state));
                 }
