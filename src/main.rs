@@ -517,18 +517,102 @@ fn check(pid: i32) -> anyhow::Result<ExitCode> {
 
 fn man(dir: PathBuf) -> anyhow::Result<ExitCode> {
     let top = Cli::command();
-    let mut pages = vec![("procmig.1".to_string(), top.clone())];
+    let mut pages = vec![("procmig".to_string(), top.clone())];
     for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let name = format!("procmig-{}", sub.get_name());
-        let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
-        pages.push((format!("{name}.1"), sub.clone().name(leaked)));
+        let name = sub.get_name().to_string();
+        pages.push((
+            name.clone(),
+            sub.clone()
+                .display_name(format!("procmig-{name}"))
+                .bin_name(format!("procmig {name}")),
+        ));
     }
-    for (file, cmd) in pages {
+    for (name, cmd) in pages {
+        let file = match name.as_str() {
+            "procmig" => "procmig.1".to_string(),
+            n => format!("procmig-{n}.1"),
+        };
         let mut out = Vec::new();
         clap_mangen::Man::new(cmd).render(&mut out)?;
+        out.extend_from_slice(man_extra(&name).as_bytes());
         std::fs::write(dir.join(file), out)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// EXIT STATUS and EXAMPLES for a man page (roff), the README's table.
+fn man_extra(page: &str) -> String {
+    let (status, examples): (&[(&str, &str)], &[(&str, &str)]) = match page {
+        "send" => (
+            &[
+                ("0", "migrated; the process is left as --on-complete says (with a restoring receiver it runs there)"),
+                ("2", "failed or cancelled before the handover: the process runs as it was found; or bad usage"),
+                ("3", "handover in doubt (Commit sent, no answer) or post-copy broke: the process is left stopped with all of its memory; the message says how to decide (send --resume-source resumes it)"),
+            ],
+            &[
+                ("Live-migrate process 1234:", "procmig send --pid 1234 --to dest.example:4444"),
+                ("Over TLS, steerable over QMP:", "procmig send --pid 1234 --to dest.example:4444 --tls-creds /etc/procmig --qmp /run/procmig.sock"),
+                ("Switch to post-copy when pre-copy stops converging:", "procmig send --pid 1234 --to dest.example:4444 --postcopy-after auto"),
+            ],
+        ),
+        "recv" => (
+            &[
+                ("0", "image committed (with --restore, the process runs here)"),
+                ("2", "failed or cancelled: nothing committed, nothing restored; or bad usage"),
+            ],
+            &[
+                ("Receive into ./img, from other hosts:", "procmig recv --listen 0.0.0.0:4444 --out ./img"),
+                ("Run the process here, TLS clients only:", "procmig recv --listen 0.0.0.0:4444 --out ./img --restore --tls-creds /etc/procmig"),
+            ],
+        ),
+        "verify" => (
+            &[("0", "identical"), ("1", "pages differ"), ("2", "error")],
+            &[("Compare an image with the stopped source:", "procmig verify --pid 1234 --image ./img")],
+        ),
+        "restore" => (
+            &[("0", "the process runs"), ("2", "failed: nothing runs")],
+            &[("Run the process an image holds:", "procmig restore --image ./img")],
+        ),
+        "check" => (
+            &[("0", "the process can be restored"), ("2", "it cannot (one line per reason), or error")],
+            &[("Before migrating:", "procmig check --pid 1234")],
+        ),
+        "status" | "cancel" | "set" => (
+            &[("0", "done"), ("2", "no such socket, or QMP refused (its error class and text)")],
+            &[
+                ("How is it doing:", "procmig status --qmp /run/procmig.sock"),
+                ("Slow it down:", "procmig set --qmp /run/procmig.sock --max-bandwidth 20M"),
+                ("Stop it (the process resumes):", "procmig cancel --qmp /run/procmig.sock"),
+            ],
+        ),
+        "info" => (&[("0", "printed")], &[("What this kernel offers:", "procmig info")]),
+        _ => (
+            &[
+                ("0", "success"),
+                ("1", "verify: pages differ"),
+                ("2", "failure before the handover (the source runs as it was), or bad usage"),
+                ("3", "send: handover in doubt or post-copy broke (the source is left stopped)"),
+            ],
+            &[
+                ("Destination:", "procmig recv --listen 0.0.0.0:4444 --out ./img --restore"),
+                ("Source:", "procmig send --pid 1234 --to dest.example:4444"),
+            ],
+        ),
+    };
+    let esc = |t: &str| t.replace('\\', "\\\\").replace('-', "\\-");
+    let mut r = String::from(".SH \"EXIT STATUS\"\n");
+    for (code, text) in status {
+        r.push_str(&format!(".TP\n\\fB{code}\\fR\n{}\n", esc(text)));
+    }
+    r.push_str(".SH EXAMPLES\n");
+    for (what, cmd) in examples {
+        r.push_str(&format!(
+            ".PP\n{}\n.RS 4\n.nf\n{}\n.fi\n.RE\n",
+            esc(what),
+            esc(cmd)
+        ));
+    }
+    r
 }
 
 /// Connect to a migration's QMP socket and run `f` on it.
