@@ -542,7 +542,8 @@ fn man(dir: PathBuf) -> anyhow::Result<ExitCode> {
 
 /// EXIT STATUS and EXAMPLES for a man page (roff), the README's table.
 fn man_extra(page: &str) -> String {
-    let (status, examples): (&[(&str, &str)], &[(&str, &str)]) = match page {
+    type Lines = &'static [(&'static str, &'static str)];
+    let (status, examples): (Lines, Lines) = match page {
         "send" => (
             &[
                 ("0", "migrated; the process is left as --on-complete says (with a restoring receiver it runs there)"),
