@@ -211,6 +211,9 @@ struct RecvArgs {
     /// With --restore: keep the process's pid and thread ids (they must be free here); default: new ones.
     #[arg(long)]
     same_pid: bool,
+    /// Serve QMP on this Unix socket while receiving (query-migrate, query-status, migrate_cancel, MIGRATION events).
+    #[arg(long, value_name = "PATH")]
+    qmp: Option<PathBuf>,
     /// TLS 1.3: directory with server-cert.pem, server-key.pem and ca-cert.pem (QEMU's tls-creds-x509 layout); plain clients are refused.
     #[arg(long, value_name = "DIR")]
     tls_creds: Option<PathBuf>,
@@ -348,13 +351,17 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     };
     let qmp = if a.qmp.is_some() || events.is_some() {
         Some(
-            procmig::control::qmp::QmpServer::start(a.qmp.as_deref(), events, handle.clone())
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "--qmp {}: {e}",
-                        a.qmp.as_deref().unwrap_or(Path::new("")).display()
-                    )
-                })?,
+            procmig::control::qmp::QmpServer::start(
+                a.qmp.as_deref(),
+                events,
+                std::sync::Arc::new(handle.clone()),
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--qmp {}: {e}",
+                    a.qmp.as_deref().unwrap_or(Path::new("")).display()
+                )
+            })?,
         )
     } else {
         None
@@ -416,9 +423,21 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;
+    let handle = procmig::control::dest::RecvHandle::new(cancel.clone());
+    let qmp = match &a.qmp {
+        Some(path) => Some(
+            procmig::control::qmp::QmpServer::start(Some(path), None, handle.clone())
+                .map_err(|e| anyhow::anyhow!("--qmp {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
     // Scripts wait for this line (and read the port from it with --listen 0).
     eprintln!("procmig recv: listening on {}", listener.local_addr()?);
-    let report = match listener.run(&cancel) {
+    let result = listener.run_with(&cancel, Some(handle));
+    if let Some(q) = qmp {
+        q.finish(Duration::from_secs(2));
+    }
+    let report = match result {
         Ok(r) => r,
         Err(e) => {
             if a.json {

@@ -112,7 +112,10 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
         "{events}"
     );
     assert!(seen["final"]["downtime"].is_u64(), "{seen}");
-    check_image(&agent, &dir.join("img"), "a migration followed over QMP");
+    // The agent runs on (--on-complete resume): its own ledger checks the
+    // image (no stale or torn page).
+    let (ok, v) = agent_verify(&dir.join("img"));
+    assert!(ok, "{v}");
 
     // A second one, cancelled: the source runs on, untraced.
     let _ = std::fs::remove_dir_all(dir.join("img2"));
@@ -344,4 +347,63 @@ fn start_postcopy_needs_it_enabled() {
     assert_eq!(send.wait().unwrap().code(), Some(2));
     assert_running(agent.pid);
     drop(recv);
+}
+
+/// `recv --qmp`: the destination's view (setup while it waits, the bytes
+/// received), and migrate_cancel on a receiver that waits.
+#[test]
+fn the_receiver_answers_too() {
+    use procmig::control::client::Client;
+    let dir = TempDir::new("qmp-recv");
+    let sock = dir.join("recv.sock");
+    let recv = Recv::start(&dir.join("img"), &["--qmp", sock.to_str().unwrap()]);
+    wait_socket(&sock);
+    let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
+    let r = c.execute("query-migrate", serde_json::json!({})).unwrap();
+    assert_eq!(r["status"], "setup", "{r}");
+    assert_eq!(
+        c.execute("query-status", serde_json::json!({})).unwrap()["status"],
+        "inmigrate"
+    );
+    let e = c
+        .execute(
+            "migrate-set-parameters",
+            serde_json::json!({"max-bandwidth": 1}),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("source"), "{e}");
+    let agent = Agent::start(&["--size", "32M", "--profile", "random"]);
+    let mut send = Command::new(procmig())
+        .args([
+            "send",
+            "--pid",
+            &agent.pid.to_string(),
+            "--to",
+            &recv.addr(),
+        ])
+        .args([
+            "--max-bandwidth",
+            "4M",
+            "--compress",
+            "none",
+            "--on-complete",
+            "resume",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(30, "bytes to arrive", || {
+        let r = c.execute("query-migrate", serde_json::json!({})).unwrap();
+        r["status"] == "active" && r["ram"]["transferred"].as_u64().unwrap() > 1 << 20
+    });
+    // Cancelled from the destination: nothing committed, the source
+    // resumed.
+    c.execute("migrate_cancel", serde_json::json!({})).unwrap();
+    let (ok, _, err) = recv.wait();
+    assert!(!ok);
+    assert!(err.contains("cancelled"), "{err}");
+    assert_eq!(send.wait().unwrap().code(), Some(2));
+    assert!(!dir.join("img").exists());
+    assert_running(agent.pid);
 }

@@ -4,4 +4,23 @@
 //! [`crate::source::MigrationHandle`].
 
 pub mod client;
+pub mod dest;
 pub mod qmp;
+mod source;
+
+use serde_json::{Map, Value};
+
+/// What the control socket drives: a sending or a receiving migration.
+pub trait Controlled: Send + Sync {
+    /// `query-migrate`'s status, with QEMU's names.
+    fn status(&self) -> &'static str;
+    /// The pass being sent, counted from 1, while pre-copy runs
+    /// (`MIGRATION_PASS`).
+    fn pass(&self) -> Option<u32>;
+    fn query_status(&self) -> Value;
+    fn query_migrate(&self) -> Value;
+    fn parameters(&self) -> Value;
+    fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), String>;
+    fn cancel(&self);
+    fn start_postcopy(&self) -> Result<(), String>;
+}

@@ -30,8 +30,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Map, Value};
 
-use crate::source::{MigrationHandle, Status};
-use crate::stats::Counters;
+use super::Controlled;
 
 /// Longest a write to a client may block (a client that stops reading).
 const WRITE_DEADLINE: Duration = Duration::from_secs(1);
@@ -72,7 +71,7 @@ impl QmpServer {
     pub fn start(
         path: Option<&Path>,
         events: Option<std::fs::File>,
-        handle: MigrationHandle,
+        handle: Arc<dyn Controlled>,
     ) -> io::Result<QmpServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Clients = Arc::default();
@@ -101,7 +100,7 @@ impl QmpServer {
             threads.push(
                 std::thread::Builder::new()
                     .name("qmp-events".into())
-                    .spawn(move || events_loop(&handle, &clients, events, &stop))?,
+                    .spawn(move || events_loop(handle.as_ref(), &clients, events, &stop))?,
             );
         }
         Ok(QmpServer {
@@ -150,7 +149,7 @@ impl QmpServer {
 
 fn accept_loop(
     listener: &UnixListener,
-    handle: &MigrationHandle,
+    handle: &Arc<dyn Controlled>,
     clients: &Clients,
     stop: &AtomicBool,
 ) {
@@ -174,7 +173,7 @@ fn accept_loop(
                     std::thread::Builder::new()
                         .name("qmp-client".into())
                         .spawn(move || {
-                            serve_client(s, &client, &handle);
+                            serve_client(s, &client, handle.as_ref());
                             clients
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
@@ -210,7 +209,7 @@ fn event(name: &str, data: Value) -> Value {
 /// Watch the handle and tell every negotiated client of changes, and the
 /// events file.
 fn events_loop(
-    handle: &MigrationHandle,
+    handle: &dyn Controlled,
     clients: &Clients,
     mut file: Option<std::fs::File>,
     stop: &AtomicBool,
@@ -223,12 +222,11 @@ fn events_loop(
         let mut out = Vec::new();
         if status != Some(s) {
             status = Some(s);
-            out.push(event("MIGRATION", json!({"status": s.as_str()})));
+            out.push(event("MIGRATION", json!({"status": s})));
         }
-        let r = handle.round();
-        if matches!(s, Status::Active | Status::Device) && pass != Some(r) {
+        if let Some(r) = handle.pass().filter(|&r| pass != Some(r)) {
             pass = Some(r);
-            out.push(event("MIGRATION_PASS", json!({"pass": r + 1})));
+            out.push(event("MIGRATION_PASS", json!({"pass": r})));
         }
         if let (Some(f), false) = (file.as_mut(), out.is_empty()) {
             let mut lines = String::new();
@@ -270,7 +268,7 @@ fn error(class: &str, desc: impl Into<String>) -> Value {
 }
 
 /// Read a client's commands until it leaves.
-fn serve_client(mut s: UnixStream, client: &Client, handle: &MigrationHandle) {
+fn serve_client(mut s: UnixStream, client: &Client, handle: &dyn Controlled) {
     if client.send(&greeting()).is_err() {
         return;
     }
@@ -363,7 +361,7 @@ const COMMANDS: &[&str] = &[
     "migrate-start-postcopy",
 ];
 
-fn command(v: &Value, client: &Client, handle: &MigrationHandle) -> Value {
+fn command(v: &Value, client: &Client, handle: &dyn Controlled) -> Value {
     let id = v.get("id");
     let Some(name) = v.get("execute").and_then(Value::as_str) else {
         return with_id(
@@ -402,10 +400,10 @@ fn command(v: &Value, client: &Client, handle: &MigrationHandle) -> Value {
         ("query-commands", true) => {
             json!({"return": COMMANDS.iter().map(|c| json!({"name": c})).collect::<Vec<_>>()})
         }
-        ("query-status", true) => json!({"return": query_status(handle)}),
-        ("query-migrate", true) => json!({"return": query_migrate(handle)}),
-        ("query-migrate-parameters", true) => json!({"return": parameters(handle)}),
-        ("migrate-set-parameters", true) => match set_parameters(handle, args) {
+        ("query-status", true) => json!({"return": handle.query_status()}),
+        ("query-migrate", true) => json!({"return": handle.query_migrate()}),
+        ("query-migrate-parameters", true) => json!({"return": handle.parameters()}),
+        ("migrate-set-parameters", true) => match handle.set_parameters(args) {
             Ok(()) => json!({"return": {}}),
             Err(e) => error("GenericError", e),
         },
@@ -423,108 +421,6 @@ fn command(v: &Value, client: &Client, handle: &MigrationHandle) -> Value {
         ),
     };
     with_id(reply, id)
-}
-
-fn query_status(handle: &MigrationHandle) -> Value {
-    // The migrated process: running on the source until the final stop;
-    // stopped there from then on (QEMU: paused, then postmigrate).
-    let (status, running) = match handle.status() {
-        Status::Setup | Status::Active => ("running", true),
-        Status::Failed | Status::Cancelled => ("running", true),
-        Status::Device => ("finish-migrate", false),
-        Status::PostcopyActive => ("postmigrate", false),
-        Status::Completed => ("postmigrate", false),
-    };
-    json!({"status": status, "running": running, "singlestep": false})
-}
-
-/// `query-migrate`, with QEMU's member names.
-pub fn query_migrate(handle: &MigrationHandle) -> Value {
-    let s = handle.status();
-    let mut out = json!({"status": s.as_str()});
-    if s == Status::Setup {
-        return out;
-    }
-    let c = handle.counters();
-    let g = Counters::get;
-    let (total_bytes, ps, dirty_rate, expected) = handle.live_figures();
-    let ps = ps.max(1);
-    let (done, plan) = handle.round_progress();
-    let (elapsed, finished) = handle.times();
-    let wire = g(&c.wire_bytes);
-    let secs = elapsed.as_secs_f64().max(1e-3);
-    let normal = g(&c.normal_pages);
-    let ram = json!({
-        "transferred": wire,
-        "remaining": if s == Status::Completed { 0 } else { (plan - done) * ps },
-        "total": total_bytes,
-        "duplicate": g(&c.zero_pages),
-        "skipped": g(&c.skipped_pages),
-        "normal": normal,
-        "normal-bytes": normal * ps,
-        "dirty-pages-rate": dirty_rate as u64,
-        "mbps": wire as f64 * 8.0 / 1e6 / secs,
-        "dirty-sync-count": handle.round() as u64 + 1,
-        "page-size": ps,
-        "pages-per-second": (normal as f64 / secs) as u64,
-    });
-    let o = out.as_object_mut().expect("an object");
-    o.insert("ram".into(), ram);
-    o.insert("total-time".into(), json!(elapsed.as_millis() as u64));
-    match finished {
-        Some((setup, downtime)) => {
-            o.insert("setup-time".into(), json!(setup.as_millis() as u64));
-            o.insert("downtime".into(), json!(downtime.as_millis() as u64));
-        }
-        None => {
-            o.insert(
-                "expected-downtime".into(),
-                json!(expected.as_millis() as u64),
-            );
-        }
-    }
-    out
-}
-
-fn parameters(handle: &MigrationHandle) -> Value {
-    let t = handle.tunables();
-    json!({
-        "max-bandwidth": t.max_bandwidth().unwrap_or(0),
-        "downtime-limit": t.downtime_limit().as_millis() as u64,
-    })
-}
-
-/// `migrate-set-parameters`: every argument is checked before any is
-/// applied.
-fn set_parameters(handle: &MigrationHandle, args: &Map<String, Value>) -> Result<(), String> {
-    let mut bandwidth = None;
-    let mut downtime = None;
-    for (k, v) in args {
-        match k.as_str() {
-            "max-bandwidth" => {
-                bandwidth = Some(v.as_u64().ok_or("Parameter 'max-bandwidth' expects a number of bytes per second")?)
-            }
-            "downtime-limit" => {
-                let ms = v.as_u64().ok_or("Parameter 'downtime-limit' expects milliseconds")?;
-                if ms > 2_000_000 {
-                    return Err("Parameter 'downtime-limit' expects a value between 0 and 2000 seconds".into());
-                }
-                downtime = Some(Duration::from_millis(ms))
-            }
-            other => {
-                return Err(format!(
-                    "Parameter '{other}' cannot be changed while migrating (max-bandwidth and downtime-limit can)"
-                ))
-            }
-        }
-    }
-    if let Some(b) = bandwidth {
-        handle.tunables().set_max_bandwidth((b > 0).then_some(b));
-    }
-    if let Some(d) = downtime {
-        handle.tunables().set_downtime_limit(d);
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -551,13 +447,13 @@ mod tests {
     #[test]
     fn commands_before_and_after_negotiation() {
         let cfg = crate::source::SendConfig::new(1, "x:1".into());
-        let h = MigrationHandle::new(&cfg, Arc::new(AtomicBool::new(false)));
+        let h = crate::source::MigrationHandle::new(&cfg, Arc::new(AtomicBool::new(false)));
         let (a, _b) = UnixStream::pair().unwrap();
         let c = Client {
             out: Arc::new(Mutex::new(a)),
             ready: Arc::new(AtomicBool::new(false)),
         };
-        let run = |v: Value| command(&v, &c, &h);
+        let run = |v: Value| command(&v, &c, &h as &dyn Controlled);
         let r = run(json!({"execute": "query-migrate", "id": 1}));
         assert_eq!(r["error"]["class"], "CommandNotFound");
         assert_eq!(r["id"], 1);

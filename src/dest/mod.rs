@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::control::dest::{RecvHandle, RecvStatus};
 use crate::protocol::transport::{self, CloseOnCancel};
 use crate::protocol::{DecodeError, Kind, ReadError, Totals, VersionMismatch};
 use crate::stats::RecvReport;
@@ -229,14 +230,35 @@ impl Listener {
 
     /// Accept one connection and receive the migration into the image.
     pub fn run(self, cancel: &Arc<AtomicBool>) -> Result<RecvReport, RecvError> {
-        let r = self.run_inner(cancel);
+        self.run_with(cancel, None)
+    }
+
+    /// [`Listener::run`], keeping `handle` (a control socket's view) up to
+    /// date.
+    pub fn run_with(
+        self,
+        cancel: &Arc<AtomicBool>,
+        handle: Option<Arc<RecvHandle>>,
+    ) -> Result<RecvReport, RecvError> {
+        let mut r = self.run_inner(cancel, handle.clone());
         if r.is_err() && cancel.load(Ordering::Relaxed) {
-            return Err(RecvError::Cancelled);
+            r = Err(RecvError::Cancelled);
+        }
+        if let Some(h) = handle {
+            h.set_status(match &r {
+                Ok(_) => RecvStatus::Completed,
+                Err(RecvError::Cancelled) => RecvStatus::Cancelled,
+                Err(_) => RecvStatus::Failed,
+            });
         }
         r
     }
 
-    fn run_inner(self, cancel: &Arc<AtomicBool>) -> Result<RecvReport, RecvError> {
+    fn run_inner(
+        self,
+        cancel: &Arc<AtomicBool>,
+        handle: Option<Arc<RecvHandle>>,
+    ) -> Result<RecvReport, RecvError> {
         let Listener {
             cfg,
             listener,
@@ -246,8 +268,12 @@ impl Listener {
         let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
         // Kept for the preempt channel of a post-copy migration.
         let listener = cfg.restore.is_some().then_some(listener);
+        if let Some(h) = &handle {
+            h.set_status(RecvStatus::Active);
+        }
         Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel)
             .with_listener(listener)
+            .with_handle(handle)
             .run(a.hello)
     }
 }

@@ -205,6 +205,8 @@ pub struct Session<'a> {
     listener: Option<crate::protocol::transport::Listener>,
     /// Post-copy answers come on this connection (version 4).
     channel: Option<(Reader, Closer)>,
+    /// `recv --qmp`: the control socket's view of this session.
+    handle: Option<Arc<crate::control::dest::RecvHandle>>,
 }
 
 impl<'a> Session<'a> {
@@ -242,7 +244,17 @@ impl<'a> Session<'a> {
             running: None,
             listener: None,
             channel: None,
+            handle: None,
         }
+    }
+
+    /// Count into `handle`'s counters and tell it of post-copy.
+    pub fn with_handle(mut self, handle: Option<Arc<crate::control::dest::RecvHandle>>) -> Self {
+        if let Some(h) = &handle {
+            self.counters = h.counters().clone();
+        }
+        self.handle = handle;
+        self
     }
 
     /// Keep `listener` for the preempt channel a post-copy source opens.
@@ -689,6 +701,9 @@ impl<'a> Session<'a> {
             restored_pid = Some(pid);
             if let Some(uffd) = uffd {
                 self.running = Some(pid);
+                if let Some(h) = &self.handle {
+                    h.set_status(crate::control::dest::RecvStatus::PostcopyActive);
+                }
                 let writer = self
                     .writer
                     .try_clone()
