@@ -341,20 +341,6 @@ fn link_cut_in_every_phase() {
     each_phase(Fault::CutLink);
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let mut c = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run redis-cli");
-    wait_bounded(&mut c, "redis-cli");
-    let mut out = String::new();
-    let _ = c.stdout.take().unwrap().read_to_string(&mut out);
-    out.trim().to_string()
-}
-
 /// The matrix again with redis-server serving redis-benchmark as the
 /// source: whenever the source is the survivor, redis answers, holds the
 /// keys it held before, and takes new writes.
@@ -365,40 +351,8 @@ fn redis_under_load_survives_every_fault_in_every_phase() {
         return;
     }
     let dir = TempDir::new("fault-redis");
-    let port = free_port();
-    let redis = Kill(spawn_clean(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null()),
-    ));
-    wait_for(10, "redis to answer", || {
-        redis_cli(port, &["ping"]) == "PONG"
-    });
-    let fill = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-q",
-            "-n",
-            "20000",
-            "-r",
-            "20000",
-            "-t",
-            "set",
-        ])
-        .output()
-        .unwrap();
-    assert!(fill.status.success());
-    let keys: Vec<String> = (0..20).map(|_| redis_cli(port, &["randomkey"])).collect();
-    let values: Vec<String> = keys.iter().map(|k| redis_cli(port, &["get", k])).collect();
+    let redis = Redis::start(&dir, 20000, 20000);
+    let port = redis.port;
     // Load that never touches those keys (counters and a list).
     let _load = Kill(spawn_clean(
         Command::new("redis-benchmark")
@@ -419,9 +373,7 @@ fn redis_under_load_survives_every_fault_in_every_phase() {
     ));
     let survivor = || {
         assert_eq!(redis_cli(port, &["ping"]), "PONG");
-        for (k, v) in keys.iter().zip(&values) {
-            assert_eq!(&redis_cli(port, &["get", k]), v, "key {k}");
-        }
+        redis.assert_keys_kept();
         assert_eq!(redis_cli(port, &["set", "after", "yes"]), "OK");
         assert_eq!(redis_cli(port, &["get", "after"]), "yes");
     };
@@ -433,7 +385,7 @@ fn redis_under_load_survives_every_fault_in_every_phase() {
         Fault::CutLink,
     ] {
         for at in [At::Bulk, At::Iterate, At::End, At::Commit] {
-            strike(redis.0.id() as i32, at, fault, &survivor);
+            strike(redis.pid(), at, fault, &survivor);
         }
     }
 }

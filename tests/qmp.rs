@@ -28,7 +28,8 @@ fn have_qemu_qmp() -> bool {
     ok
 }
 
-/// `procmig send` of `agent` to `recv` serving QMP on `sock`.
+/// `procmig send` of `agent` to `recv` serving QMP on `sock`, with
+/// `extra` options; its report and errors piped.
 fn send_with_qmp(agent: &Agent, recv: &Recv, sock: &Path, extra: &[&str]) -> Child {
     Command::new(procmig())
         .args([
@@ -40,13 +41,15 @@ fn send_with_qmp(agent: &Agent, recv: &Recv, sock: &Path, extra: &[&str]) -> Chi
         ])
         .arg("--qmp")
         .arg(sock)
-        .args(["--compress", "none", "--on-complete", "resume"])
         .args(extra)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
 }
+
+/// The options of the plain cases: raw pages, the agent left running.
+const PLAIN: [&str; 4] = ["--compress", "none", "--on-complete", "resume"];
 
 fn wait_socket(sock: &Path) {
     wait_for(20, "the QMP socket", || sock.exists());
@@ -61,7 +64,12 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
     let sock = dir.join("qmp.sock");
     let agent = Agent::start(&["--size", "96M", "--profile", "random"]);
     let recv = Recv::start(&dir.join("img"), &[]);
-    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "30M"]);
+    let mut send = send_with_qmp(
+        &agent,
+        &recv,
+        &sock,
+        &[&PLAIN[..], &["--max-bandwidth", "30M"]].concat(),
+    );
     wait_socket(&sock);
     // Lowered to 4 MB/s once active, back to unlimited 1.5 s later.
     let low = 4_000_000u64;
@@ -120,7 +128,12 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
     // A second one, cancelled: the source runs on, untraced.
     let _ = std::fs::remove_dir_all(dir.join("img2"));
     let recv = Recv::start(&dir.join("img2"), &[]);
-    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "4M"]);
+    let mut send = send_with_qmp(
+        &agent,
+        &recv,
+        &sock,
+        &[&PLAIN[..], &["--max-bandwidth", "4M"]].concat(),
+    );
     wait_socket(&sock);
     let out = Command::new("python3")
         .arg(script())
@@ -172,7 +185,12 @@ fn shell_clients_and_bad_input_never_disturb_the_migration() {
     let sock = dir.join("qmp.sock");
     let agent = Agent::start(&["--size", "64M", "--profile", "random"]);
     let recv = Recv::start(&dir.join("img"), &[]);
-    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "2M"]);
+    let mut send = send_with_qmp(
+        &agent,
+        &recv,
+        &sock,
+        &[&PLAIN[..], &["--max-bandwidth", "2M"]].concat(),
+    );
     wait_socket(&sock);
     let s = sock.to_str().unwrap();
     let status = run(&["status", "--qmp", s, "--json"]);
@@ -256,30 +274,23 @@ fn migrate_start_postcopy_and_the_events_file() {
     let events = dir.join("events.jsonl");
     let agent = Agent::start(&["--size", "64M", "--threads", "2", "--dirty-rate", "20000"]);
     let recv = Recv::start(&dir.join("img"), &["--restore", "--json"]);
-    let mut send = Command::new(procmig())
-        .args([
-            "send",
-            "--pid",
-            &agent.pid.to_string(),
-            "--to",
-            &recv.addr(),
-        ])
-        .arg("--qmp")
-        .arg(&sock)
-        .arg("--events")
-        .arg(&events)
-        .args([
+    let events_arg = events.to_str().unwrap();
+    let mut send = send_with_qmp(
+        &agent,
+        &recv,
+        &sock,
+        &[
+            "--events",
+            events_arg,
             "--postcopy-after",
             "command",
             "--max-bandwidth",
             "8M",
             "--json",
-        ])
-        .args(["--on-complete", "kill"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+            "--on-complete",
+            "kill",
+        ],
+    );
     wait_socket(&sock);
     let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
     wait_for(60, "the migration to be active", || {
@@ -336,7 +347,12 @@ fn start_postcopy_needs_it_enabled() {
     let sock = dir.join("qmp.sock");
     let agent = Agent::start(&["--size", "32M", "--profile", "random"]);
     let recv = Recv::start(&dir.join("img"), &[]);
-    let mut send = send_with_qmp(&agent, &recv, &sock, &["--max-bandwidth", "2M"]);
+    let mut send = send_with_qmp(
+        &agent,
+        &recv,
+        &sock,
+        &[&PLAIN[..], &["--max-bandwidth", "2M"]].concat(),
+    );
     wait_socket(&sock);
     let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
     let e = c

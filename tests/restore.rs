@@ -254,15 +254,6 @@ fn python_finishes_with_the_output_of_an_unmigrated_run() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), want);
 }
 
-fn redis_cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("run redis-cli");
-    text(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn redis_answers_keeps_its_keys_and_serves_a_new_benchmark() {
     if !can_restore("redis restore")
@@ -272,41 +263,9 @@ fn redis_answers_keeps_its_keys_and_serves_a_new_benchmark() {
         return;
     }
     let dir = TempDir::new("restore-redis");
-    let port = free_port();
-    let src = Kill(spawn_clean(
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null()),
-    ));
-    wait_for(10, "redis to answer", || {
-        redis_cli(port, &["ping"]) == "PONG"
-    });
-    let bench = Command::new("redis-benchmark")
-        .args([
-            "-p",
-            &port.to_string(),
-            "-q",
-            "-n",
-            "20000",
-            "-r",
-            "50000",
-            "-t",
-            "set",
-        ])
-        .output()
-        .unwrap();
-    assert!(bench.status.success());
+    let redis = Redis::start(&dir, 20000, 50000);
+    let port = redis.port;
     let dbsize = redis_cli(port, &["dbsize"]);
-    let keys: Vec<String> = (0..20).map(|_| redis_cli(port, &["randomkey"])).collect();
-    let values: Vec<String> = keys.iter().map(|k| redis_cli(port, &["get", k])).collect();
     // A client connected across the migration: sees EOF once the source
     // is gone (--on-complete kill), as documented.
     let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -317,9 +276,9 @@ fn redis_answers_keeps_its_keys_and_serves_a_new_benchmark() {
         client.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"+PONG\r\n");
     }
-    let o = migrate(src.0.id() as i32, &dir, &["--on-complete", "kill"], &[]);
+    let o = migrate(redis.pid(), &dir, &["--on-complete", "kill"], &[]);
     let restored = assert_migrated(&o);
-    assert!(!alive(src.0.id() as i32) || proc_state(src.0.id() as i32).is_some_and(|s| s.0 == 'Z'));
+    assert!(!alive(redis.pid()) || proc_state(redis.pid()).is_some_and(|s| s.0 == 'Z'));
     {
         use std::io::Read;
         client
@@ -334,9 +293,7 @@ fn redis_answers_keeps_its_keys_and_serves_a_new_benchmark() {
     }
     assert_eq!(redis_cli(port, &["ping"]), "PONG");
     assert_eq!(redis_cli(port, &["dbsize"]), dbsize);
-    for (k, v) in keys.iter().zip(&values) {
-        assert_eq!(&redis_cli(port, &["get", k]), v, "key {k}");
-    }
+    redis.assert_keys_kept();
     let bench = Command::new("redis-benchmark")
         .args([
             "-p",

@@ -450,3 +450,92 @@ pub fn lines(p: &Path) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// `redis-cli -p PORT ARGS`, its answer trimmed; within 60 s.
+#[allow(dead_code)]
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let mut c = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run redis-cli");
+    let t = std::time::Instant::now();
+    while c.try_wait().unwrap().is_none() {
+        if t.elapsed() > std::time::Duration::from_secs(60) {
+            let _ = c.kill();
+            panic!("redis-cli {args:?} still waiting after 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut out = String::new();
+    let _ = c.stdout.take().unwrap().read_to_string(&mut out);
+    out.trim().to_string()
+}
+
+/// A redis-server of its own (no persistence, started in `dir`), filled by
+/// redis-benchmark with `keys` SETs over `range` keys; 20 of its keys and
+/// their values are kept to check later. Killed on drop.
+#[allow(dead_code)]
+pub struct Redis {
+    pub server: Kill,
+    pub port: u16,
+    pub sample: Vec<(String, String)>,
+}
+
+#[allow(dead_code)]
+impl Redis {
+    pub fn start(dir: &TempDir, keys: u32, range: u32) -> Redis {
+        let port = free_port();
+        let server = Kill(spawn_clean(
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .current_dir(dir.path())
+                .stdout(Stdio::null()),
+        ));
+        wait_for(10, "redis to answer", || {
+            redis_cli(port, &["ping"]) == "PONG"
+        });
+        let fill = Command::new("redis-benchmark")
+            .args(["-p", &port.to_string(), "-q", "-t", "set"])
+            .args(["-n", &keys.to_string(), "-r", &range.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            fill.status.success(),
+            "redis-benchmark: {}",
+            text(&fill.stderr)
+        );
+        let sample = (0..20)
+            .map(|_| {
+                let k = redis_cli(port, &["randomkey"]);
+                let v = redis_cli(port, &["get", &k]);
+                (k, v)
+            })
+            .collect();
+        Redis {
+            server,
+            port,
+            sample,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.server.0.id() as i32
+    }
+
+    /// The sampled keys still hold their values.
+    pub fn assert_keys_kept(&self) {
+        for (k, v) in &self.sample {
+            assert_eq!(&redis_cli(self.port, &["get", k]), v, "key {k}");
+        }
+    }
+}
