@@ -179,19 +179,46 @@ fn raw(sock: &Path, input: &[u8], replies: usize) -> Vec<serde_json::Value> {
     got
 }
 
-#[test]
-fn shell_clients_and_bad_input_never_disturb_the_migration() {
-    let dir = TempDir::new("qmp-shell");
+/// A migration of a `size` agent at `rate`, raw pages, serving QMP; its
+/// parts, for the test to drive and then check.
+struct Slow {
+    dir: TempDir,
+    sock: PathBuf,
+    agent: Agent,
+    recv: Recv,
+    send: Child,
+}
+
+fn slow(tag: &str, size: &str, rate: &str) -> Slow {
+    let dir = TempDir::new(tag);
     let sock = dir.join("qmp.sock");
-    let agent = Agent::start(&["--size", "64M", "--profile", "random"]);
+    let agent = Agent::start(&["--size", size, "--profile", "random"]);
     let recv = Recv::start(&dir.join("img"), &[]);
-    let mut send = send_with_qmp(
+    let send = send_with_qmp(
         &agent,
         &recv,
         &sock,
-        &[&PLAIN[..], &["--max-bandwidth", "2M"]].concat(),
+        &[&PLAIN[..], &["--max-bandwidth", rate]].concat(),
     );
     wait_socket(&sock);
+    Slow {
+        dir,
+        sock,
+        agent,
+        recv,
+        send,
+    }
+}
+
+#[test]
+fn shell_clients_and_bad_input_never_disturb_the_migration() {
+    let Slow {
+        dir: _dir,
+        sock,
+        agent,
+        recv,
+        mut send,
+    } = slow("qmp-shell", "64M", "2M");
     let s = sock.to_str().unwrap();
     let status = run(&["status", "--qmp", s, "--json"]);
     assert!(status.status.success(), "{}", text(&status.stderr));
@@ -343,17 +370,13 @@ fn migrate_start_postcopy_and_the_events_file() {
 #[test]
 fn start_postcopy_needs_it_enabled() {
     use procmig::control::client::Client;
-    let dir = TempDir::new("qmp-nopostcopy");
-    let sock = dir.join("qmp.sock");
-    let agent = Agent::start(&["--size", "32M", "--profile", "random"]);
-    let recv = Recv::start(&dir.join("img"), &[]);
-    let mut send = send_with_qmp(
-        &agent,
-        &recv,
-        &sock,
-        &[&PLAIN[..], &["--max-bandwidth", "2M"]].concat(),
-    );
-    wait_socket(&sock);
+    let Slow {
+        dir: _dir,
+        sock,
+        agent,
+        recv,
+        mut send,
+    } = slow("qmp-nopostcopy", "32M", "2M");
     let mut c = Client::connect(&sock, Duration::from_secs(10)).unwrap();
     let e = c
         .execute("migrate-start-postcopy", serde_json::json!({}))
