@@ -120,6 +120,7 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
         "{events}"
     );
     assert!(seen["final"]["downtime"].is_u64(), "{seen}");
+    assert!(seen["final"]["compression"]["pages"].is_u64(), "{seen}");
     // The agent runs on (--on-complete resume): its own ledger checks the
     // image (no stale or torn page).
     let (ok, v) = agent_verify(&dir.join("img"));

@@ -114,6 +114,7 @@ fn huge_pages_survive_a_cancelled_migration() {
     let mut sender = Command::new(procmig())
         .args(["send", "--pid", &pid.to_string(), "--to", &recv.addr()])
         .args(["--dirty-tracking", "uffd-wp", "--max-bandwidth", "4M"])
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -90,8 +90,23 @@ fn query_migrate(handle: &MigrationHandle) -> Value {
         "page-size": ps,
         "pages-per-second": (normal as f64 / secs) as u64,
     });
+    // QEMU's compression statistics (multi-thread compression).
+    let (cpages, csize, batches, busy) = (
+        g(&c.compressed_pages),
+        g(&c.compressed_bytes),
+        g(&c.batches),
+        g(&c.busy),
+    );
+    let compression = json!({
+        "pages": cpages,
+        "busy": busy,
+        "busy-rate": if batches > 0 { busy as f64 / batches as f64 } else { 0.0 },
+        "compressed-size": csize,
+        "compression-rate": if csize > 0 { (cpages * ps) as f64 / csize as f64 } else { 0.0 },
+    });
     let o = out.as_object_mut().expect("an object");
     o.insert("ram".into(), ram);
+    o.insert("compression".into(), compression);
     o.insert("total-time".into(), json!(elapsed.as_millis() as u64));
     match finished {
         Some((setup, downtime)) => {
