@@ -37,6 +37,9 @@ use crate::userfault::{self, Event, Filled};
 /// child it forks meanwhile (UFFD_EVENT_FORK gives each its own
 /// userfaultfd, and its own copy of what is missing).
 struct Proc {
+    /// Unique for the session: indexes shift when an exited child is
+    /// dropped, and descriptor numbers are reused.
+    id: u64,
     fd: OwnedFd,
     /// Source addresses of the pages still missing.
     pages: BTreeSet<u64>,
@@ -46,6 +49,8 @@ struct Proc {
 
 struct Missing {
     procs: Vec<Proc>,
+    /// The id the next forked child gets.
+    next_id: u64,
     /// When each outstanding request was sent.
     asked: HashMap<u64, Instant>,
     latencies_us: Vec<u64>,
@@ -107,10 +112,12 @@ pub fn run(
     }
     let shared = Arc::new(Mutex::new(Missing {
         procs: vec![Proc {
+            id: 0,
             fd: uffd,
             pages: set,
             remaps: Vec::new(),
         }],
+        next_id: 1,
         asked: HashMap::new(),
         latencies_us: Vec::new(),
         zero_filled: 0,
@@ -317,8 +324,9 @@ fn fault_loop(
     let mut events = Vec::new();
     let mut ask = Vec::new();
     // Zero-page fills refused while the layout changed: retried, per
-    // process.
-    let mut retry: Vec<(usize, u64)> = Vec::new();
+    // process (by id: an index would point at another process once an
+    // exited child is dropped, and zero a page that one still lacks).
+    let mut retry: Vec<(u64, u64)> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         let mut pfds: Vec<libc::pollfd> = shared
             .lock()
@@ -339,14 +347,15 @@ fn fault_loop(
         while k < m.procs.len() {
             events.clear();
             let fd = m.procs[k].fd.as_raw_fd();
+            let id = m.procs[k].id;
             userfault::read_events(fd, &mut events).map_err(|e| format!("reading faults: {e}"))?;
             events.extend(
                 retry
                     .iter()
-                    .filter(|(j, _)| *j == k)
+                    .filter(|(j, _)| *j == id)
                     .map(|&(_, addr)| Event::Fault { addr }),
             );
-            retry.retain(|(j, _)| *j != k);
+            retry.retain(|(j, _)| *j != id);
             for &ev in &events {
                 match ev {
                     Event::Fault { addr } => {
@@ -364,7 +373,7 @@ fn fault_loop(
                             let r = userfault::zeropage(fd, at, ps)
                                 .map_err(|e| format!("zero page at {at:#x}: {e}"))?;
                             if r == Filled::Again {
-                                retry.push((k, at));
+                                retry.push((id, at));
                             } else {
                                 m.zero_filled += 1;
                             }
@@ -379,10 +388,12 @@ fn fault_loop(
                         // our table for the child; it is ours alone.
                         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(ufd) };
                         let child = Proc {
+                            id: m.next_id,
                             fd,
                             pages: m.procs[k].pages.clone(),
                             remaps: m.procs[k].remaps.clone(),
                         };
+                        m.next_id += 1;
                         m.procs.push(child);
                     }
                     Event::Other(_) => {}
@@ -413,6 +424,7 @@ mod tests {
         // SAFETY: a fresh descriptor of our own (any will do here).
         let fd = unsafe { libc::eventfd(0, 0) };
         Proc {
+            id: 0,
             // SAFETY: as above.
             fd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
             pages: pages.iter().copied().collect(),
