@@ -81,17 +81,9 @@ pub fn hear_one(
     let peer = conn.peer().to_string();
     let reject = |why: &dyn std::fmt::Display| Err(format!("rejected {peer}: {why}"));
     let deadline = Instant::now() + timeout;
-    if conn.is_tcp() {
-        if let Err(e) = conn.set_liveness(timeout) {
-            return reject(&e);
-        }
-    }
-    let conn = match tls {
-        None => conn,
-        Some(tls) => match tls.wrap(conn, deadline) {
-            Ok(c) => c,
-            Err(e) => return reject(&e),
-        },
+    let conn = match open(conn, timeout, tls, deadline) {
+        Ok(c) => c,
+        Err(e) => return reject(&e),
     };
     let refused = tls.map_or(Ok(()), |t| t.authorise(conn.identity()));
     let peer = match (conn.is_tls(), conn.identity()) {
@@ -149,6 +141,24 @@ pub fn hear_one(
     })
 }
 
+/// An accepted connection as every connection of a session is opened:
+/// liveness from `--timeout` (TCP only: fuzzing uses a Unix socket pair),
+/// then the TLS handshake by `deadline` when `--tls-creds` is given.
+fn open(
+    conn: Connection,
+    timeout: Duration,
+    tls: Option<&TlsServer>,
+    deadline: Instant,
+) -> std::io::Result<Connection> {
+    if conn.is_tcp() {
+        conn.set_liveness(timeout)?;
+    }
+    match tls {
+        Some(t) => t.wrap(conn, deadline),
+        None => Ok(conn),
+    }
+}
+
 /// [`hear_one`], then pass the client on, or say why it was rejected.
 fn hear(conn: Connection, timeout: Duration, tls: Option<&TlsServer>, tx: &Sender<Admitted>) {
     let admitted = match hear_one(conn, timeout, tls) {
@@ -199,10 +209,7 @@ pub fn accept_channel(
         // source connects at once, and a silent stranger must not keep
         // it waiting in the backlog.
         let own = deadline.min(Instant::now() + CANDIDATE_TIME);
-        let opened = conn.set_liveness(timeout).and_then(|()| match tls {
-            Some(t) => t.wrap(conn, own),
-            None => Ok(conn),
-        });
+        let opened = open(conn, timeout, tls, own);
         let (mut reader, mut writer, closer) = match opened.and_then(|c| c.split()) {
             Ok(parts) => parts,
             Err(e) => {

@@ -457,31 +457,28 @@ fn pump(
         if progress {
             continue;
         }
-        let want = |on: bool, fd: i32, events: i16| libc::pollfd {
-            fd: if on { fd } else { -1 },
-            events,
-            revents: 0,
+        // Wait for what the steps above could not do now: a descriptor
+        // with nothing asked of it is left out (fd -1), so a hung-up
+        // socket cannot wake the loop for nothing.
+        let want = |fd: i32, read: bool, write: bool| {
+            let events =
+                if read { libc::POLLIN } else { 0 } | if write { libc::POLLOUT } else { 0 };
+            libc::pollfd {
+                fd: if events != 0 { fd } else { -1 },
+                events,
+                revents: 0,
+            }
         };
         let mut fds = [
             want(
-                tls.wants_write() || (!tcp_eof && !peer_done && out.is_empty()),
                 tcp.as_raw_fd(),
-                if tls.wants_write() { libc::POLLOUT } else { 0 }
-                    | if !tcp_eof && !peer_done && out.is_empty() {
-                        libc::POLLIN
-                    } else {
-                        0
-                    },
+                !tcp_eof && !peer_done && out.is_empty(),
+                tls.wants_write(),
             ),
             want(
-                !out.is_empty() || (!app_done && !tls.wants_write()),
                 app.as_raw_fd(),
-                if out.is_empty() { 0 } else { libc::POLLOUT }
-                    | if !app_done && !tls.wants_write() {
-                        libc::POLLIN
-                    } else {
-                        0
-                    },
+                !app_done && !tls.wants_write(),
+                !out.is_empty(),
             ),
         ];
         // SAFETY: `fds` is a valid array of pollfd for the call's length.

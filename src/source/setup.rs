@@ -37,6 +37,23 @@ pub struct Link {
     watch: Option<CloseOnCancel>,
 }
 
+/// Connect to `to` as every connection of a migration is opened: TCP,
+/// liveness from `--timeout`, then TLS when `--tls-creds` is given.
+fn dial(cfg: &SendConfig, to: &str) -> Result<transport::Connection, SendError> {
+    let conn = transport::connect(to)?;
+    conn.set_liveness(cfg.timeout)
+        .map_err(|e| SendError::Connection(e.to_string()))?;
+    match &cfg.tls {
+        Some(tls) => tls
+            .wrap(conn, std::time::Instant::now() + cfg.timeout)
+            .map_err(|e| SendError::Handshake {
+                to: to.to_string(),
+                reason: e.to_string(),
+            }),
+        None => Ok(conn),
+    }
+}
+
 impl Link {
     /// Connect and shake hands; cancelling the migration closes the link.
     pub fn open(
@@ -44,18 +61,7 @@ impl Link {
         handle: &MigrationHandle,
         page_size: u64,
     ) -> Result<Link, SendError> {
-        let conn = transport::connect(&cfg.to)?;
-        conn.set_liveness(cfg.timeout)
-            .map_err(|e| SendError::Connection(e.to_string()))?;
-        let conn = match &cfg.tls {
-            Some(tls) => tls
-                .wrap(conn, std::time::Instant::now() + cfg.timeout)
-                .map_err(|e| SendError::Handshake {
-                    to: cfg.to.clone(),
-                    reason: e.to_string(),
-                })?,
-            None => conn,
-        };
+        let conn = dial(cfg, &cfg.to)?;
         let tls_peer = conn
             .is_tls()
             .then(|| conn.identity().unwrap_or("?").to_string());
@@ -107,15 +113,10 @@ impl Link {
         // The address the main connection reached, not `--to` resolved
         // again (a name with several addresses could lead elsewhere).
         let to = self.peer_addr.clone().unwrap_or_else(|| cfg.to.clone());
-        let conn = transport::connect(&to).map_err(|e| fail(e.to_string()))?;
-        conn.set_liveness(cfg.timeout)
-            .map_err(|e| fail(e.to_string()))?;
-        let conn = match &cfg.tls {
-            Some(tls) => tls
-                .wrap(conn, std::time::Instant::now() + cfg.timeout)
-                .map_err(|e| fail(e.to_string()))?,
-            None => conn,
-        };
+        let conn = dial(cfg, &to).map_err(|e| match e {
+            SendError::Handshake { reason, .. } | SendError::Connection(reason) => fail(reason),
+            e => fail(e.to_string()),
+        })?;
         let (_reader, mut writer, closer) = conn.split().map_err(|e| fail(e.to_string()))?;
         protocol::write_control(&mut writer, &Control::Channel { token })
             .map_err(|e| fail(e.to_string()))?;
