@@ -28,6 +28,17 @@ fn have_qemu_qmp() -> bool {
     ok
 }
 
+/// tests/programs/qmp_client.py with `args`: what it saw, as JSON.
+fn qemu_qmp_client(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(script())
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "client: {}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// `procmig send` of `agent` to `recv` serving QMP on `sock`, with
 /// `extra` options; its report and errors piped.
 fn send_with_qmp(agent: &Agent, recv: &Recv, sock: &Path, extra: &[&str]) -> Child {
@@ -73,13 +84,7 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
     wait_socket(&sock);
     // Lowered to 4 MB/s once active, back to unlimited 1.5 s later.
     let low = 4_000_000u64;
-    let out = Command::new("python3")
-        .arg(script())
-        .args(["follow", sock.to_str().unwrap(), &low.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "client: {}", text(&out.stderr));
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = qemu_qmp_client(&["follow", sock.to_str().unwrap(), &low.to_string()]);
     assert!(send.wait().unwrap().success());
     let (ok, _, err) = recv.wait();
     assert!(ok, "{err}");
@@ -136,13 +141,7 @@ fn qemu_qmp_follows_steers_and_cancels_a_migration() {
         &[&PLAIN[..], &["--max-bandwidth", "4M"]].concat(),
     );
     wait_socket(&sock);
-    let out = Command::new("python3")
-        .arg(script())
-        .args(["cancel", sock.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "client: {}", text(&out.stderr));
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = qemu_qmp_client(&["cancel", sock.to_str().unwrap()]);
     assert_eq!(
         seen["statuses"].as_array().unwrap().last().unwrap(),
         "cancelled",

@@ -51,8 +51,7 @@ fn query_status(handle: &MigrationHandle) -> Value {
     // The migrated process: running on the source until the final stop;
     // stopped there from then on (QEMU: paused, then postmigrate).
     let (status, running) = match handle.status() {
-        Status::Setup | Status::Active => ("running", true),
-        Status::Failed | Status::Cancelled => ("running", true),
+        Status::Setup | Status::Active | Status::Failed | Status::Cancelled => ("running", true),
         Status::Device => ("finish-migrate", false),
         Status::PostcopyActive => ("postmigrate", false),
         Status::Completed => ("postmigrate", false),
