@@ -477,6 +477,10 @@ pub struct RecvReport {
     /// Of restore_ms, copying memory into the process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore_copy_ms: Option<f64>,
+    /// The process was built during pre-copy (its memory filled as the
+    /// pages arrived), so restoring it copied only what the shell lacked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_early: Option<bool>,
     /// What restore changed on the way (stdio, sockets), one line each.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restore_notes: Vec<String>,
@@ -497,9 +501,14 @@ impl fmt::Display for RecvReport {
         if let Some(pid) = self.restored_pid {
             writeln!(
                 f,
-                "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory)",
+                "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory{})",
                 self.restore_ms.unwrap_or(0.0),
-                self.restore_copy_ms.unwrap_or(0.0)
+                self.restore_copy_ms.unwrap_or(0.0),
+                if self.restore_early == Some(true) {
+                    "; its memory was filled during pre-copy"
+                } else {
+                    ""
+                }
             )?;
             for n in &self.restore_notes {
                 writeln!(f, "restore note: {n}")?;

@@ -69,6 +69,8 @@ fn assert_postcopy(o: &Outcome) -> i32 {
     let pc = &o.recv["postcopy"];
     assert!(pc["pages"].as_u64().unwrap() > 0, "{pc}");
     assert_eq!(pc["pages"], s["postcopy"]["pages"]);
+    // Built during pre-copy: only the last pages were placed at the switch.
+    assert_eq!(o.recv["restore_early"], true, "{}", o.recv);
     let pid = o.restored.as_ref().expect("restored pid").0;
     assert_running(pid);
     pid

@@ -51,6 +51,12 @@ fn assert_migrated(o: &Outcome) -> i32 {
         o.recv_err
     );
     let pid = o.restored.as_ref().expect("recv names the restored pid").0;
+    // Built during pre-copy: the downtime does not copy the memory again.
+    assert!(
+        o.recv_out.contains("its memory was filled during pre-copy"),
+        "{}",
+        o.recv_out
+    );
     assert!(
         text(&o.send.stdout).contains(&format!("restored on the destination: pid {pid}")),
         "{}",

@@ -82,6 +82,7 @@ impl From<Summary<'_>> for RecvReport {
             restored_pid: None,
             restore_ms: None,
             restore_copy_ms: None,
+            restore_early: None,
             postcopy: None,
             restore_notes: Vec::new(),
         }

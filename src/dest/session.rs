@@ -197,6 +197,10 @@ pub struct Session<'a> {
     restored: Option<Restored>,
     restore_time: Option<Duration>,
     restore_copy: Option<Duration>,
+    /// `--restore`: the process built during pre-copy and filled as pages
+    /// arrive; `shell_note` says why there is none after a first try.
+    shell: Option<crate::restore::Shell>,
+    shell_note: Option<String>,
     /// Post-copy: source address ranges the restored process lacks.
     discards: Vec<(u64, u64)>,
     /// The restored process once it runs: killed if post-copy breaks.
@@ -241,6 +245,8 @@ impl<'a> Session<'a> {
             restore_time: None,
             restore_copy: None,
             discards: Vec::new(),
+            shell: None,
+            shell_note: None,
             running: None,
             listener: None,
             channel: None,
@@ -538,9 +544,19 @@ impl<'a> Session<'a> {
         let rf = &self.regions.files[region as usize];
         rf.populated.fetch_add(n, Ordering::Relaxed);
         Counters::add(&self.counters.read_bytes, n * ps);
-        // Round 0 writes into fresh sparse files, still zero there.
+        // Round 0 writes into fresh sparse files, still zero there (and
+        // into the shell's fresh memory).
         if round > 0 {
             zero_pages(rf, runs, ps);
+            if let Some(m) = self.regions.mirror.as_ref() {
+                if crate::restore::shell_wants(&rf.entry) {
+                    let ranges: Vec<(u64, u64)> = runs
+                        .iter()
+                        .map(|r| (rf.entry.start + r.first * ps, r.count as u64 * ps))
+                        .collect();
+                    m.zero(&ranges);
+                }
+            }
         }
         Ok(State::InRound {
             round,
@@ -680,7 +696,10 @@ impl<'a> Session<'a> {
                 .collect(),
         };
         let missing = (!self.discards.is_empty()).then_some(&self.discards[..]);
-        let r = crate::restore::restore(st, &mem, opts, missing).map_err(Stop::Restore)?;
+        let shell = self.shell.take();
+        let mut r =
+            crate::restore::restore(st, &mem, opts, missing, shell).map_err(Stop::Restore)?;
+        r.notes.extend(self.shell_note.take());
         self.restore_copy = Some(r.copy_time);
         self.restored = Some(r);
         self.restore_time = Some(t.elapsed());
@@ -694,8 +713,10 @@ impl<'a> Session<'a> {
         let mut restored_pid = None;
         let mut notes = Vec::new();
         let mut postcopy = None;
+        let mut early = None;
         if let Some(mut r) = self.restored.take() {
             notes = r.notes.clone();
+            early = Some(r.early);
             let uffd = r.uffd.take();
             let pid = r.start().map_err(Stop::Restore)?;
             restored_pid = Some(pid);
@@ -781,6 +802,7 @@ impl<'a> Session<'a> {
         report.restore_ms = self.restore_time.map(|d| d.as_secs_f64() * 1000.0);
         report.restore_copy_ms = self.restore_copy.map(|d| d.as_secs_f64() * 1000.0);
         report.restore_notes = notes;
+        report.restore_early = early;
         report.postcopy = postcopy;
         Ok(State::Committed(Box::new(report)))
     }
@@ -812,11 +834,37 @@ impl<'a> Session<'a> {
         self.pool.barrier()?;
         let old = self.take_regions()?;
         let files = self.staging.reconcile(old.files, table, ps)?;
+        self.follow_table(table);
         self.regions = Arc::new(Regions {
             files,
             page_size: ps,
+            mirror: self.shell.as_ref().map(|s| s.mirror()),
         });
         Ok(())
+    }
+
+    /// `--restore`: start the process's shell on the first table, and
+    /// make it follow the later ones. It is an optimisation: when it
+    /// cannot, it is dropped (killed; it never ran) and the restore builds
+    /// the process from the image.
+    fn follow_table(&mut self, table: &[RegionEntry]) {
+        let Some(opts) = &self.cfg.restore else {
+            return;
+        };
+        if self.shell_note.is_some() {
+            return;
+        }
+        let r = match &mut self.shell {
+            Some(shell) => shell.follow(table),
+            None => {
+                let pid = opts.same_pid.then_some(self.source.pid as i32);
+                crate::restore::Shell::spawn(pid, table).map(|s| self.shell = Some(s))
+            }
+        };
+        if let Err(e) = r {
+            self.shell = None;
+            self.shell_note = Some(format!("not built during pre-copy: {e}"));
+        }
     }
 
     /// Check a run list against the region table and this round's map.

@@ -21,6 +21,7 @@ use super::staging::RegionFile;
 use crate::codec::{CodecError, Decompressor};
 use crate::pages::PageSet;
 use crate::protocol::{PagesHeader, WireCodec};
+use crate::restore::{shell_wants, Mirror};
 
 /// Why a frame could not be applied, or the workers could not run.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,9 @@ pub struct ApplyJob {
 pub struct Regions {
     pub files: Vec<RegionFile>,
     pub page_size: u64,
+    /// `--restore`: the process built during pre-copy, which gets a copy
+    /// of every page of the regions it holds ([`crate::restore::Shell`]).
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 impl Regions {
@@ -70,6 +74,7 @@ impl Regions {
         Regions {
             files: Vec::new(),
             page_size,
+            mirror: None,
         }
     }
 }
@@ -297,6 +302,20 @@ fn apply(
             std::ptr::copy_nonoverlapping(raw[off..].as_ptr(), rf.ptr().add(at), len);
         }
         off += len;
+    }
+    if let Some(m) = regions.mirror.as_ref().filter(|_| shell_wants(&rf.entry)) {
+        let mut off = 0;
+        let parts: Vec<(u64, &[u8])> = h
+            .runs
+            .iter()
+            .map(|run| {
+                let len = run.count as usize * ps;
+                let part = (rf.entry.start + run.first * ps as u64, &raw[off..off + len]);
+                off += len;
+                part
+            })
+            .collect();
+        m.write(&parts);
     }
     Ok(())
 }

@@ -84,6 +84,18 @@ pub fn page_size() -> u64 {
     }
 }
 
+/// A pidfd for `pid` (pidfd_open, Linux 5.3+).
+pub fn pidfd(pid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers and returns a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: a fresh descriptor, owned from here on.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Duplicate file descriptor `fd` of process `pid` into this process
 /// (pidfd_open + pidfd_getfd, Linux 5.6+).
 pub fn take_remote_fd(pid: i32, fd: i32) -> Result<std::os::fd::OwnedFd, ProcessError> {

@@ -7,7 +7,7 @@
 //! when tracking started are collapsed again (`MADV_COLLAPSE`, Linux 6.1+,
 //! applied from here with process_madvise(2)) when tracking ends.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
 
@@ -65,14 +65,10 @@ pub fn collapse(pid: i32, ranges: &[HugeMapping]) -> Vec<(HugeMapping, Errno)> {
     if ranges.is_empty() {
         return Vec::new();
     }
-    // SAFETY: pidfd_open takes integers and returns a new descriptor we own.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let e = Errno::last();
-        return ranges.iter().map(|r| (*r, e)).collect();
-    }
-    // SAFETY: a fresh descriptor, owned from here on.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+    let pidfd = match super::pidfd(pid) {
+        Ok(fd) => fd,
+        Err(e) => return ranges.iter().map(|r| (*r, e)).collect(),
+    };
     let mut failed = Vec::new();
     for r in ranges {
         let iov = libc::iovec {

@@ -18,11 +18,12 @@
 use std::fs::File;
 
 use super::child::Child;
+use super::shell::Shell;
 use super::state::*;
 
 /// Pages of the code page: one of code, the rest scratch for arguments.
-const CODE_PAGES: u64 = 4;
-const SCRATCH_LEN: usize = 3 * 4096;
+const CODE_PAGES: u64 = super::shell::CODE_LEN / 4096;
+pub(super) const SCRATCH_LEN: usize = 3 * 4096;
 
 /// The migrated memory: region address ranges and their data files.
 pub struct Memory<'a> {
@@ -59,6 +60,8 @@ pub struct Restored {
     /// Post-copy: a userfaultfd of the process, its private anonymous
     /// memory registered for missing pages (the missing ones dropped).
     pub uffd: Option<std::os::fd::OwnedFd>,
+    /// Built during pre-copy (its memory filled as pages arrived).
+    pub early: bool,
 }
 
 impl Restored {
@@ -84,29 +87,53 @@ pub(super) struct Builder<'a> {
     /// Descriptors are parked at or above this (past every number the
     /// process uses) before they are moved to their numbers.
     pub(super) park_at: u64,
+    /// Mappings kept from the shell, already holding their data (sorted).
+    pub(super) kept: Vec<(u64, u64)>,
 }
 
 /// Rebuild the process `st` describes, with `mem` holding its migrated
 /// memory. It is left stopped. With `missing` (post-copy), those address
 /// ranges are left unpopulated and a userfaultfd is made for them.
+///
+/// With `shell` (built during pre-copy, [`Shell`]), the process is that
+/// shell: its private anonymous memory already holds the image's data and
+/// is kept; a shell that cannot serve is dropped and the process built
+/// afresh (the reason is in the notes).
 pub fn restore(
     st: &ProcessState,
     mem: &Memory,
     opts: &RestoreOptions,
     missing: Option<&[(u64, u64)]>,
+    shell: Option<Shell>,
 ) -> Result<Restored, String> {
     check_files(st)?;
-    let mut c = Child::spawn(opts.same_pid.then_some(st.pid))
-        .map_err(|e| format!("creating process {}: {e}", st.pid))?;
-    let code = free_range(st, c.pid, CODE_PAGES * 4096)?;
-    c.map_code(code, CODE_PAGES * 4096)
-        .map_err(|e| format!("preparing the new process: {e}"))?;
+    let mut notes = Vec::new();
+    let prebuilt = match shell.map(|s| s.take(st)) {
+        Some(Ok(p)) => Some(p),
+        Some(Err(why)) => {
+            notes.push(format!("not built during pre-copy: {why}"));
+            None
+        }
+        None => None,
+    };
+    let early = prebuilt.is_some();
+    let (c, code, filled) = match prebuilt {
+        Some(p) => (p.c, p.code, p.filled),
+        None => {
+            let mut c = Child::spawn(opts.same_pid.then_some(st.pid))
+                .map_err(|e| format!("creating process {}: {e}", st.pid))?;
+            let code = free_range(st, c.pid, CODE_PAGES * 4096)?;
+            c.map_code(code, CODE_PAGES * 4096)
+                .map_err(|e| format!("preparing the new process: {e}"))?;
+            (c, code, Vec::new())
+        }
+    };
     let mut b = Builder {
         c,
         st,
         code,
         scratch: code + 4096,
-        notes: Vec::new(),
+        notes,
         copy_time: std::time::Duration::ZERO,
         skip: missing.map(super::memory::merged).unwrap_or_default(),
         park_at: st
@@ -116,10 +143,16 @@ pub fn restore(
             .max()
             .unwrap_or(0)
             .max(3),
+        kept: Vec::new(),
     };
-    b.clean()?;
+    if early {
+        b.keep_filled(&filled)?;
+    } else {
+        b.clean()?;
+    }
     b.kernel_mappings()?;
     b.mappings(mem)?;
+    b.drop_missing_kept()?;
     let uffd = match missing {
         Some(_) => Some(b.userfaultfd()?),
         None => None,
@@ -134,6 +167,7 @@ pub fn restore(
         notes: b.notes,
         copy_time: b.copy_time,
         uffd,
+        early,
     })
 }
 
@@ -172,7 +206,7 @@ fn check_files(st: &ProcessState) -> Result<(), String> {
 }
 
 /// The child's mappings: (start, end, name).
-fn child_maps(pid: i32) -> Result<Vec<(u64, u64, String)>, String> {
+pub(super) fn child_maps(pid: i32) -> Result<Vec<(u64, u64, String)>, String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("maps of the new process: {e}"))?;
     let mut out = Vec::new();
@@ -191,7 +225,16 @@ fn child_maps(pid: i32) -> Result<Vec<(u64, u64, String)>, String> {
 
 /// A free range of `len` bytes in both the old layout and the child.
 fn free_range(st: &ProcessState, pid: i32, len: u64) -> Result<u64, String> {
-    let mut used: Vec<(u64, u64)> = st.mappings.iter().map(|m| (m.start, m.end)).collect();
+    let used: Vec<(u64, u64)> = st.mappings.iter().map(|m| (m.start, m.end)).collect();
+    free_range_among(used, pid, len)
+}
+
+/// A free range of `len` bytes away from `used` and the child's mappings.
+pub(super) fn free_range_among(
+    mut used: Vec<(u64, u64)>,
+    pid: i32,
+    len: u64,
+) -> Result<u64, String> {
     used.extend(child_maps(pid)?.into_iter().map(|(a, b, _)| (a, b)));
     used.sort_unstable();
     // Search downwards from below the usual mmap area, away from both.
@@ -234,30 +277,9 @@ impl Builder<'_> {
         Ok(addr)
     }
 
-    /// Drop what the child inherited from procmig: rseq registration,
-    /// descriptors, session, and every mapping but ours and the kernel's.
+    /// Drop what the child inherited from procmig.
     fn clean(&mut self) -> Result<(), String> {
-        let pid = self.c.pid;
-        if let Some(r) = super::sys::get_rseq(pid)? {
-            self.call(
-                libc::SYS_rseq,
-                [r.addr, r.len as u64, 1, r.sig as u64, 0, 0],
-                "rseq unregister",
-            )?;
-        }
-        self.call(
-            libc::SYS_close_range,
-            [0, u32::MAX as u64, 0, 0, 0, 0],
-            "close_range",
-        )?;
-        self.call(libc::SYS_setsid, [0; 6], "setsid")?;
-        for (a, b, name) in child_maps(pid)? {
-            if a == self.code || is_kernel_name(&name) || name == "[vsyscall]" {
-                continue;
-            }
-            self.call(libc::SYS_munmap, [a, b - a, 0, 0, 0, 0], "munmap")?;
-        }
-        Ok(())
+        strip(&mut self.c, self.code)
     }
 
     /// Move the child's vDSO and vvar pages to the old addresses: they must
@@ -291,28 +313,8 @@ impl Builder<'_> {
             );
         }
         let delta = theirs[0].start.wrapping_sub(mine[0].0);
-        if delta == 0 {
-            return Ok(());
-        }
-        let lo = mine[0].0;
-        let hi = mine.last().expect("not empty").1;
-        // Moving may overlap the old place: go through a free spot.
-        let tmp = free_range(self.st, self.c.pid, hi - lo)?;
-        for via in [tmp.wrapping_sub(lo), theirs[0].start.wrapping_sub(tmp)] {
-            let now: Vec<(u64, u64, String)> = child_maps(self.c.pid)?
-                .into_iter()
-                .filter(|(_, _, n)| is_kernel_name(n))
-                .collect();
-            for (a, b, _) in now {
-                let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-                self.call(
-                    libc::SYS_mremap,
-                    [a, b - a, b - a, flags, a.wrapping_add(via), 0],
-                    "mremap vdso",
-                )?;
-            }
-        }
-        Ok(())
+        let used = self.st.mappings.iter().map(|m| (m.start, m.end)).collect();
+        shift_kernel_mappings(&mut self.c, used, delta)
     }
 
     fn mm(&mut self) -> Result<(), String> {
@@ -529,6 +531,80 @@ impl Builder<'_> {
         }
         Ok(())
     }
+}
+
+/// Drop what a new child inherited from procmig: rseq registration,
+/// descriptors, session, and every mapping but the code page at `code` and
+/// the kernel's.
+pub(super) fn strip(c: &mut Child, code: u64) -> Result<(), String> {
+    let pid = c.pid;
+    let mut call = |nr: i64, args: [u64; 6], what: &str| {
+        c.call(pid, nr, args).map_err(|e| format!("{what}: {e}"))
+    };
+    if let Some(r) = super::sys::get_rseq(pid)? {
+        call(
+            libc::SYS_rseq,
+            [r.addr, r.len as u64, 1, r.sig as u64, 0, 0],
+            "rseq unregister",
+        )?;
+    }
+    call(
+        libc::SYS_close_range,
+        [0, u32::MAX as u64, 0, 0, 0, 0],
+        "close_range",
+    )?;
+    call(libc::SYS_setsid, [0; 6], "setsid")?;
+    for (a, b, name) in child_maps(pid)? {
+        if a == code || is_kernel_name(&name) || name == "[vsyscall]" {
+            continue;
+        }
+        call(libc::SYS_munmap, [a, b - a, 0, 0, 0, 0], "munmap")?;
+    }
+    Ok(())
+}
+
+/// Move the child's vDSO and vvar pages by `delta` together (their
+/// distances kept), through a free spot (away from `used`) when the move
+/// overlaps their current place.
+pub(super) fn shift_kernel_mappings(
+    c: &mut Child,
+    used: Vec<(u64, u64)>,
+    delta: u64,
+) -> Result<(), String> {
+    if delta == 0 {
+        return Ok(());
+    }
+    let kernel = |c: &Child| -> Result<Vec<(u64, u64)>, String> {
+        Ok(child_maps(c.pid)?
+            .into_iter()
+            .filter(|(_, _, n)| is_kernel_name(n))
+            .map(|(a, b, _)| (a, b))
+            .collect())
+    };
+    let mine = kernel(c)?;
+    let (Some(&(lo, _)), Some(&(_, hi))) = (mine.first(), mine.last()) else {
+        return Ok(());
+    };
+    let to = lo.wrapping_add(delta);
+    let vias = if to < hi && lo < to + (hi - lo) {
+        let tmp = free_range_among(used, c.pid, hi - lo)?;
+        vec![tmp.wrapping_sub(lo), to.wrapping_sub(tmp)]
+    } else {
+        vec![delta]
+    };
+    let pid = c.pid;
+    for via in vias {
+        for (a, b) in kernel(c)? {
+            let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+            c.call(
+                pid,
+                libc::SYS_mremap,
+                [a, b - a, b - a, flags, a.wrapping_add(via), 0],
+            )
+            .map_err(|e| format!("mremap vdso: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 fn is_kernel_name(n: &str) -> bool {

@@ -10,6 +10,18 @@ impl Builder<'_> {
     pub(super) fn mappings(&mut self, mem: &Memory) -> Result<(), String> {
         let st = self.st;
         for m in &st.mappings {
+            if self.is_kept(m) {
+                // The shell's mapping, filled during pre-copy.
+                let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+                if m.prot() as u64 != rw {
+                    self.call(
+                        libc::SYS_mprotect,
+                        [m.start, m.len(), m.prot() as u64, 0, 0, 0],
+                        &format!("mprotect {:#x}-{:#x}", m.start, m.end),
+                    )?;
+                }
+                continue;
+            }
             let flags_shared = if m.shared() {
                 libc::MAP_SHARED
             } else {
@@ -63,6 +75,61 @@ impl Builder<'_> {
             self.c.write(p.addr, &p.data)?;
         }
         self.copy_time += t.elapsed();
+        Ok(())
+    }
+
+    /// A shell built during pre-copy holds `filled` (the image's data for
+    /// those ranges): keep the private anonymous mappings it covers, and
+    /// unmap the rest of it (what the process no longer maps, or maps
+    /// otherwise).
+    pub(super) fn keep_filled(&mut self, filled: &[(u64, u64)]) -> Result<(), String> {
+        let filled = merged(filled);
+        let inside = |m: &Mapping| {
+            let i = filled.partition_point(|&(_, e)| e <= m.start);
+            filled.get(i).is_some_and(|&(s, e)| s <= m.start && m.end <= e)
+        };
+        self.kept = self
+            .st
+            .mappings
+            .iter()
+            .filter(|m| {
+                m.migrated
+                    && m.backing == Backing::Anon
+                    && !m.shared()
+                    && m.name != "[stack]"
+                    && inside(m)
+            })
+            .map(|m| (m.start, m.end))
+            .collect();
+        self.kept.sort_unstable();
+        for (s, e) in subtract(&filled, &self.kept) {
+            self.call(libc::SYS_munmap, [s, e - s, 0, 0, 0, 0], "munmap")?;
+        }
+        Ok(())
+    }
+
+    fn is_kept(&self, m: &Mapping) -> bool {
+        self.kept.binary_search(&(m.start, m.end)).is_ok()
+    }
+
+    /// Post-copy with a shell: the pages the process gets by post-copy
+    /// were filled with older data; drop them (they are missing again, and
+    /// fault). The kernel takes MADV_DONTNEED only from the process itself,
+    /// so the process runs a loop of madvise calls over a list of ranges
+    /// ([`super::child::Child::madvise_each`]).
+    pub(super) fn drop_missing_kept(&mut self) -> Result<(), String> {
+        let ranges = intersect(&self.skip, &merged(&self.kept));
+        let per_batch = super::build::SCRATCH_LEN / 16;
+        for batch in ranges.chunks(per_batch) {
+            let list: Vec<u8> = batch
+                .iter()
+                .flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain((e - s).to_le_bytes()))
+                .collect();
+            let at = self.put(&list, 0)?;
+            self.c
+                .madvise_each(at, batch.len(), libc::MADV_DONTNEED)
+                .map_err(|e| format!("dropping the pages post-copy brings: {e}"))?;
+        }
         Ok(())
     }
 
@@ -251,4 +318,56 @@ pub(super) fn resident_pages(map: &[u8]) -> Vec<bool> {
         return vec![false; pages];
     }
     v.iter().map(|b| b & 1 != 0).collect()
+}
+
+/// `a` less `b` (both sorted and disjoint).
+pub(super) fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in a {
+        let mut at = s;
+        let first = b.partition_point(|&(_, be)| be <= s);
+        for &(bs, be) in b[first..].iter().take_while(|&&(bs, _)| bs < e) {
+            if bs > at {
+                out.push((at, bs));
+            }
+            at = at.max(be);
+        }
+        if at < e {
+            out.push((at, e));
+        }
+    }
+    out
+}
+
+/// Where `a` and `b` overlap (both sorted and disjoint).
+pub(super) fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < a.len() && j < b.len() {
+        let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_arithmetic() {
+        let a = [(0, 10), (20, 30)];
+        let b = [(2, 4), (8, 22), (29, 40)];
+        assert_eq!(subtract(&a, &b), vec![(0, 2), (4, 8), (22, 29)]);
+        assert_eq!(intersect(&a, &b), vec![(2, 4), (8, 10), (20, 22), (29, 30)]);
+        assert_eq!(subtract(&a, &[]), a.to_vec());
+        assert!(intersect(&a, &[]).is_empty());
+        assert_eq!(subtract(&[(0, 10)], &[(0, 10)]), vec![]);
+    }
 }

@@ -14,11 +14,13 @@ mod child;
 mod descriptors;
 mod fds;
 mod memory;
+mod shell;
 pub mod state;
 mod sys;
 
 pub use build::{clear_parent_death_signal, restore, Memory, RestoreOptions, Restored};
 pub use capture::capture;
+pub use shell::{wants as shell_wants, Mirror, Shell};
 pub use check::{check, privileges};
 pub use state::{ProcessState, STATE_NAME};
 
@@ -47,5 +49,5 @@ pub fn restore_image(dir: &std::path::Path, opts: &RestoreOptions) -> Result<Res
     let mem = Memory {
         regions: files.iter().map(|(s, e, f)| (*s, *e, f)).collect(),
     };
-    restore(&st, &mem, opts, None)
+    restore(&st, &mem, opts, None, None)
 }
