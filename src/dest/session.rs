@@ -373,7 +373,8 @@ impl<'a> Session<'a> {
                     "the source speaks protocol version {version}, which carries no process state"
                 )));
             }
-            capabilities |= protocol::CAP_RESTORE | protocol::CAP_POSTCOPY;
+            capabilities |=
+                protocol::CAP_RESTORE | protocol::CAP_POSTCOPY | protocol::CAP_DISCARD_AHEAD;
         }
         // A source that may switch to post-copy opens a channel of its own
         // for the answers to faults, at once.
@@ -583,6 +584,9 @@ impl<'a> Session<'a> {
         }
         self.pool.barrier()?;
         self.round_map.clear();
+        // Discard frames ahead of the final round only let the shell drop
+        // stale pages; what is missing is said after the last RoundEnd.
+        self.discards.clear();
         if self.source.version >= protocol::ROUND_APPLIED_VERSION {
             self.send(&Control::RoundApplied(round))
                 .map_err(StreamError::SendApplied)?;
@@ -665,6 +669,24 @@ impl<'a> Session<'a> {
             }
             let s = rf.entry.start + r.first * ps;
             self.discards.push((s, s + r.count as u64 * ps));
+        }
+        // The shell drops its stale copies now, not in the downtime.
+        if let Some(shell) = &mut self.shell {
+            self.pool.barrier()?;
+            let ps = self.source.page_size;
+            let ranges: Vec<(u64, u64)> = runs
+                .iter()
+                .map(|r| {
+                    (
+                        rf.entry.start + r.first * ps,
+                        rf.entry.start + (r.first + r.count as u64) * ps,
+                    )
+                })
+                .collect();
+            if let Err(e) = shell.drop_pages(&ranges) {
+                self.shell = None;
+                self.shell_note = Some(format!("not built during pre-copy: {e}"));
+            }
         }
         Ok(())
     }

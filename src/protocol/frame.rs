@@ -122,6 +122,11 @@ pub const CAP_POSTCOPY: u64 = 1 << 4;
 /// Version 4: post-copy answers may come on a channel of their own (the
 /// source says it can in Hello, the receiver gives a token in Welcome).
 pub const CAP_PREEMPT: u64 = 1 << 5;
+/// Welcome only: the receiver takes Discard frames ahead of the final
+/// round (they let it drop stale copies early; a RoundEnd ends their effect
+/// on the missing set). Without it a source sends Discard only after the
+/// final round.
+pub const CAP_DISCARD_AHEAD: u64 = 1 << 6;
 /// The round number of pages sent after the handover (post-copy).
 pub const POSTCOPY_ROUND: u32 = u32::MAX;
 /// What this build supports.

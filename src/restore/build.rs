@@ -117,15 +117,15 @@ pub fn restore(
         None => None,
     };
     let early = prebuilt.is_some();
-    let (c, code, filled) = match prebuilt {
-        Some(p) => (p.c, p.code, p.filled),
+    let (c, code, filled, dropped) = match prebuilt {
+        Some(p) => (p.c, p.code, p.filled, p.dropped),
         None => {
             let mut c = Child::spawn(opts.same_pid.then_some(st.pid))
                 .map_err(|e| format!("creating process {}: {e}", st.pid))?;
             let code = free_range(st, c.pid, CODE_PAGES * 4096)?;
             c.map_code(code, CODE_PAGES * 4096)
                 .map_err(|e| format!("preparing the new process: {e}"))?;
-            (c, code, Vec::new())
+            (c, code, Vec::new(), Vec::new())
         }
     };
     let mut b = Builder {
@@ -152,7 +152,7 @@ pub fn restore(
     }
     b.kernel_mappings()?;
     b.mappings(mem)?;
-    b.drop_missing_kept()?;
+    b.drop_missing_kept(&dropped)?;
     let uffd = match missing {
         Some(_) => Some(b.userfaultfd()?),
         None => None,

@@ -290,6 +290,56 @@ impl Child {
         Ok(())
     }
 
+    /// MADV_DONTNEED over `ranges` (start, end), made by the child itself:
+    /// the kernel takes that advice from process_madvise only for the
+    /// caller's own memory. One process_madvise per batch of ranges (Linux
+    /// 6.13+), else a loop of madvise calls ([`Child::madvise_each`]); the
+    /// batches go through `scratch` (`scratch_len` bytes).
+    pub fn dont_need(
+        &mut self,
+        scratch: u64,
+        scratch_len: usize,
+        ranges: &[(u64, u64)],
+    ) -> Result<(), String> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let me = self.call(pid, libc::SYS_getpid, [0; 6])? as u64;
+        let pidfd = self
+            .call(pid, libc::SYS_pidfd_open, [me, 0, 0, 0, 0, 0])
+            .ok();
+        let mut vectored = pidfd.is_some();
+        let r = (|| {
+            for batch in ranges.chunks(scratch_len / 16) {
+                // struct iovec: start, length.
+                let list: Vec<u8> = batch
+                    .iter()
+                    .flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain((e - s).to_le_bytes()))
+                    .collect();
+                self.write(scratch, &list)?;
+                if let (true, Some(fd)) = (vectored, pidfd) {
+                    let advice = libc::MADV_DONTNEED as u64;
+                    let args = [fd as u64, scratch, batch.len() as u64, advice, 0, 0];
+                    match self.call_raw(pid, libc::SYS_process_madvise, args)? {
+                        r if r >= 0 => continue,
+                        r if r == -(libc::EINVAL as i64) => vectored = false,
+                        r => {
+                            let e = std::io::Error::from_raw_os_error(-r as i32);
+                            return Err(format!("process_madvise: {e}"));
+                        }
+                    }
+                }
+                self.madvise_each(scratch, batch.len(), libc::MADV_DONTNEED)?;
+            }
+            Ok(())
+        })();
+        if let Some(fd) = pidfd {
+            self.call(pid, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        }
+        r
+    }
+
     /// Create a thread (it starts stopped, auto-attached); returns its id.
     /// With `want`, it gets that thread id (clone3 set_tid); `scratch` is
     /// where the clone3 arguments are put in the child.

@@ -86,7 +86,9 @@ impl Builder<'_> {
         let filled = merged(filled);
         let inside = |m: &Mapping| {
             let i = filled.partition_point(|&(_, e)| e <= m.start);
-            filled.get(i).is_some_and(|&(s, e)| s <= m.start && m.end <= e)
+            filled
+                .get(i)
+                .is_some_and(|&(s, e)| s <= m.start && m.end <= e)
         };
         self.kept = self
             .st
@@ -114,23 +116,16 @@ impl Builder<'_> {
 
     /// Post-copy with a shell: the pages the process gets by post-copy
     /// were filled with older data; drop them (they are missing again, and
-    /// fault). The kernel takes MADV_DONTNEED only from the process itself,
-    /// so the process runs a loop of madvise calls over a list of ranges
-    /// ([`super::child::Child::madvise_each`]).
-    pub(super) fn drop_missing_kept(&mut self) -> Result<(), String> {
-        let ranges = intersect(&self.skip, &merged(&self.kept));
-        let per_batch = super::build::SCRATCH_LEN / 16;
-        for batch in ranges.chunks(per_batch) {
-            let list: Vec<u8> = batch
-                .iter()
-                .flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain((e - s).to_le_bytes()))
-                .collect();
-            let at = self.put(&list, 0)?;
-            self.c
-                .madvise_each(at, batch.len(), libc::MADV_DONTNEED)
-                .map_err(|e| format!("dropping the pages post-copy brings: {e}"))?;
-        }
-        Ok(())
+    /// fault), less those dropped already during pre-copy.
+    pub(super) fn drop_missing_kept(&mut self, dropped: &[(u64, u64)]) -> Result<(), String> {
+        let ranges = subtract(
+            &intersect(&self.skip, &merged(&self.kept)),
+            &merged(dropped),
+        );
+        let (scratch, len) = (self.scratch, super::build::SCRATCH_LEN);
+        self.c
+            .dont_need(scratch, len, &ranges)
+            .map_err(|e| format!("dropping the pages post-copy brings: {e}"))
     }
 
     /// Post-copy (the missing pages were not filled): create a

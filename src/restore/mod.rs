@@ -20,8 +20,8 @@ mod sys;
 
 pub use build::{clear_parent_death_signal, restore, Memory, RestoreOptions, Restored};
 pub use capture::capture;
-pub use shell::{wants as shell_wants, Mirror, Shell};
 pub use check::{check, privileges};
+pub use shell::{wants as shell_wants, Mirror, Shell};
 pub use state::{ProcessState, STATE_NAME};
 
 /// Restore from an image directory holding `state.json`.

@@ -55,8 +55,10 @@ impl Mirror {
         }
         let pid = nix::unistd::Pid::from_raw(self.pid);
         for chunk in parts.chunks(512) {
-            let local: Vec<std::io::IoSlice> =
-                chunk.iter().map(|(_, b)| std::io::IoSlice::new(b)).collect();
+            let local: Vec<std::io::IoSlice> = chunk
+                .iter()
+                .map(|(_, b)| std::io::IoSlice::new(b))
+                .collect();
             let remote: Vec<RemoteIoVec> = chunk
                 .iter()
                 .map(|&(a, b)| RemoteIoVec {
@@ -67,7 +69,9 @@ impl Mirror {
             let want: usize = chunk.iter().map(|(_, b)| b.len()).sum();
             match process_vm_writev(pid, &local, &remote) {
                 Ok(n) if n == want => {}
-                Ok(n) => return self.fail(format!("a copy into it stopped after {n} of {want} bytes")),
+                Ok(n) => {
+                    return self.fail(format!("a copy into it stopped after {n} of {want} bytes"))
+                }
                 Err(e) => return self.fail(format!("copying pages into it: {e}")),
             }
         }
@@ -110,6 +114,8 @@ pub struct Shell {
     code: u64,
     /// The region table it follows (every entry, wanted or not).
     table: Vec<RegionEntry>,
+    /// Ranges dropped because post-copy will bring them ([`Shell::drop_pages`]).
+    dropped: Vec<(u64, u64)>,
     mirror: Arc<Mirror>,
 }
 
@@ -119,6 +125,8 @@ pub(super) struct Prebuilt {
     pub code: u64,
     /// Address ranges that hold the image's data (sorted, disjoint).
     pub filled: Vec<(u64, u64)>,
+    /// Ranges dropped already (post-copy will bring them).
+    pub dropped: Vec<(u64, u64)>,
 }
 
 impl Shell {
@@ -152,6 +160,7 @@ impl Shell {
             c,
             code,
             table: Vec::new(),
+            dropped: Vec::new(),
             mirror,
         };
         shell.follow(table)?;
@@ -193,22 +202,34 @@ impl Shell {
         let call = |c: &mut Child, nr: i64, args: [u64; 6], what: &str| {
             c.call(pid, nr, args).map_err(|e| format!("{what}: {e}"))
         };
-        let same_start = |t: &[RegionEntry], s: u64| t.iter().find(|e| e.start == s && wants(e)).cloned();
+        let same_start =
+            |t: &[RegionEntry], s: u64| t.iter().find(|e| e.start == s && wants(e)).cloned();
         // Gone (no wanted successor at the same start): unmapped.
         for o in self.table.iter().filter(|o| wants(o)) {
             if same_start(table, o.start).is_none() {
-                call(&mut self.c, libc::SYS_munmap, [o.start, o.end - o.start, 0, 0, 0, 0], "munmap")?;
+                call(
+                    &mut self.c,
+                    libc::SYS_munmap,
+                    [o.start, o.end - o.start, 0, 0, 0, 0],
+                    "munmap",
+                )?;
             }
         }
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         // NORESERVE: a region may be a large sparse reservation.
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE)
-            as u64;
+        let flags =
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE)
+                as u64;
         for e in table.iter().filter(|e| wants(e)) {
             let (from, to) = match same_start(&self.table, e.start) {
                 Some(o) if o.end >= e.end => {
                     if o.end > e.end {
-                        call(&mut self.c, libc::SYS_munmap, [e.end, o.end - e.end, 0, 0, 0, 0], "munmap")?;
+                        call(
+                            &mut self.c,
+                            libc::SYS_munmap,
+                            [e.end, o.end - e.end, 0, 0, 0, 0],
+                            "munmap",
+                        )?;
                     }
                     continue;
                 }
@@ -223,6 +244,30 @@ impl Shell {
             )?;
         }
         self.table = table.to_vec();
+        Ok(())
+    }
+
+    /// Post-copy is coming, and `ranges` (start, end) will come by it:
+    /// drop the shell's copies now, while the source still runs the
+    /// process, instead of during the downtime. Only while no worker
+    /// writes into the shell.
+    pub fn drop_pages(&mut self, ranges: &[(u64, u64)]) -> Result<(), String> {
+        let held: Vec<(u64, u64)> = self
+            .table
+            .iter()
+            .filter(|e| wants(e))
+            .map(|e| (e.start, e.end))
+            .collect();
+        let held = super::memory::merged(&held);
+        use super::memory::{intersect, merged, subtract};
+        let ranges = subtract(&intersect(&merged(ranges), &held), &self.dropped);
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        self.c
+            .dont_need(self.code + 4096, super::build::SCRATCH_LEN, &ranges)?;
+        self.dropped.extend(ranges);
+        self.dropped = merged(&self.dropped);
         Ok(())
     }
 
@@ -248,7 +293,7 @@ impl Shell {
             c: self.c,
             code: self.code,
             filled,
+            dropped: self.dropped,
         })
     }
 }
-

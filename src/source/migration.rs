@@ -326,6 +326,7 @@ impl<'a> Migration<'a> {
                 let converged = matches!(p.decision, Decision::Downtime);
                 if switch && (told || matches!(after, PostcopyAfter::Rounds(_)) || !converged) {
                     c.postcopy = true;
+                    self.discard_ahead(c, &plan)?;
                     return Ok(plan.carry(&c.state));
                 }
             }
@@ -493,6 +494,30 @@ impl<'a> Migration<'a> {
             }
         }
         self.send_state(c)
+    }
+
+    /// Post-copy decided, the process still running: tell a receiver that
+    /// takes it which pages will come by post-copy (this round's private
+    /// anonymous pages), so that it drops its stale copies while this side
+    /// stops the process. The Discard frames after the final round say
+    /// what is missing.
+    fn discard_ahead(&mut self, c: &Copy, plan: &RoundPlan) -> Result<(), SendError> {
+        if !self.link.as_ref().is_some_and(|l| l.discard_ahead) {
+            return Ok(());
+        }
+        let state = &c.state;
+        let (later, _) = plan
+            .clone()
+            .split(|i| state.list[i].region.kind == RegionKind::PrivateAnon);
+        for (i, runs) in later.per_region() {
+            for runs in runs.chunks(protocol::MAX_ZERO_RUNS as usize) {
+                self.pipeline_mut().control(Control::Discard {
+                    region: i as u32,
+                    runs: runs.to_vec(),
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// Post-copy after the handover: serve the destination's faults and

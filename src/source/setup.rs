@@ -23,6 +23,8 @@ pub struct Link {
     pub restore: bool,
     /// The receiver can finish by post-copy.
     pub postcopy: bool,
+    /// The receiver takes Discard frames before the final round.
+    pub discard_ahead: bool,
     /// Over TLS: the name in the receiver's certificate.
     pub tls_peer: Option<String>,
     /// Version 4, post-copy: the preempt channel, a second connection
@@ -86,6 +88,7 @@ impl Link {
             timeout: cfg.timeout,
             restore: false,
             postcopy: false,
+            discard_ahead: false,
             tls_peer,
             channel: None,
             channel_watch: None,
@@ -165,6 +168,7 @@ impl Link {
                 self.version = w.version;
                 self.restore = w.capabilities & protocol::CAP_RESTORE != 0;
                 self.postcopy = w.capabilities & protocol::CAP_POSTCOPY != 0;
+                self.discard_ahead = w.capabilities & protocol::CAP_DISCARD_AHEAD != 0;
                 let preempt = w.version >= protocol::CHANNEL_VERSION
                     && w.capabilities & protocol::CAP_PREEMPT != 0;
                 Ok(if preempt { w.channel_token } else { 0 })
