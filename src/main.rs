@@ -96,6 +96,9 @@ struct SendArgs {
         required_unless_present = "resume_source"
     )]
     to: Option<String>,
+    /// Finish a post-copy that broke and is paused on the destination (exit status 3 printed the command): serve the missing pages of the stopped process over a new connection (QEMU: migrate with resume).
+    #[arg(long, value_name = "TOKEN", value_parser = parse_token, conflicts_with = "resume_source")]
+    resume: Option<u64>,
     /// Migrate nothing: resume a source process left stopped by a migration that broke after the handover (exit status 3), once its destination copy is known gone.
     #[arg(long, conflicts_with = "to")]
     resume_source: bool,
@@ -211,6 +214,9 @@ struct RecvArgs {
     /// With --restore: keep the process's pid and thread ids (they must be free here); default: new ones.
     #[arg(long)]
     same_pid: bool,
+    /// With --restore: when post-copy's link breaks, keep the restored process and wait this long on the listening address for `procmig send --resume` (QEMU: postcopy-paused, migrate-recover); 0: kill it at once.
+    #[arg(long, value_name = "TIME", default_value = "120s", value_parser = parse_duration)]
+    recover_timeout: Duration,
     /// Serve QMP on this Unix socket while receiving (query-migrate, query-status, migrate_cancel, MIGRATION events).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
@@ -304,6 +310,8 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         println!("resumed process {}", a.pid);
         return Ok(ExitCode::SUCCESS);
     }
+    let resume = a.resume;
+    let json_out = a.json;
     let mut cfg = SendConfig::new(a.pid, a.to.unwrap_or_default());
     cfg.method = method;
     cfg.level = level;
@@ -337,6 +345,9 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
         max: a.max_cpu_throttle,
     };
     cfg.progress = Display::choose(std::io::stderr().is_terminal(), a.progress);
+    if let Some(token) = resume {
+        return send_resume(&cfg, token, json_out);
+    }
     let cancel = procmig::cancel::install_signal_flag()?;
     let handle = MigrationHandle::new(&cfg, cancel);
     let events = match &a.events {
@@ -396,6 +407,33 @@ fn send(a: SendArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `send --resume`: finish a paused post-copy.
+fn send_resume(cfg: &SendConfig, token: u64, json_out: bool) -> anyhow::Result<ExitCode> {
+    match source::resume(cfg, token) {
+        Ok(r) => {
+            if json_out {
+                println!("{}", json(&r));
+            } else {
+                println!("{r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e @ source::SendError::PostcopyBroken { .. }) => {
+            eprintln!("procmig: error: {e}");
+            Ok(ExitCode::from(EXIT_IN_DOUBT))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A `send --resume` token: 16 hex digits.
+fn parse_token(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim(), 16)
+        .ok()
+        .filter(|&t| t != 0)
+        .ok_or_else(|| format!("{s:?}: expected the token a broken post-copy printed (hex)"))
+}
+
 fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
     if a.decompress_threads == 0 || a.decompress_threads > 255 {
         anyhow::bail!("--decompress-threads must be 1..=255");
@@ -420,6 +458,7 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
             )?),
             None => None,
         },
+        recover_timeout: a.recover_timeout,
     };
     let cancel = procmig::cancel::install_signal_flag()?;
     let listener = dest::Listener::bind(cfg)?;

@@ -223,6 +223,11 @@ pub struct PostcopyReport {
     pub blocked_ms: f64,
     /// From the process starting to the last page in place.
     pub to_last_page_ms: f64,
+    /// Times post-copy was paused (the link broke) and resumed by a
+    /// source (QEMU: postcopy-paused, then recovered).
+    pub pauses: u32,
+    /// Time spent paused, waiting for a source to resume.
+    pub paused_ms: f64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -260,6 +265,8 @@ impl PostcopyReport {
             latency_histogram: hist,
             blocked_ms: us.iter().sum::<u64>() as f64 / 1000.0,
             to_last_page_ms: took.as_secs_f64() * 1000.0,
+            pauses: 0,
+            paused_ms: 0.0,
         }
     }
 }
@@ -277,7 +284,15 @@ impl fmt::Display for PostcopyReport {
             self.zero_filled,
             self.blocked_ms,
             self.to_last_page_ms
-        )
+        )?;
+        if self.pauses > 0 {
+            writeln!(
+                f,
+                "postcopy: paused {} time(s) for {:.0} ms in all, resumed over a new connection",
+                self.pauses, self.paused_ms
+            )?;
+        }
+        Ok(())
     }
 }
 

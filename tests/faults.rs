@@ -406,7 +406,9 @@ fn run_postcopy_case(fault: Fault) {
     let agent = Agent::start(&["--size", "16M", "--dirty-rate", "20000"]);
     let dir = TempDir::new("fault-postcopy");
     let out = dir.join("img");
-    let (mut recv, mut recv_err, recv_addr) = start_recv(&out, &["--restore"]);
+    // A broken post-copy pauses for 2 s, then the receiver gives up.
+    let (mut recv, mut recv_err, recv_addr) =
+        start_recv(&out, &["--restore", "--recover-timeout", "2s"]);
     let recv_pid = recv.id() as i32;
     // Every process the receiver starts (the restored copy).
     let seen = Arc::new(std::sync::Mutex::new(Vec::<i32>::new()));

@@ -139,13 +139,31 @@ impl Lab {
             .unwrap_or_else(|| panic!("netlab up printed no {k}"))
     }
 
-    /// `procmig ARGS` inside namespace `ns`.
+    /// `procmig ARGS` inside network namespace `ns` (only that: `ip netns
+    /// exec` would give it a mount namespace of its own too, and restore
+    /// refuses a process in another namespace than procmig's).
     fn procmig(&self, ns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.var(ns)])
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.var(ns)))
             .arg(procmig())
             .args(args);
         c
+    }
+
+    /// The veth of the source side up or down.
+    fn link(&self, up: bool) {
+        let st = Command::new("ip")
+            .args([
+                "-n",
+                self.var("NETLAB_SRC_NS"),
+                "link",
+                "set",
+                self.var("NETLAB_SRC_IF"),
+                if up { "up" } else { "down" },
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success());
     }
 }
 
@@ -228,18 +246,7 @@ fn a_dead_link_ends_both_sides_and_the_source_runs_on() {
         send.try_wait().unwrap().is_none(),
         "the migration ended early"
     );
-    let down = Command::new("ip")
-        .args([
-            "-n",
-            lab.var("NETLAB_SRC_NS"),
-            "link",
-            "set",
-            lab.var("NETLAB_SRC_IF"),
-            "down",
-        ])
-        .status()
-        .unwrap();
-    assert!(down.success());
+    lab.link(false);
     let cut = Instant::now();
     let bound = Duration::from_secs(60);
     let mut ended = [None, None];
@@ -279,4 +286,188 @@ fn a_dead_link_ends_both_sides_and_the_source_runs_on() {
     assert!(!img.exists(), "a dead link committed an image");
     assert_running(agent.pid);
     assert_eq!(uffd_wp_vmas(agent.pid), 0);
+}
+
+/// Post-copy over a veth that goes down: the sender gives up (exit 3,
+/// printing the command that finishes the migration), the receiver pauses
+/// with the restored agent running; the link comes back, `send --resume`
+/// brings the missing pages over a new connection, and the restored
+/// agent's memory checks out page by page.
+#[test]
+fn post_copy_paused_by_a_dead_link_is_resumed_over_a_new_connection() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    if !can_restore("netlab post-copy recovery") {
+        return;
+    }
+    let Some(lab) = Lab::up("100mbit") else {
+        return;
+    };
+    let src_ns = lab.var("NETLAB_SRC_NS").to_string();
+    let agent = Agent::start_in(
+        Some(&src_ns),
+        &[
+            "--size",
+            "32M",
+            "--profile",
+            "random",
+            "--dirty-rate",
+            "5000",
+        ],
+    );
+    let dir = TempDir::new("netlab-resume");
+    let img = dir.join("img");
+    let dst = format!("{}:4444", lab.var("NETLAB_DST_ADDR"));
+    let mut recv = lab
+        .procmig(
+            "NETLAB_DST_NS",
+            &[
+                "recv",
+                "--listen",
+                &dst,
+                "--restore",
+                "--json",
+                "--timeout",
+                "3s",
+                "--recover-timeout",
+                "60s",
+                "--out",
+                img.to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let recv_pid = recv.id() as i32;
+    // The receiver's stderr, line by line as it comes.
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let err = BufReader::new(recv.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let first = lines.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(first.contains("listening"), "{first}");
+    let pid = agent.pid.to_string();
+    let send = lab
+        .procmig(
+            "NETLAB_SRC_NS",
+            &[
+                "send",
+                "--pid",
+                &pid,
+                "--to",
+                &dst,
+                "--timeout",
+                "3s",
+                "--postcopy-after",
+                "0",
+                "--max-bandwidth",
+                "2M",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Post-copy runs (32 MiB of random bytes at 2 MB/s: many seconds).
+    let restored = wait_for_child_running(recv_pid);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.link(false);
+    let cut = Instant::now();
+    let out = send.wait_with_output().unwrap();
+    let serr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{serr}");
+    let mut paused = None;
+    while paused.is_none() && cut.elapsed() < Duration::from_secs(60) {
+        if let Ok(l) = lines.recv_timeout(Duration::from_millis(200)) {
+            if l.contains("post-copy paused") {
+                paused = Some(cut.elapsed());
+            }
+        }
+    }
+    println!("dead link in post-copy: sender gave up, receiver paused after {paused:?}");
+    assert!(paused.is_some(), "the receiver did not pause");
+    assert_running(restored);
+    assert!(!img.exists());
+    let token = serr
+        .split("--resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no resume command in: {serr}"))
+        .to_string();
+    lab.link(true);
+    let r = lab
+        .procmig(
+            "NETLAB_SRC_NS",
+            &[
+                "send",
+                "--resume",
+                &token,
+                "--pid",
+                &pid,
+                "--to",
+                &dst,
+                "--timeout",
+                "10s",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let st = recv.wait().unwrap();
+    let mut rout = String::new();
+    std::io::Read::read_to_string(recv.stdout.as_mut().unwrap(), &mut rout).unwrap();
+    assert!(st.success(), "{rout}");
+    let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
+    assert_eq!(rj["postcopy"]["pauses"], 1, "{rj}");
+    assert!(img.exists());
+    // The restored agent (in the destination's namespace) migrated once
+    // more, there, into an image its own ledger checks.
+    std::thread::sleep(Duration::from_millis(300));
+    let again = dir.join("again");
+    let mut recv2 = lab
+        .procmig(
+            "NETLAB_DST_NS",
+            &[
+                "recv",
+                "--listen",
+                "127.0.0.1:4455",
+                "--out",
+                again.to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let rp = restored.to_string();
+    let s2 = lab
+        .procmig(
+            "NETLAB_DST_NS",
+            &[
+                "send",
+                "--pid",
+                &rp,
+                "--to",
+                "127.0.0.1:4455",
+                "--on-complete",
+                "resume",
+                "--max-iterations",
+                "2",
+                "--force-downtime",
+            ],
+        )
+        .output()
+        .unwrap();
+    assert!(s2.status.success(), "{}", text(&s2.stderr));
+    assert!(recv2.wait().unwrap().success());
+    let (ok, v) = agent_verify(&again);
+    assert!(ok, "the restored agent's memory: {v}");
+    // SAFETY: plain kill of the restored agent.
+    unsafe { libc::kill(restored, libc::SIGKILL) };
 }

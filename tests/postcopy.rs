@@ -37,24 +37,6 @@ fn migrate(pid: i32, dir: &TempDir, send_extra: &[&str]) -> Outcome {
     }
 }
 
-/// Wait until the restored process (the receiver's child) runs, freely;
-/// returns its pid.
-fn restored_running(recv_pid: i32) -> i32 {
-    let child = || {
-        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
-            .ok()
-            .and_then(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|p| p.parse::<i32>().ok())
-            })
-    };
-    wait_for(60, "the restored process", || {
-        child().is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
-    });
-    child().unwrap()
-}
-
 fn assert_postcopy(o: &Outcome) -> i32 {
     assert!(
         o.send.status.success() && o.recv_ok,
@@ -247,7 +229,7 @@ fn destination_killed_during_post_copy_leaves_the_source_whole() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let restored = restored_running(recv_pid);
+    let restored = wait_for_child_running(recv_pid);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: plain kill.
     unsafe { libc::kill(recv_pid, libc::SIGKILL) };
@@ -384,7 +366,7 @@ fn a_child_forked_during_post_copy_sees_its_parents_memory() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    restored_running(recv_pid);
+    wait_for_child_running(recv_pid);
     std::fs::write(&go, b"").unwrap();
     let send = sender.wait_with_output().unwrap();
     let (recv_ok, out, recv_err) = recv.wait();
@@ -404,4 +386,94 @@ fn a_child_forked_during_post_copy_sees_its_parents_memory() {
     let got = std::fs::read_to_string(&log).unwrap();
     assert!(!got.contains("BAD"), "{got}");
     assert_eq!(got, want);
+}
+
+/// The link breaks during post-copy: the sender exits 3 with the command
+/// that finishes the migration, the destination keeps the restored process
+/// running (paused), a wrong token is refused, and `send --resume` with
+/// the right one brings every missing page: the agent's memory checks out.
+#[test]
+fn a_broken_link_pauses_and_send_resume_finishes() {
+    if !can_restore("post-copy, pause and resume") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-resume");
+    let agent = Agent::start(&["--size", "32M", "--dirty-rate", "20000"]);
+    let recv = Recv::start(
+        &dir.join("img"),
+        &[
+            "--restore",
+            "--json",
+            "--timeout",
+            "5s",
+            "--recover-timeout",
+            "60s",
+        ],
+    );
+    let recv_pid = recv.child.id() as i32;
+    let proxy = CutProxy::start(recv.addr());
+    let pid = agent.pid.to_string();
+    // A slow background push keeps post-copy going for seconds.
+    let sender = Command::new(procmig())
+        .args(["send", "--pid", &pid, "--to"])
+        .arg(format!("127.0.0.1:{}", proxy.port))
+        .args([
+            "--postcopy-after",
+            "0",
+            "--max-bandwidth",
+            "2M",
+            "--timeout",
+            "3s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restored = wait_for_child_running(recv_pid);
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.cut();
+    let out = sender.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    let token = err
+        .split("--resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no resume command in: {err}"))
+        .to_string();
+    // Paused: the restored copy runs on, nothing is committed, the source
+    // is stopped with all of its memory.
+    assert_running(restored);
+    assert!(!dir.join("img").exists());
+    assert_eq!(proc_state(agent.pid).map(|s| s.0), Some('T'));
+    let wrong = run(&["send", "--resume", "1", "--pid", &pid, "--to", &recv.addr()]);
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong.stderr).contains("no paused migration with that token"),
+        "{}",
+        text(&wrong.stderr)
+    );
+    let r = run(&[
+        "send",
+        "--resume",
+        &token,
+        "--pid",
+        &pid,
+        "--to",
+        &recv.addr(),
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(s["restored_pid"].as_i64(), Some(restored as i64), "{s}");
+    assert!(s["missing_pages"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["missing_pages"], s["pages"], "{s}");
+    let (ok, rout, rerr) = recv.wait();
+    assert!(ok, "{rout}{rerr}");
+    assert!(rerr.contains("post-copy paused"), "{rerr}");
+    let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
+    assert_eq!(rj["postcopy"]["pauses"], 1, "{rj}");
+    assert!(dir.join("img").exists());
+    std::thread::sleep(Duration::from_millis(300));
+    agent_checks_out(restored, &dir);
 }

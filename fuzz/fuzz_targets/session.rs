@@ -53,6 +53,7 @@ fuzz_target!(|input: &[u8]| {
     fix_checksums(&mut data);
     let out = scratch().join("img");
     let cfg = RecvConfig {
+        recover_timeout: std::time::Duration::ZERO,
         listen: String::new(),
         out: out.clone(),
         decompress_threads: 1,

@@ -23,6 +23,8 @@ pub enum RecvStatus {
     Completed = 3,
     Failed = 4,
     Cancelled = 5,
+    /// Post-copy's link broke; waiting for the source to resume it.
+    PostcopyPaused = 6,
 }
 
 impl RecvStatus {
@@ -34,6 +36,7 @@ impl RecvStatus {
             RecvStatus::Completed => "completed",
             RecvStatus::Failed => "failed",
             RecvStatus::Cancelled => "cancelled",
+            RecvStatus::PostcopyPaused => "postcopy-paused",
         }
     }
 
@@ -44,6 +47,7 @@ impl RecvStatus {
             2 => RecvStatus::PostcopyActive,
             3 => RecvStatus::Completed,
             4 => RecvStatus::Failed,
+            6 => RecvStatus::PostcopyPaused,
             _ => RecvStatus::Cancelled,
         }
     }
@@ -94,7 +98,9 @@ impl Controlled for RecvHandle {
     fn query_status(&self) -> Value {
         let (status, running) = match self.get_status() {
             RecvStatus::Setup | RecvStatus::Active => ("inmigrate", false),
-            RecvStatus::PostcopyActive | RecvStatus::Completed => ("running", true),
+            RecvStatus::PostcopyActive | RecvStatus::PostcopyPaused | RecvStatus::Completed => {
+                ("running", true)
+            }
             RecvStatus::Failed | RecvStatus::Cancelled => ("inmigrate", false),
         };
         json!({"status": status, "running": running, "singlestep": false})

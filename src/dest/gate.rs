@@ -198,11 +198,37 @@ pub fn accept_channel(
     cancel: &AtomicBool,
 ) -> Result<(Reader, Closer), String> {
     let deadline = Instant::now() + timeout;
+    let is_it = |c: &Control| matches!(c, Control::Channel { token: t } if *t == token);
+    accept_tagged(listener, deadline, timeout, tls, cancel, is_it)
+        .map(|(reader, _, closer)| (reader, closer))
+        .map_err(|e| match e {
+            Tagged::Cancelled => "cancelled by signal".into(),
+            Tagged::Failed(e) => format!("the source's preempt channel did not come: {e}"),
+        })
+}
+
+/// Why [`accept_tagged`] returned without a connection.
+pub enum Tagged {
+    Cancelled,
+    Failed(std::io::Error),
+}
+
+/// The first connection before `deadline` whose first frame `is_it`
+/// accepts (a preempt channel, a resuming source); `timeout` for its
+/// liveness and TLS. Other clients arriving meanwhile are told "busy".
+pub fn accept_tagged(
+    listener: &transport::Listener,
+    deadline: Instant,
+    timeout: Duration,
+    tls: Option<&TlsServer>,
+    cancel: &AtomicBool,
+    is_it: impl Fn(&Control) -> bool,
+) -> Result<(Reader, Writer, Closer), Tagged> {
     loop {
         let conn = match listener.accept(cancel, Some(deadline)) {
             Ok(Some(c)) => c,
-            Ok(None) => return Err("cancelled by signal".into()),
-            Err(e) => return Err(format!("the source's preempt channel did not come: {e}")),
+            Ok(None) => return Err(Tagged::Cancelled),
+            Err(e) => return Err(Tagged::Failed(e)),
         };
         let peer = conn.peer().to_string();
         // Each candidate gets a few seconds, not the whole time: the
@@ -219,19 +245,23 @@ pub fn accept_channel(
         };
         reader.set_deadline(Some(own));
         match protocol::read_control(&mut reader) {
-            Ok(Control::Channel { token: t }) if t == token => {
+            Ok(c) if is_it(&c) => {
                 reader.set_deadline(None);
-                return Ok((reader, closer));
+                return Ok((reader, writer, closer));
             }
-            _ => {
+            other => {
+                let why = match other {
+                    Ok(Control::Resume { .. }) => "no paused migration with that token here",
+                    _ => "busy: another migration is being received",
+                };
                 let _ = protocol::write_control(
                     &mut writer,
                     &Control::Error {
                         code: error_code::FAILED,
-                        message: "busy: another migration is being received".into(),
+                        message: why.into(),
                     },
                 );
-                eprintln!("procmig recv: rejected {peer}: busy with another migration");
+                eprintln!("procmig recv: rejected {peer}: {why}");
             }
         }
     }

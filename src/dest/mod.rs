@@ -51,7 +51,14 @@ pub struct RecvConfig {
     pub restore: Option<crate::restore::RestoreOptions>,
     /// `--tls-creds`: only TLS 1.3 clients with these credentials.
     pub tls: Option<crate::protocol::tls::TlsServer>,
+    /// `--recover-timeout`: how long a broken post-copy stays paused,
+    /// waiting for the source to resume it (0: the restored process is
+    /// killed at once).
+    pub recover_timeout: Duration,
 }
+
+/// How long a broken post-copy waits for the source by default.
+pub const DEFAULT_RECOVER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// QEMU's default decompress-threads.
 pub const DEFAULT_DECOMPRESS_THREADS: usize = 2;

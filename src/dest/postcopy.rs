@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use super::workers::Regions;
 use crate::codec::Decompressor;
 use crate::protocol::transport::{Closer, Reader, Writer};
-use crate::protocol::{self, Control, Kind, POSTCOPY_ROUND};
+use crate::protocol::{self, Control, Kind, ReadError, POSTCOPY_ROUND};
 use crate::stats::PostcopyReport;
 use crate::userfault::{self, Event, Filled};
 
@@ -88,17 +88,58 @@ impl Proc {
     }
 }
 
-/// Serve the restored process until the source has sent every page.
-#[allow(clippy::too_many_arguments)]
+/// The connection post-copy runs on; replaced in place when a resuming
+/// source brings a new one.
+pub struct Link<'a> {
+    pub reader: &'a mut BufReader<Reader>,
+    pub writer: &'a mut Writer,
+    pub channel: Option<(Reader, Closer)>,
+}
+
+/// Pausing a broken post-copy and recovering it over a new connection
+/// (QEMU's postcopy-paused and migrate-recover): the restored process
+/// keeps running (a thread that faults on a missing page waits), and a
+/// source that shows the migration's `token` on `listener` within `wait`
+/// finishes it.
+pub struct Recovery<'a> {
+    pub listener: &'a crate::protocol::transport::Listener,
+    pub token: u64,
+    pub tls: Option<&'a crate::protocol::tls::TlsServer>,
+    pub wait: Duration,
+    /// The command that resumes it, for the message.
+    pub hint: String,
+    /// Told when post-copy pauses (true) and goes on (false).
+    pub paused: &'a (dyn Fn(bool) + Sync),
+}
+
+/// How receiving post-copy pages stopped short.
+enum Broke {
+    /// The connection broke (closed, reset, silent past the timeout):
+    /// the source may come back.
+    Link(String),
+    /// Anything else (bad data, the source's Error, a cancel).
+    Other(String),
+}
+
+impl std::fmt::Display for Broke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Broke::Link(s) | Broke::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Serve the restored process until the source has sent every page; with
+/// `recovery`, a broken connection pauses post-copy until a source
+/// resumes it.
 pub fn run(
-    reader: &mut BufReader<Reader>,
-    channel: Option<(Reader, Closer)>,
-    writer: Writer,
+    link: Link,
     uffd: OwnedFd,
     regions: &Regions,
     missing: &[(u64, u64)],
     timeout: Duration,
     cancel: &AtomicBool,
+    recovery: Option<Recovery>,
 ) -> Result<PostcopyReport, String> {
     let ps = regions.page_size;
     let t0 = Instant::now();
@@ -122,26 +163,113 @@ pub fn run(
         latencies_us: Vec::new(),
         zero_filled: 0,
     }));
+    let Link {
+        reader,
+        writer,
+        mut channel,
+    } = link;
+    // The fault thread's way to the source: none while paused.
+    let slot = Arc::new(Mutex::new(Some(
+        writer.try_clone().map_err(|e| format!("post-copy: {e}"))?,
+    )));
     let stop = Arc::new(AtomicBool::new(false));
     let faults = {
-        let (shared, stop) = (shared.clone(), stop.clone());
+        let (shared, slot, stop) = (shared.clone(), slot.clone(), stop.clone());
         std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&shared, writer, &stop, ps))
+            .spawn(move || fault_loop(&shared, &slot, &stop, ps))
             .map_err(|e| format!("starting the fault thread: {e}"))?
     };
+    let mut pauses = 0u32;
+    let mut paused = Duration::ZERO;
+    // Connections that resumed it, kept open until the end.
+    let mut closers = Vec::new();
+    let pages = loop {
+        let r = receive_all(reader, channel.take(), &shared, regions, timeout, cancel);
+        let e = match r {
+            Ok(pages) => break Ok(pages),
+            Err(Broke::Link(e)) if !cancel.load(Ordering::Relaxed) => e,
+            Err(b) => break Err(b.to_string()),
+        };
+        let Some(rec) = recovery.as_ref().filter(|r| !r.wait.is_zero()) else {
+            break Err(e);
+        };
+        *slot.lock().expect("not poisoned") = None;
+        eprintln!(
+            "procmig recv: post-copy paused: {e}. The restored process runs on (a thread that needs a missing page waits); waiting {} for the source: {}",
+            crate::units::human_duration(rec.wait),
+            rec.hint
+        );
+        (rec.paused)(true);
+        let t = Instant::now();
+        let resumed = recover(rec, &shared, regions, timeout, cancel);
+        paused += t.elapsed();
+        let (r, w, closer) = match resumed {
+            Ok(c) => c,
+            Err(why) => break Err(format!("{e}; {why}")),
+        };
+        pauses += 1;
+        *reader = BufReader::with_capacity(1 << 20, r);
+        *writer = match w.try_clone() {
+            Ok(c) => c,
+            Err(e) => break Err(format!("post-copy: {e}")),
+        };
+        closers.push(closer);
+        // Ask again for what threads wait on, then let the fault thread
+        // ask on the new connection (under its lock, so no request falls
+        // in between).
+        let mut guard = slot.lock().expect("not poisoned");
+        let asked: Vec<u64> = shared
+            .lock()
+            .expect("not poisoned")
+            .asked
+            .keys()
+            .copied()
+            .collect();
+        let mut w = w;
+        for addr in asked {
+            let _ = protocol::write_control(&mut w, &Control::PageRequest { addr, pages: 1 });
+        }
+        *guard = Some(w);
+        drop(guard);
+        (rec.paused)(false);
+        eprintln!("procmig recv: post-copy resumed");
+    };
+    stop.store(true, Ordering::Relaxed);
+    let fault_result = faults
+        .join()
+        .unwrap_or_else(|_| Err("fault thread panicked".into()));
+    let pages = pages?;
+    fault_result?;
+    let m = shared.lock().expect("not poisoned");
+    let mut report =
+        PostcopyReport::new(pages, m.latencies_us.clone(), m.zero_filled, t0.elapsed());
+    report.pauses = pauses;
+    report.paused_ms = paused.as_secs_f64() * 1000.0;
+    Ok(report)
+}
+
+/// Read the main connection (and the preempt channel, when there is one)
+/// to their PostcopyDone; returns the pages the source says it sent.
+fn receive_all(
+    reader: &mut BufReader<Reader>,
+    channel: Option<(Reader, Closer)>,
+    shared: &Mutex<Missing>,
+    regions: &Regions,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<u64, Broke> {
     let (r, answered) = std::thread::scope(|s| {
         // The channel has no frame deadline: it is silent while nothing
         // faults (TCP keepalive and TCP_USER_TIMEOUT watch the link).
         let side = channel.map(|(ch, closer)| {
-            let shared = &shared;
             let h = s.spawn(move || {
                 let mut ch = BufReader::with_capacity(1 << 20, ch);
                 receive(&mut ch, shared, regions, None, cancel)
             });
             (h, closer)
         });
-        let r = receive(reader, &shared, regions, Some(timeout), cancel);
+        let r = receive(reader, shared, regions, Some(timeout), cancel);
         let answered = side.map(|(h, closer)| {
             // The source ends the channel before the main connection: it
             // has little left to say; if the main one broke, stop it.
@@ -153,26 +281,66 @@ pub fn run(
                 closer.close();
             }
             h.join()
-                .unwrap_or_else(|_| Err("the channel thread panicked".into()))
+                .unwrap_or_else(|_| Err(Broke::Other("the channel thread panicked".into())))
         });
         (r, answered)
     });
-    stop.store(true, Ordering::Relaxed);
-    let fault_result = faults
-        .join()
-        .unwrap_or_else(|_| Err("fault thread panicked".into()));
     let pages = r?;
-    if let Some(a) = answered {
-        a.map_err(|e| format!("preempt channel: {e}"))?;
+    match answered {
+        Some(Err(Broke::Link(e))) => Err(Broke::Link(format!("preempt channel: {e}"))),
+        Some(Err(Broke::Other(e))) => Err(Broke::Other(format!("preempt channel: {e}"))),
+        _ => Ok(pages),
     }
-    fault_result?;
-    let m = shared.lock().expect("not poisoned");
-    Ok(PostcopyReport::new(
-        pages,
-        m.latencies_us.clone(),
-        m.zero_filled,
-        t0.elapsed(),
-    ))
+}
+
+/// Paused: wait for a source that shows the token, and tell it what is
+/// still missing: the region table, the missing pages of every process as
+/// Discard frames, then RoundEnd(0xFFFFFFFF).
+fn recover(
+    rec: &Recovery,
+    shared: &Mutex<Missing>,
+    regions: &Regions,
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<(Reader, Writer, Closer), String> {
+    let token = rec.token;
+    let is_it = |c: &Control| matches!(c, Control::Resume { token: t } if *t == token);
+    let deadline = Instant::now() + rec.wait;
+    let (reader, mut writer, closer) =
+        super::gate::accept_tagged(rec.listener, deadline, timeout, rec.tls, cancel, is_it)
+            .map_err(|e| match e {
+                super::gate::Tagged::Cancelled => "cancelled by signal while paused".to_string(),
+                super::gate::Tagged::Failed(e) => format!(
+                    "no source resumed post-copy within --recover-timeout {} ({e})",
+                    crate::units::human_duration(rec.wait)
+                ),
+            })?;
+    let ps = regions.page_size;
+    let pages: BTreeSet<u64> = shared
+        .lock()
+        .expect("not poisoned")
+        .procs
+        .iter()
+        .flat_map(|p| p.pages.iter().copied())
+        .collect();
+    let send = |w: &mut Writer, c: &Control| {
+        protocol::write_control(w, c).map_err(|e| format!("telling the resuming source: {e}"))
+    };
+    let table = regions.files.iter().map(|f| f.entry.clone()).collect();
+    send(&mut writer, &Control::Regions(table))?;
+    for (i, rf) in regions.files.iter().enumerate() {
+        let mut runs = Vec::new();
+        for &a in pages.range(rf.entry.start..rf.entry.end) {
+            crate::pages::push_run(&mut runs, (a - rf.entry.start) / ps, 1);
+        }
+        for runs in runs.chunks(protocol::MAX_ZERO_RUNS as usize) {
+            let region = i as u32;
+            let runs = runs.to_vec();
+            send(&mut writer, &Control::Discard { region, runs })?;
+        }
+    }
+    send(&mut writer, &Control::RoundEnd(POSTCOPY_ROUND))?;
+    Ok((reader, writer, closer))
 }
 
 /// Read the source's post-copy frames until PostcopyDone, each within
@@ -183,57 +351,71 @@ fn receive(
     regions: &Regions,
     timeout: Option<Duration>,
     cancel: &AtomicBool,
-) -> Result<u64, String> {
+) -> Result<u64, Broke> {
     let ps = regions.page_size;
-    let mut d = Decompressor::new().map_err(|e| e.to_string())?;
+    let mut d = Decompressor::new().map_err(|e| Broke::Other(e.to_string()))?;
     let mut buf = Vec::new();
     let mut raw = Vec::new();
     loop {
         if cancel.load(Ordering::Relaxed) {
-            return Err("cancelled by signal".into());
+            return Err(Broke::Other("cancelled by signal".into()));
         }
         reader
             .get_mut()
             .set_deadline(timeout.map(|t| Instant::now() + t));
-        let kind = protocol::read_frame(reader, &mut buf).map_err(|e| e.to_string())?;
+        let kind = protocol::read_frame(reader, &mut buf).map_err(|e| match e {
+            ReadError::Decode(d) => Broke::Other(d.to_string()),
+            e => Broke::Link(e.to_string()),
+        })?;
         let (region, runs, data): (u32, Vec<protocol::Run>, Option<&[u8]>) = if kind == Kind::Pages
         {
-            let h = protocol::decode_pages_header(&buf, ps as u32).map_err(|e| e.to_string())?;
+            let h = protocol::decode_pages_header(&buf, ps as u32)
+                .map_err(|e| Broke::Other(e.to_string()))?;
             if h.round != POSTCOPY_ROUND {
-                return Err(format!("Pages frame of round {} during post-copy", h.round));
+                return Err(Broke::Other(format!(
+                    "Pages frame of round {} during post-copy",
+                    h.round
+                )));
             }
             raw.resize(h.raw_len as usize, 0);
             d.decompress(h.codec, &buf[h.data_offset..], &mut raw)
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Broke::Other(e.to_string()))?;
             if xxhash_rust::xxh3::xxh3_64(&raw) != h.raw_xxh3 {
-                return Err(format!("checksum mismatch in region {}", h.region));
+                return Err(Broke::Other(format!(
+                    "checksum mismatch in region {}",
+                    h.region
+                )));
             }
             (h.region, h.runs, Some(&raw[..]))
         } else {
-            match Control::decode(kind, &buf).map_err(|e| e.to_string())? {
+            match Control::decode(kind, &buf).map_err(|e| Broke::Other(e.to_string()))? {
                 Control::Zero {
                     round,
                     region,
                     runs,
                 } if round == POSTCOPY_ROUND => (region, runs, None),
                 Control::PostcopyDone { pages } => return Ok(pages),
-                Control::Error { message, .. } => return Err(format!("source aborted: {message}")),
+                Control::Error { message, .. } => {
+                    return Err(Broke::Other(format!("source aborted: {message}")))
+                }
                 other => {
-                    return Err(format!(
+                    return Err(Broke::Other(format!(
                         "unexpected {:?} frame during post-copy",
                         other.kind()
-                    ))
+                    )))
                 }
             }
         };
         let rf = regions
             .files
             .get(region as usize)
-            .ok_or_else(|| format!("post-copy frame names region {region}"))?;
+            .ok_or_else(|| Broke::Other(format!("post-copy frame names region {region}")))?;
         let mut off = 0usize;
         for run in &runs {
             if run.first + run.count as u64 > rf.pages {
-                return Err(format!("post-copy pages outside region {region}"));
+                return Err(Broke::Other(format!(
+                    "post-copy pages outside region {region}"
+                )));
             }
             for p in run.first..run.first + run.count as u64 {
                 let page: &[u8] = match data {
@@ -243,7 +425,7 @@ fn receive(
                 off += ps as usize;
                 // SAFETY: p < rf.pages, so the page lies inside the mapping.
                 let image = unsafe { rf.ptr().add((p * ps) as usize) };
-                fill(shared, rf.entry.start + p * ps, page, ps, image)?;
+                fill(shared, rf.entry.start + p * ps, page, ps, image).map_err(Broke::Other)?;
             }
         }
     }
@@ -317,7 +499,7 @@ fn fill(
 
 fn fault_loop(
     shared: &Mutex<Missing>,
-    mut writer: Writer,
+    slot: &Mutex<Option<Writer>>,
     stop: &AtomicBool,
     ps: u64,
 ) -> Result<(), String> {
@@ -402,15 +584,21 @@ fn fault_loop(
             k += 1;
         }
         drop(m);
+        if ask.is_empty() {
+            continue;
+        }
+        // No way to the source (post-copy paused): the requests stay in
+        // `asked` and are made again on the new connection.
+        let mut w = slot.lock().expect("not poisoned");
         for &src in &ask {
-            protocol::write_control(
-                &mut writer,
-                &Control::PageRequest {
-                    addr: src,
-                    pages: 1,
-                },
-            )
-            .map_err(|e| format!("asking for a page: {e}"))?;
+            let Some(writer) = w.as_mut() else { break };
+            let request = Control::PageRequest {
+                addr: src,
+                pages: 1,
+            };
+            if protocol::write_control(writer, &request).is_err() {
+                *w = None;
+            }
         }
     }
     Ok(())

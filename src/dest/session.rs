@@ -205,8 +205,11 @@ pub struct Session<'a> {
     discards: Vec<(u64, u64)>,
     /// The restored process once it runs: killed if post-copy breaks.
     running: Option<i32>,
-    /// `--restore`: the listener, until the source's preempt channel came.
+    /// `--restore`: the listener, for the source's preempt channel and a
+    /// source resuming a paused post-copy.
     listener: Option<crate::protocol::transport::Listener>,
+    /// The preempt channel's token (0: none); a resuming source shows it.
+    token: u64,
     /// Post-copy answers come on this connection (version 4).
     channel: Option<(Reader, Closer)>,
     /// `recv --qmp`: the control socket's view of this session.
@@ -249,6 +252,7 @@ impl<'a> Session<'a> {
             shell_note: None,
             running: None,
             listener: None,
+            token: 0,
             channel: None,
             handle: None,
         }
@@ -383,6 +387,9 @@ impl<'a> Session<'a> {
             && self.listener.is_some()
         {
             capabilities |= protocol::CAP_PREEMPT;
+            if !self.cfg.recover_timeout.is_zero() {
+                capabilities |= protocol::CAP_RECOVER;
+            }
             random_token()
         } else {
             0
@@ -394,7 +401,8 @@ impl<'a> Session<'a> {
             channel_token: token,
         }))
         .map_err(StreamError::SendWelcome)?;
-        if let Some(listener) = self.listener.take() {
+        self.token = token;
+        if let Some(listener) = self.listener.as_ref() {
             if token != 0 {
                 let (reader, closer) = super::gate::accept_channel(
                     &listener,
@@ -747,19 +755,48 @@ impl<'a> Session<'a> {
                 if let Some(h) = &self.handle {
                     h.set_status(crate::control::dest::RecvStatus::PostcopyActive);
                 }
-                let writer = self
-                    .writer
-                    .try_clone()
-                    .map_err(|e| Stop::Restore(format!("post-copy: {e}")))?;
+                let handle = self.handle.clone();
+                let paused = move |p: bool| {
+                    if let Some(h) = &handle {
+                        use crate::control::dest::RecvStatus;
+                        h.set_status(if p {
+                            RecvStatus::PostcopyPaused
+                        } else {
+                            RecvStatus::PostcopyActive
+                        });
+                    }
+                };
+                let recovery = match &self.listener {
+                    Some(listener) if self.token != 0 => Some(super::postcopy::Recovery {
+                        listener,
+                        token: self.token,
+                        tls: self.cfg.tls.as_ref(),
+                        wait: self.cfg.recover_timeout,
+                        hint: format!(
+                            "procmig send --resume {:016x} --pid {} --to {}",
+                            self.token,
+                            self.source.pid,
+                            listener
+                                .local_addr()
+                                .map_or(self.cfg.listen.clone(), |a| a.to_string())
+                        ),
+                        paused: &paused,
+                    }),
+                    _ => None,
+                };
+                let link = super::postcopy::Link {
+                    reader: &mut self.reader,
+                    writer: &mut self.writer,
+                    channel: self.channel.take(),
+                };
                 let report = super::postcopy::run(
-                    &mut self.reader,
-                    self.channel.take(),
-                    writer,
+                    link,
                     uffd,
                     &self.regions,
                     &self.discards,
                     self.cfg.timeout,
                     self.cancel,
+                    recovery,
                 )
                 .map_err(|e| {
                     Stop::Restore(format!(

@@ -37,6 +37,10 @@ pub enum Kind {
     /// channel that carries answers to faults during post-copy), with the
     /// token the receiver gave in Welcome.
     Channel = 17,
+    /// Post-copy recovery: the first frame of a new connection from a
+    /// source resuming a paused post-copy (`send --resume`), with the
+    /// token of the migration (capability bit 7 in Welcome).
+    Resume = 18,
 }
 
 impl Kind {
@@ -59,6 +63,7 @@ impl Kind {
             15 => Kind::PageRequest,
             16 => Kind::PostcopyDone,
             17 => Kind::Channel,
+            18 => Kind::Resume,
             _ => return Err(DecodeError::BadKind(v)),
         })
     }
@@ -76,7 +81,8 @@ impl Kind {
             | Kind::Commit
             | Kind::PageRequest
             | Kind::PostcopyDone
-            | Kind::Channel => 4096,
+            | Kind::Channel
+            | Kind::Resume => 4096,
             Kind::Discard => 12 + MAX_ZERO_RUNS * RUN_LEN as u32,
             Kind::Error => 8 + MAX_MESSAGE as u32,
             Kind::State => crate::restore::state::MAX_STATE as u32,
@@ -127,6 +133,11 @@ pub const CAP_PREEMPT: u64 = 1 << 5;
 /// on the missing set). Without it a source sends Discard only after the
 /// final round.
 pub const CAP_DISCARD_AHEAD: u64 = 1 << 6;
+/// Welcome only: when post-copy breaks, the receiver keeps the restored
+/// process paused and waits on its listening address for the source to
+/// resume (a Resume frame with the preempt channel's token); see
+/// docs/protocol.md.
+pub const CAP_RECOVER: u64 = 1 << 7;
 /// The round number of pages sent after the handover (post-copy).
 pub const POSTCOPY_ROUND: u32 = u32::MAX;
 /// What this build supports.
@@ -274,6 +285,11 @@ pub enum Control {
     Channel {
         token: u64,
     },
+    /// Post-copy recovery: a resuming source's first frame (see
+    /// [`Kind::Resume`]).
+    Resume {
+        token: u64,
+    },
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
     Applied,
@@ -380,7 +396,7 @@ impl Control {
             Control::PostcopyDone { pages } => {
                 p.u64(*pages);
             }
-            Control::Channel { token } => {
+            Control::Channel { token } | Control::Resume { token } => {
                 p.u64(*token);
             }
             Control::Ack(a) => {
@@ -413,6 +429,7 @@ impl Control {
             Control::PageRequest { .. } => Kind::PageRequest,
             Control::PostcopyDone { .. } => Kind::PostcopyDone,
             Control::Channel { .. } => Kind::Channel,
+            Control::Resume { .. } => Kind::Resume,
             Control::End(_) => Kind::End,
             Control::Applied => Kind::Applied,
             Control::Ack(_) => Kind::Ack,
@@ -494,6 +511,7 @@ impl Control {
             },
             Kind::PostcopyDone => Control::PostcopyDone { pages: g.u64()? },
             Kind::Channel => Control::Channel { token: g.u64()? },
+            Kind::Resume => Control::Resume { token: g.u64()? },
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -857,6 +875,7 @@ mod tests {
         });
         roundtrip(Control::PostcopyDone { pages: 99 });
         roundtrip(Control::Channel { token: 0xfeed });
+        roundtrip(Control::Resume { token: 0xbeef });
         // Welcome: the token is there in version 4, absent before.
         for token in [0, 7] {
             roundtrip(Control::Welcome(Welcome {

@@ -525,9 +525,14 @@ impl<'a> Migration<'a> {
     /// leaves the process stopped (the destination's copy has run).
     fn serve_postcopy(&mut self, c: &mut Copy, timeout: Duration) -> Result<Control, SendError> {
         let pid = self.cfg.pid;
-        let broken = |reason: String| SendError::PostcopyBroken { pid, reason };
-        self.handle.set_status(Status::PostcopyActive);
         let link = self.link.as_mut().expect("connected");
+        let next = super::resume::next_steps(pid, link.resume_token, &self.cfg.to);
+        let broken = |reason: String| SendError::PostcopyBroken {
+            pid,
+            reason,
+            next: next.clone(),
+        };
+        self.handle.set_status(Status::PostcopyActive);
         let reader = link.reader.try_clone().map_err(|e| broken(e.to_string()))?;
         let writer = link
             .writer

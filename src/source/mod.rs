@@ -43,6 +43,7 @@ mod pipeline;
 mod postcopy;
 mod regions;
 mod report;
+mod resume;
 mod setup;
 mod throttle;
 mod writer;
@@ -58,6 +59,7 @@ pub use config::{
 pub use converge::ThrottleParams;
 pub use handle::{MigrationHandle, Status, Tunables};
 use migration::Migration;
+pub use resume::{resume, ResumeReport};
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +105,13 @@ pub enum SendError {
     Capture { pid: i32, reason: String },
     /// Post-copy broke after the handover: the destination's copy has
     /// part of the memory, the stopped source all of it.
-    #[error("post-copy failed: {reason}; process {pid} is left stopped here and holds all of its memory. The destination kills its copy when post-copy breaks: `procmig send --resume-source --pid {pid}` resumes the process here")]
-    PostcopyBroken { pid: i32, reason: String },
+    #[error("post-copy failed: {reason}; process {pid} is left stopped here and holds all of its memory. {next}")]
+    PostcopyBroken {
+        pid: i32,
+        reason: String,
+        /// What to do next (resume the migration, or the process here).
+        next: String,
+    },
     /// --postcopy-after with a receiver that cannot do it.
     #[error(
         "post-copy needs a receiver that restores (`procmig recv --restore`, protocol version 3)"

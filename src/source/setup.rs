@@ -25,6 +25,10 @@ pub struct Link {
     pub postcopy: bool,
     /// The receiver takes Discard frames before the final round.
     pub discard_ahead: bool,
+    /// The receiver pauses a broken post-copy and waits for `send
+    /// --resume` with this token (0: it does not).
+    pub resume_token: u64,
+    recover: bool,
     /// Over TLS: the name in the receiver's certificate.
     pub tls_peer: Option<String>,
     /// Version 4, post-copy: the preempt channel, a second connection
@@ -41,7 +45,7 @@ pub struct Link {
 
 /// Connect to `to` as every connection of a migration is opened: TCP,
 /// liveness from `--timeout`, then TLS when `--tls-creds` is given.
-fn dial(cfg: &SendConfig, to: &str) -> Result<transport::Connection, SendError> {
+pub(super) fn dial(cfg: &SendConfig, to: &str) -> Result<transport::Connection, SendError> {
     let conn = transport::connect(to)?;
     conn.set_liveness(cfg.timeout)
         .map_err(|e| SendError::Connection(e.to_string()))?;
@@ -89,12 +93,17 @@ impl Link {
             restore: false,
             postcopy: false,
             discard_ahead: false,
+            resume_token: 0,
+            recover: false,
             tls_peer,
             channel: None,
             channel_watch: None,
             peer_addr,
         };
         let token = link.handshake(cfg, page_size)?;
+        if token != 0 && link.recover {
+            link.resume_token = token;
+        }
         if token != 0 {
             link.open_channel(cfg, handle, token)?;
         }
@@ -169,6 +178,7 @@ impl Link {
                 self.restore = w.capabilities & protocol::CAP_RESTORE != 0;
                 self.postcopy = w.capabilities & protocol::CAP_POSTCOPY != 0;
                 self.discard_ahead = w.capabilities & protocol::CAP_DISCARD_AHEAD != 0;
+                self.recover = w.capabilities & protocol::CAP_RECOVER != 0;
                 let preempt = w.version >= protocol::CHANNEL_VERSION
                     && w.capabilities & protocol::CAP_PREEMPT != 0;
                 Ok(if preempt { w.channel_token } else { 0 })

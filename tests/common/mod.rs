@@ -84,17 +84,31 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(args: &[&str]) -> Agent {
+        Agent::start_in(None, args)
+    }
+
+    /// Start it in the network namespace `/run/netns/NETNS` (a netlab side).
+    pub fn start_in(netns: Option<&str>, args: &[&str]) -> Agent {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        let ns = netns.map(|n| std::ffi::CString::new(format!("/run/netns/{n}")).unwrap());
         // No descriptors leaked from the test harness (restore refuses a
         // pipe to another process, rightly).
-        // SAFETY: close_range is async-signal-safe.
+        // SAFETY: open, setns, close and close_range are async-signal-safe;
+        // the path was allocated before the fork.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(path) = &ns {
+                    let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                }
                 libc::close_range(3, u32::MAX, 0);
                 Ok(())
             });
@@ -538,4 +552,64 @@ impl Redis {
             assert_eq!(&redis_cli(self.port, &["get", k]), v, "key {k}");
         }
     }
+}
+
+/// A TCP proxy on a free loopback port to `to`, whose connections can all
+/// be cut at once (a link that breaks under both ends).
+pub struct CutProxy {
+    pub port: u16,
+    socks: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl CutProxy {
+    pub fn start(to: String) -> CutProxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let socks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = socks.clone();
+        std::thread::spawn(move || {
+            for a in l.incoming().flatten() {
+                let Ok(b) = std::net::TcpStream::connect(&to) else {
+                    continue;
+                };
+                let mut s = kept.lock().unwrap();
+                s.push(a.try_clone().unwrap());
+                s.push(b.try_clone().unwrap());
+                for (mut from, mut into) in
+                    [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        CutProxy { port, socks }
+    }
+
+    /// Cut every connection through it.
+    pub fn cut(&self) {
+        for s in self.socks.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Wait until the receiver's child (the restored process: built early,
+/// traced and stopped until the handover) runs freely; returns its pid.
+pub fn wait_for_child_running(recv_pid: i32) -> i32 {
+    let child = || {
+        std::fs::read_to_string(format!("/proc/{recv_pid}/task/{recv_pid}/children"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|p| p.parse::<i32>().ok())
+            })
+    };
+    wait_for(60, "the restored process", || {
+        child().is_some_and(|p| proc_state(p).is_some_and(|(s, t)| s != 'T' && s != 't' && t == 0))
+    });
+    child().unwrap()
 }
