@@ -405,7 +405,7 @@ impl<'a> Session<'a> {
         if let Some(listener) = self.listener.as_ref() {
             if token != 0 {
                 let (reader, closer) = super::gate::accept_channel(
-                    &listener,
+                    listener,
                     token,
                     self.cfg.timeout,
                     self.cfg.tls.as_ref(),
