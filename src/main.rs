@@ -168,8 +168,8 @@ struct SendArgs {
     /// Append the QMP events (MIGRATION, MIGRATION_PASS) to FILE as JSON lines as they happen (/dev/fd/N for a pipe).
     #[arg(long, value_name = "FILE")]
     events: Option<PathBuf>,
-    /// Switch to post-copy after the bulk copy and N pre-copy rounds, `auto` when pre-copy stops converging, or `command` when QMP's migrate-start-postcopy says so; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
-    #[arg(long, value_name = "N|auto|command")]
+    /// Switch to post-copy after the bulk copy and N pre-copy rounds, at the `start` (no bulk copy: every private anonymous page by post-copy, like CRIU's lazy pages), `auto` when pre-copy stops converging, or `command` when QMP's migrate-start-postcopy says so; the process then runs on the destination and fetches what it lacks (needs `recv --restore`).
+    #[arg(long, value_name = "N|start|auto|command")]
     postcopy_after: Option<source::PostcopyAfter>,
     /// TLS 1.3: directory with ca-cert.pem, and client-cert.pem/client-key.pem for a receiver that verifies its peers (QEMU's tls-creds-x509 layout).
     #[arg(long, value_name = "DIR")]

@@ -85,11 +85,12 @@ fn agent_checks_out(pid: i32, dir: &TempDir) -> String {
 }
 
 #[test]
-fn busy_agent_after_0_and_1_rounds() {
+fn busy_agent_after_0_and_1_rounds_and_at_the_start() {
     if !can_restore("post-copy") {
         return;
     }
-    for after in ["0", "1"] {
+    // `start`: no bulk copy, every private anonymous page by post-copy.
+    for after in ["0", "1", "start"] {
         let dir = TempDir::new("postcopy-agent");
         let agent = Agent::start(&["--size", "128M", "--threads", "2", "--dirty-rate", "20000"]);
         // The background push held to 20 MB/s: the agent's writes meet
@@ -100,6 +101,13 @@ fn busy_agent_after_0_and_1_rounds() {
             &["--postcopy-after", after, "--max-bandwidth", "20M"],
         );
         let pid = assert_postcopy(&o);
+        if after == "start" {
+            let rounds = o.send.stdout.clone();
+            let s: serde_json::Value = serde_json::from_slice(&rounds).unwrap();
+            // Round 0 carried no page; the 128 MiB came by post-copy.
+            assert_eq!(s["rounds"][0]["pages_sent"], 0, "{s}");
+            assert!(s["postcopy"]["pages"].as_u64().unwrap() >= 32768, "{s}");
+        }
         let requested = o.recv["postcopy"]["requested"].as_u64().unwrap();
         assert!(requested > 0, "after {after}: no fault asked for a page");
         // The answers came on the preempt channel, the background push on

@@ -417,66 +417,49 @@ fn receive(
                     "post-copy pages outside region {region}"
                 )));
             }
-            for p in run.first..run.first + run.count as u64 {
-                let page: &[u8] = match data {
-                    Some(raw) => &raw[off..off + ps as usize],
-                    None => &[],
-                };
-                off += ps as usize;
-                // SAFETY: p < rf.pages, so the page lies inside the mapping.
-                let image = unsafe { rf.ptr().add((p * ps) as usize) };
-                fill(shared, rf.entry.start + p * ps, page, ps, image).map_err(Broke::Other)?;
-            }
+            let (n, len) = (run.count as u64, run.count as usize * ps as usize);
+            let bytes = match data {
+                Some(raw) if raw.len() >= off + len => Some(&raw[off..off + len]),
+                Some(_) => return Err(Broke::Other("a Pages frame shorter than its runs".into())),
+                None => None,
+            };
+            off += len;
+            let src = rf.entry.start + run.first * ps;
+            fill(shared, src, n, bytes, ps, (rf, run.first * ps)).map_err(Broke::Other)?;
         }
     }
 }
 
-/// Put one arriving page into the image at `image` (the file is the
-/// image of the process at the switch, complete once every page arrived)
-/// and into every process still missing it.
+/// Put a run of `n` arriving pages (source address `src`; `data` None:
+/// zero pages) into the image at `image` (region file, offset; the file is
+/// the image of the process at the switch, complete once every page
+/// arrived), and into every process still missing them: one UFFDIO_COPY
+/// per stretch that is missing and contiguous there.
 fn fill(
     shared: &Mutex<Missing>,
     src: u64,
-    page: &[u8],
+    n: u64,
+    data: Option<&[u8]>,
     ps: u64,
-    image: *mut u8,
+    image: (&super::staging::RegionFile, u64),
 ) -> Result<(), String> {
-    let mut imaged = false;
+    static ZERO: [u8; 64 << 10] = [0; 64 << 10];
+    // Each page arrives once per connection with the stopped source's
+    // bytes, so the image needs no ordering with the processes.
+    match data {
+        Some(d) => image.0.write_at(image.1, d),
+        None => (0..n).try_for_each(|i| image.0.write_at(image.1 + i * ps, &ZERO[..ps as usize])),
+    }
+    .map_err(|e| format!("writing the image: {e}"))?;
     loop {
         let mut m = shared.lock().expect("not poisoned");
-        if !imaged {
-            // SAFETY: `image` is a page inside a region file's mapping
-            // (checked by the caller), and every writer of the files in
-            // post-copy holds this lock.
-            unsafe {
-                if page.is_empty() {
-                    std::ptr::write_bytes(image, 0, ps as usize);
-                } else {
-                    std::ptr::copy_nonoverlapping(page.as_ptr(), image, ps as usize);
-                }
-            }
-            imaged = true;
-        }
         let mut again = false;
         let mut exited = Vec::new();
         for (k, p) in m.procs.iter_mut().enumerate() {
-            if !p.pages.contains(&src) {
-                continue;
-            }
-            let at = p.now(src);
-            let fd = p.fd.as_raw_fd();
-            let r = if page.is_empty() {
-                userfault::zeropage(fd, at, ps)
-            } else {
-                userfault::copy(fd, at, page)
-            }
-            .map_err(|e| format!("filling {at:#x}: {e}"))?;
-            match r {
+            match fill_proc(p, src, n, data, ps)? {
                 Filled::Again => again = true,
                 Filled::Exited => exited.push(k),
-                _ => {
-                    p.pages.remove(&src);
-                }
+                _ => {}
             }
         }
         // A forked child that exited needs nothing more (the restored
@@ -490,11 +473,68 @@ fn fill(
             std::thread::sleep(Duration::from_micros(50));
             continue;
         }
-        if let Some(t) = m.asked.remove(&src) {
-            m.latencies_us.push(t.elapsed().as_micros() as u64);
+        for i in 0..n {
+            if let Some(t) = m.asked.remove(&(src + i * ps)) {
+                m.latencies_us.push(t.elapsed().as_micros() as u64);
+            }
         }
         return Ok(());
     }
+}
+
+/// [`fill`] for one process: the pages of the run it still misses, in
+/// stretches contiguous where they are now. Again or Exited when the
+/// process needs another try or is gone; pages filled leave its set.
+fn fill_proc(
+    p: &mut Proc,
+    src: u64,
+    n: u64,
+    data: Option<&[u8]>,
+    ps: u64,
+) -> Result<Filled, String> {
+    let fd = p.fd.as_raw_fd();
+    let one = |at: u64, i: u64, len: u64| {
+        match data {
+            None => userfault::zeropage(fd, at, len * ps),
+            Some(d) => userfault::copy(fd, at, &d[(i * ps) as usize..((i + len) * ps) as usize]),
+        }
+        .map_err(|e| format!("filling {at:#x}: {e}"))
+    };
+    let mut i = 0;
+    while i < n {
+        let s = src + i * ps;
+        if !p.pages.contains(&s) {
+            i += 1;
+            continue;
+        }
+        let at = p.now(s);
+        let mut j = i + 1;
+        while j < n && p.pages.contains(&(src + j * ps)) && p.now(src + j * ps) == at + (j - i) * ps
+        {
+            j += 1;
+        }
+        match one(at, i, j - i)? {
+            Filled::Done => {}
+            r @ (Filled::Again | Filled::Exited) => return Ok(r),
+            // Some of the stretch was there already, or is gone: page by
+            // page (a page there already is woken and counts as filled).
+            _ => {
+                for q in i..j {
+                    match one(p.now(src + q * ps), q, 1)? {
+                        r @ (Filled::Again | Filled::Exited) => return Ok(r),
+                        _ => {
+                            p.pages.remove(&(src + q * ps));
+                        }
+                    }
+                }
+            }
+        }
+        for q in i..j {
+            p.pages.remove(&(src + q * ps));
+        }
+        i = j;
+    }
+    Ok(Filled::Done)
 }
 
 fn fault_loop(

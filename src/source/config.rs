@@ -35,6 +35,9 @@ crate::value_enum_text!(Mode, "--mode");
 /// `--postcopy-after`: when to switch to post-copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PostcopyAfter {
+    /// Before any page is sent: every private anonymous page comes by
+    /// post-copy (CRIU's lazy pages). A live migration only.
+    Start,
     /// After the bulk copy and this many pre-copy rounds.
     Rounds(u32),
     /// When pre-copy stops converging (the dirty rate outruns the link for
@@ -51,10 +54,11 @@ impl std::str::FromStr for PostcopyAfter {
         match s {
             "auto" => return Ok(PostcopyAfter::Auto),
             "command" => return Ok(PostcopyAfter::Command),
+            "start" => return Ok(PostcopyAfter::Start),
             _ => {}
         }
         s.parse().map(PostcopyAfter::Rounds).map_err(|_| {
-            format!("--postcopy-after takes a round count, auto or command, not {s:?}")
+            format!("--postcopy-after takes a round count, start, auto or command, not {s:?}")
         })
     }
 }

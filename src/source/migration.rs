@@ -155,11 +155,16 @@ impl<'a> Migration<'a> {
 
     fn phases(&mut self) -> Result<SendReport, SendError> {
         let mut copy = self.setup()?;
-        self.bulk(&mut copy)?;
-        let carried = if self.live() {
-            self.iterate(&mut copy)?
+        let start = self.cfg.postcopy_after == Some(PostcopyAfter::Start) && self.live();
+        let carried = if start {
+            self.switch_at_start(&mut copy)?
         } else {
-            Carried::default()
+            self.bulk(&mut copy)?;
+            if self.live() {
+                self.iterate(&mut copy)?
+            } else {
+                Carried::default()
+            }
         };
         self.downtime(&mut copy, carried)?;
         let handover = self.handover(&mut copy)?;
@@ -284,6 +289,27 @@ impl<'a> Migration<'a> {
         Ok(())
     }
 
+    /// `--postcopy-after start`: no bulk copy; an empty round 0, and every
+    /// page carried to the switch, where the private anonymous ones are
+    /// left for post-copy.
+    fn switch_at_start(&mut self, c: &mut Copy) -> Result<Carried, SendError> {
+        self.handle.set_status(Status::Active);
+        self.pipeline_mut()
+            .control(Control::Regions(c.state.table()))?;
+        self.pipeline_mut().lenient = true;
+        let facts = RoundFacts {
+            round: 0,
+            dirty_pages: 0,
+            dirty_rate: 0.0,
+            expected_downtime: Duration::ZERO,
+            throttle_percent: 0,
+        };
+        let r = self.send_planned(c, &RoundPlan::default(), facts)?;
+        c.rounds.push(r);
+        c.postcopy = true;
+        Ok(RoundPlan::whole(&c.state).carry(&c.state))
+    }
+
     /// Rounds of dirty pages until the planner says stop (the pages then
     /// collected are returned, to go in the final round) or give up.
     fn iterate(&mut self, c: &mut Copy) -> Result<Carried, SendError> {
@@ -318,7 +344,7 @@ impl<'a> Migration<'a> {
                         PostcopyAfter::Auto => {
                             c.outrun >= 2 || matches!(p.decision, Decision::GiveUp)
                         }
-                        PostcopyAfter::Command => false,
+                        PostcopyAfter::Command | PostcopyAfter::Start => false,
                     };
                 // `auto` and converged anyway: an ordinary downtime is
                 // shorter. A round count or a command is the user's
@@ -545,6 +571,7 @@ impl<'a> Migration<'a> {
             method: self.cfg.method,
             level: self.cfg.level,
             max_bandwidth: self.handle.tunables().max_bandwidth(),
+            threads: self.cfg.compress_threads,
         };
         let answers = link.channel.take();
         let (answer, served, w) = server

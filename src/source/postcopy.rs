@@ -54,6 +54,9 @@ pub struct Server<'a> {
     /// `--max-bandwidth` for the background push (answers to faults are
     /// never held back).
     pub max_bandwidth: Option<u64>,
+    /// Compression workers for the background push (answers to faults
+    /// are compressed by the serving thread, at once).
+    pub threads: usize,
 }
 
 impl Server<'_> {
@@ -93,101 +96,146 @@ impl Server<'_> {
         let mut cursor = (0usize, 0usize, 0u64);
         let t0 = Instant::now();
         let mut background = 0u64;
-        loop {
-            // Faults first; while the background is over its rate, wait
-            // for them.
-            loop {
-                let wait = self.max_bandwidth.map_or(Duration::ZERO, |rate| {
-                    Duration::from_secs_f64(background as f64 / rate as f64)
-                        .saturating_sub(t0.elapsed())
-                });
-                let msg = if wait.is_zero() {
-                    rx.try_recv().ok()
-                } else {
-                    rx.recv_timeout(wait.min(Duration::from_millis(20))).ok()
-                };
-                let Some(msg) = msg else {
-                    if wait.is_zero() {
-                        break;
+        // The background push's compression workers.
+        let threads = self.threads.max(1);
+        let comps = (0..threads)
+            .map(|_| Compressor::new(method, level))
+            .collect::<Result<Vec<_>, _>>()?;
+        let this = &self;
+        std::thread::scope(|scope| -> Result<(), SendError> {
+            let (job_tx, job_rx) = crossbeam_channel::bounded::<(usize, Vec<Run>)>(threads);
+            let (out_tx, out_rx) =
+                crossbeam_channel::bounded::<std::io::Result<(Vec<u8>, u64)>>(threads * 2);
+            for mut c in comps {
+                let (job_rx, out_tx) = (job_rx.clone(), out_tx.clone());
+                scope.spawn(move || {
+                    let mut raw = Vec::new();
+                    for (i, runs) in job_rx.iter() {
+                        let mut f = Vec::new();
+                        let r = this
+                            .encode(i, &runs, &mut c, &mut f, &mut raw)
+                            .map(|p| (f, p));
+                        if out_tx.send(r).is_err() {
+                            break;
+                        }
                     }
-                    continue;
-                };
-                match msg {
-                    Msg::Request(addr, n) => {
-                        served.requests += 1;
-                        let Some(i) = self
-                            .missing
-                            .iter()
-                            .position(|m| m.start <= addr && addr < m.end)
-                        else {
+                });
+            }
+            drop(out_tx);
+            let mut in_flight = 0usize;
+            let r = (|| -> Result<(), SendError> {
+                loop {
+                    // Faults first; while the background is over its rate, wait
+                    // for them.
+                    loop {
+                        let wait = self.max_bandwidth.map_or(Duration::ZERO, |rate| {
+                            Duration::from_secs_f64(background as f64 / rate as f64)
+                                .saturating_sub(t0.elapsed())
+                        });
+                        let msg = if wait.is_zero() {
+                            rx.try_recv().ok()
+                        } else {
+                            rx.recv_timeout(wait.min(Duration::from_millis(20))).ok()
+                        };
+                        let Some(msg) = msg else {
+                            if wait.is_zero() {
+                                break;
+                            }
                             continue;
                         };
-                        let m = &self.missing[i];
-                        let first = (addr - m.start) / ps;
-                        let pages = m.end.saturating_sub(m.start) / ps;
-                        let mut want = Vec::new();
-                        let upto = (first + (n as u64).max(NEIGHBOURHOOD)).min(pages);
-                        for p in first..upto {
-                            if !sent[i].contains(p) && (p == first || in_runs(&m.runs, p)) {
-                                crate::pages::push_run(&mut want, p, 1);
+                        match msg {
+                            Msg::Request(addr, n) => {
+                                served.requests += 1;
+                                let Some(i) = self
+                                    .missing
+                                    .iter()
+                                    .position(|m| m.start <= addr && addr < m.end)
+                                else {
+                                    continue;
+                                };
+                                let m = &self.missing[i];
+                                let first = (addr - m.start) / ps;
+                                let pages = m.end.saturating_sub(m.start) / ps;
+                                let mut want = Vec::new();
+                                let upto = (first + (n as u64).max(NEIGHBOURHOOD)).min(pages);
+                                for p in first..upto {
+                                    if !sent[i].contains(p) && (p == first || in_runs(&m.runs, p)) {
+                                        crate::pages::push_run(&mut want, p, 1);
+                                    }
+                                }
+                                served.requested_pages += 1;
+                                let before = served.pages;
+                                self.send(
+                                    i,
+                                    &want,
+                                    &mut sent,
+                                    &mut comp,
+                                    &mut frame,
+                                    &mut raw,
+                                    answers.as_mut().unwrap_or(&mut writer),
+                                    &mut served,
+                                )
+                                .map_err(|e| {
+                                    if answers.is_some() {
+                                        channel_broken(e)
+                                    } else {
+                                        broken(e)
+                                    }
+                                })?;
+                                if answers.is_some() {
+                                    answered += served.pages - before;
+                                }
+                                // Only forwards: going back would walk pages
+                                // already sent again.
+                                cursor = cursor.max(after(&m.runs, i, upto));
                             }
+                            Msg::Answer(Control::Error { message, .. }) => {
+                                return Err(SendError::Remote(message))
+                            }
+                            Msg::Answer(other) => {
+                                return Err(SendError::BadAck(format!(
+                                    "{:?} during post-copy",
+                                    other.kind()
+                                )))
+                            }
+                            Msg::Broken(e) => return Err(SendError::Connection(e)),
                         }
-                        served.requested_pages += 1;
-                        let before = served.pages;
-                        self.send(
-                            i,
-                            &want,
-                            &mut sent,
-                            &mut comp,
-                            &mut frame,
-                            &mut raw,
-                            answers.as_mut().unwrap_or(&mut writer),
-                            &mut served,
-                        )
-                        .map_err(|e| {
-                            if answers.is_some() {
-                                channel_broken(e)
-                            } else {
-                                broken(e)
-                            }
+                    }
+                    // Then background batches: the pool kept fed, one finished
+                    // frame written (a short wait, so that faults stay first).
+                    while in_flight < 2 * threads {
+                        let Some((i, batch)) = self.next_batch(&mut cursor, &sent) else {
+                            break;
+                        };
+                        for r in &batch {
+                            sent[i].insert_run(r.first, r.count as u64);
+                        }
+                        job_tx.send((i, batch)).map_err(|_| {
+                            SendError::Connection("post-copy: workers stopped".into())
                         })?;
-                        if answers.is_some() {
-                            answered += served.pages - before;
-                        }
-                        // Only forwards: going back would walk pages
-                        // already sent again.
-                        cursor = cursor.max(after(&m.runs, i, upto));
+                        in_flight += 1;
                     }
-                    Msg::Answer(Control::Error { message, .. }) => {
-                        return Err(SendError::Remote(message))
+                    if in_flight == 0 {
+                        break;
                     }
-                    Msg::Answer(other) => {
-                        return Err(SendError::BadAck(format!(
-                            "{:?} during post-copy",
-                            other.kind()
-                        )))
+                    if let Ok(r) = out_rx.recv_timeout(Duration::from_millis(5)) {
+                        in_flight -= 1;
+                        let (f, pages) = r.map_err(broken)?;
+                        writer
+                            .write_all(&f)
+                            .and_then(|_| writer.flush())
+                            .map_err(broken)?;
+                        served.pages += pages;
+                        served.bytes += f.len() as u64;
+                        background += f.len() as u64;
                     }
-                    Msg::Broken(e) => return Err(SendError::Connection(e)),
                 }
-            }
-            // Then the next background batch.
-            let Some((i, batch)) = self.next_batch(&mut cursor, &sent) else {
-                break;
-            };
-            let before = served.bytes;
-            self.send(
-                i,
-                &batch,
-                &mut sent,
-                &mut comp,
-                &mut frame,
-                &mut raw,
-                &mut writer,
-                &mut served,
-            )
-            .map_err(broken)?;
-            background += served.bytes - before;
-        }
+                Ok(())
+            })();
+            drop(job_tx);
+            drop(out_rx);
+            r
+        })?;
         // The channel's end first: the destination takes the main
         // connection's PostcopyDone as the end of both.
         if let Some(a) = answers.as_mut() {
@@ -289,8 +337,31 @@ impl Server<'_> {
         w: &mut Writer,
         served: &mut Served,
     ) -> std::io::Result<()> {
+        for r in runs {
+            sent[i].insert_run(r.first, r.count as u64);
+        }
+        let pages = self.encode(i, runs, comp, frame, raw)?;
+        w.write_all(frame)?;
+        w.flush()?;
+        served.pages += pages;
+        served.bytes += frame.len() as u64;
+        Ok(())
+    }
+
+    /// The frames that carry the pages of `runs` in missing region `i`,
+    /// read from the stopped process, into `frame`: zero pages as Zero,
+    /// the rest as one Pages frame. Returns the page count.
+    fn encode(
+        &self,
+        i: usize,
+        runs: &[Run],
+        comp: &mut Compressor,
+        frame: &mut Vec<u8>,
+        raw: &mut Vec<u8>,
+    ) -> std::io::Result<u64> {
+        frame.clear();
         if runs.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let ps = self.page_size as usize;
         let m = &self.missing[i];
@@ -313,10 +384,8 @@ impl Server<'_> {
                     data.extend_from_slice(page);
                 }
                 off += ps;
-                sent[i].insert_run(p, 1);
             }
         }
-        frame.clear();
         if !zero.is_empty() {
             Control::Zero {
                 round: POSTCOPY_ROUND,
@@ -335,11 +404,7 @@ impl Server<'_> {
                 |input, out| comp.compress(input, out),
             );
         }
-        w.write_all(frame)?;
-        w.flush()?;
-        served.pages += pages;
-        served.bytes += frame.len() as u64;
-        Ok(())
+        Ok(pages)
     }
 }
 

@@ -103,6 +103,7 @@ pub fn resume(cfg: &SendConfig, token: u64) -> Result<ResumeReport, SendError> {
         method: cfg.method,
         level: cfg.level,
         max_bandwidth: cfg.max_bandwidth,
+        threads: cfg.compress_threads,
     };
     let broken = |reason: String| SendError::PostcopyBroken {
         pid,
