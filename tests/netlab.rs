@@ -375,6 +375,7 @@ fn post_copy_paused_by_a_dead_link_is_resumed_over_a_new_connection() {
         .unwrap();
     // Post-copy runs (32 MiB of random bytes at 2 MB/s: many seconds).
     let restored = wait_for_child_running(recv_pid);
+    let _killed_at_the_end = Pid(restored);
     std::thread::sleep(Duration::from_millis(500));
     lab.link(false);
     let cut = Instant::now();
@@ -468,6 +469,4 @@ fn post_copy_paused_by_a_dead_link_is_resumed_over_a_new_connection() {
     assert!(recv2.wait().unwrap().success());
     let (ok, v) = agent_verify(&again);
     assert!(ok, "the restored agent's memory: {v}");
-    // SAFETY: plain kill of the restored agent.
-    unsafe { libc::kill(restored, libc::SIGKILL) };
 }

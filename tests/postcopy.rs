@@ -438,6 +438,7 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
         .spawn()
         .unwrap();
     let restored = wait_for_child_running(recv_pid);
+    let _killed_at_the_end = Pid(restored);
     std::thread::sleep(Duration::from_millis(300));
     proxy.cut();
     let out = sender.wait_with_output().unwrap();

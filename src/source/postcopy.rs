@@ -23,6 +23,9 @@ use crate::protocol::{self, Control, POSTCOPY_ROUND};
 
 /// Pages per background frame.
 const BATCH: u64 = 32;
+/// Pages per background frame when answers to faults have a connection of
+/// their own (they never wait behind background frames there).
+const BATCH_BESIDE_CHANNEL: u64 = 256;
 /// Pages sent with a faulted page: it and the missing ones after it.
 const NEIGHBOURHOOD: u64 = 8;
 /// Kernel send buffer during post-copy: ~2 ms at 1 Gbit/s.
@@ -98,6 +101,11 @@ impl Server<'_> {
         let mut background = 0u64;
         // The background push's compression workers.
         let threads = self.threads.max(1);
+        let batch = if answers.is_some() {
+            BATCH_BESIDE_CHANNEL
+        } else {
+            BATCH
+        };
         let comps = (0..threads)
             .map(|_| Compressor::new(method, level))
             .collect::<Result<Vec<_>, _>>()?;
@@ -204,7 +212,7 @@ impl Server<'_> {
                     // Then background batches: the pool kept fed, one finished
                     // frame written (a short wait, so that faults stay first).
                     while in_flight < 2 * threads {
-                        let Some((i, batch)) = self.next_batch(&mut cursor, &sent) else {
+                        let Some((i, batch)) = self.next_batch(&mut cursor, &sent, batch) else {
                             break;
                         };
                         for r in &batch {
@@ -271,16 +279,17 @@ impl Server<'_> {
         }
     }
 
-    /// Up to BATCH missing pages not sent yet, from the cursor on, and
+    /// Up to `batch` missing pages not sent yet, from the cursor on, and
     /// from the start again at the end (an answer moves the cursor ahead
     /// of pages not sent yet); `None` once a whole pass finds none.
     fn next_batch(
         &self,
         cursor: &mut (usize, usize, u64),
         sent: &[PageSet],
+        batch: u64,
     ) -> Option<(usize, Vec<Run>)> {
         for _pass in 0..2 {
-            if let Some(b) = self.scan(cursor, sent) {
+            if let Some(b) = self.scan(cursor, sent, batch) {
                 return Some(b);
             }
             *cursor = (0, 0, 0);
@@ -292,6 +301,7 @@ impl Server<'_> {
         &self,
         cursor: &mut (usize, usize, u64),
         sent: &[PageSet],
+        batch: u64,
     ) -> Option<(usize, Vec<Run>)> {
         while cursor.0 < self.missing.len() {
             let m = &self.missing[cursor.0];
@@ -299,7 +309,7 @@ impl Server<'_> {
                 let r = m.runs[cursor.1];
                 let mut out = Vec::new();
                 let mut n = 0;
-                while cursor.2 < r.count as u64 && n < BATCH {
+                while cursor.2 < r.count as u64 && n < batch {
                     let p = r.first + cursor.2;
                     cursor.2 += 1;
                     if !sent[cursor.0].contains(p) {
