@@ -62,14 +62,6 @@ impl RegionFile {
         self.entry.end - self.entry.start
     }
 
-    /// Write whole pages at `off` with pwrite: unlike a store through the
-    /// mapping, it does not first fault the page in (which zeroes it on a
-    /// filesystem for a hole). The mapping sees the data (one page cache).
-    pub fn write_at(&self, off: u64, data: &[u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(data, off)
-    }
-
     fn map(file: &File, len: u64) -> std::io::Result<Option<MmapRaw>> {
         if len == 0 {
             return Ok(None);
