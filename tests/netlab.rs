@@ -425,7 +425,8 @@ fn post_copy_paused_by_a_dead_link_is_resumed_over_a_new_connection() {
     assert!(st.success(), "{rout}");
     let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
     assert_eq!(rj["postcopy"]["pauses"], 1, "{rj}");
-    assert!(img.exists());
+    let (ok, v) = agent_verify(&img);
+    assert!(ok, "image after a resumed post-copy: {v}");
     // The restored agent (in the destination's namespace) migrated once
     // more, there, into an image its own ledger checks.
     std::thread::sleep(Duration::from_millis(300));

@@ -482,7 +482,9 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
     assert!(rerr.contains("post-copy paused"), "{rerr}");
     let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
     assert_eq!(rj["postcopy"]["pauses"], 1, "{rj}");
-    assert!(dir.join("img").exists());
+    // The image is whole too: every page the resumed source sent is in it.
+    let (ok, v) = agent_verify(&dir.join("img"));
+    assert!(ok, "image after a resumed post-copy: {v}");
     std::thread::sleep(Duration::from_millis(300));
     agent_checks_out(restored, &dir);
 }

@@ -31,10 +31,26 @@ impl Client {
     /// most.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let p = path.display().to_string();
-        let s = UnixStream::connect(path).map_err(|e| ClientError::Connect {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
+        // A socket just created may not listen yet: refused connections are
+        // tried again within the timeout.
+        let deadline = std::time::Instant::now() + timeout;
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(ClientError::Connect {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        };
         let io = |e: std::io::Error| ClientError::Io(p.clone(), e.to_string());
         s.set_read_timeout(Some(timeout)).map_err(io)?;
         s.set_write_timeout(Some(timeout)).map_err(io)?;

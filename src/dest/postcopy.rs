@@ -49,6 +49,13 @@ struct Proc {
 
 struct Missing {
     procs: Vec<Proc>,
+    /// Source addresses of the pages the image still lacks: what a
+    /// resuming source must send (a page the process dropped is no longer
+    /// missing there, but the image still needs it).
+    image: BTreeSet<u64>,
+    /// The fault thread ended: a layout change it would have read never
+    /// will be, so a fill that waits for one must give up.
+    faults_done: bool,
     /// The id the next forked child gets.
     next_id: u64,
     /// When each outstanding request was sent.
@@ -152,6 +159,8 @@ pub fn run(
         }
     }
     let shared = Arc::new(Mutex::new(Missing {
+        image: set.clone(),
+        faults_done: false,
         procs: vec![Proc {
             id: 0,
             fd: uffd,
@@ -177,7 +186,11 @@ pub fn run(
         let (shared, slot, stop) = (shared.clone(), slot.clone(), stop.clone());
         std::thread::Builder::new()
             .name("postcopy-faults".into())
-            .spawn(move || fault_loop(&shared, &slot, &stop, ps))
+            .spawn(move || {
+                let r = fault_loop(&shared, &slot, &stop, ps);
+                shared.lock().expect("not poisoned").faults_done = true;
+                r
+            })
             .map_err(|e| format!("starting the fault thread: {e}"))?
     };
     let mut pauses = 0u32;
@@ -294,8 +307,9 @@ fn receive_all(
 }
 
 /// Paused: wait for a source that shows the token, and tell it what is
-/// still missing: the region table, the missing pages of every process as
-/// Discard frames, then RoundEnd(0xFFFFFFFF).
+/// still missing: the region table, the pages the image still lacks (a
+/// superset of what every process lacks) as Discard frames, then
+/// RoundEnd(0xFFFFFFFF).
 fn recover(
     rec: &Recovery,
     shared: &Mutex<Missing>,
@@ -316,13 +330,7 @@ fn recover(
                 ),
             })?;
     let ps = regions.page_size;
-    let pages: BTreeSet<u64> = shared
-        .lock()
-        .expect("not poisoned")
-        .procs
-        .iter()
-        .flat_map(|p| p.pages.iter().copied())
-        .collect();
+    let pages: BTreeSet<u64> = shared.lock().expect("not poisoned").image.clone();
     let send = |w: &mut Writer, c: &Control| {
         protocol::write_control(w, c).map_err(|e| format!("telling the resuming source: {e}"))
     };
@@ -472,12 +480,16 @@ fn fill(
             m.procs.remove(k);
         }
         if again {
+            if m.faults_done {
+                return Err("a layout change is pending and the fault thread has stopped".into());
+            }
             // An event is pending: let the fault thread read it.
             drop(m);
             std::thread::sleep(Duration::from_micros(50));
             continue;
         }
         for i in 0..n {
+            m.image.remove(&(src + i * ps));
             if let Some(t) = m.asked.remove(&(src + i * ps)) {
                 m.latencies_us.push(t.elapsed().as_micros() as u64);
             }

@@ -157,6 +157,16 @@ pub fn restore(
         Some(_) => Some(b.userfaultfd()?),
         None => None,
     };
+    if early {
+        // The shell had huge pages off while it was filled (khugepaged
+        // could have collapsed absent pages into zeros); the userfaultfd
+        // now guards what is absent.
+        b.call(
+            libc::SYS_prctl,
+            [libc::PR_SET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+            "prctl(PR_SET_THP_DISABLE)",
+        )?;
+    }
     b.mm()?;
     b.fds(opts)?;
     b.process_wide()?;

@@ -318,11 +318,15 @@ impl Child {
                     .flat_map(|&(s, e)| s.to_le_bytes().into_iter().chain((e - s).to_le_bytes()))
                     .collect();
                 self.write(scratch, &list)?;
+                // One call advises at most ~2 GiB (and stops at an error):
+                // a short count means the rest is done one range at a time.
+                let total: u64 = batch.iter().map(|&(s, e)| e - s).sum();
                 if let (true, Some(fd)) = (vectored, pidfd) {
                     let advice = libc::MADV_DONTNEED as u64;
                     let args = [fd as u64, scratch, batch.len() as u64, advice, 0, 0];
                     match self.call_raw(pid, libc::SYS_process_madvise, args)? {
-                        r if r >= 0 => continue,
+                        r if r >= 0 && r as u64 == total => continue,
+                        r if r >= 0 => {}
                         r if r == -(libc::EINVAL as i64) => vectored = false,
                         r => {
                             let e = std::io::Error::from_raw_os_error(-r as i32);

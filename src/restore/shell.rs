@@ -110,13 +110,22 @@ impl Mirror {
 
 /// The process under construction during pre-copy.
 pub struct Shell {
-    c: Child,
+    /// Taken by the restore ([`Shell::take`]).
+    c: Option<Child>,
     code: u64,
     /// The region table it follows (every entry, wanted or not).
     table: Vec<RegionEntry>,
     /// Ranges dropped because post-copy will bring them ([`Shell::drop_pages`]).
     dropped: Vec<(u64, u64)>,
     mirror: Arc<Mirror>,
+}
+
+impl Drop for Shell {
+    /// A shell dropped without being taken is killed: no copy may go to
+    /// its pid any more (it could be another process's by then).
+    fn drop(&mut self) {
+        self.mirror.fail("the shell was dropped".into());
+    }
 }
 
 /// What [`super::restore`] takes over from a shell.
@@ -138,6 +147,17 @@ impl Shell {
         let code = free_range_among(used.clone(), c.pid, CODE_LEN)?;
         c.map_code(code, CODE_LEN)?;
         strip(&mut c, code)?;
+        // No huge pages while it is filled: khugepaged could collapse a
+        // range holding absent pages (not yet sent, or dropped for
+        // post-copy) into one of zeros. The restore allows them again once
+        // a userfaultfd guards the absent pages.
+        let pid = c.pid;
+        c.call(
+            pid,
+            libc::SYS_prctl,
+            [libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0, 0],
+        )
+        .map_err(|e| format!("prctl(PR_SET_THP_DISABLE): {e}"))?;
         // The vDSO goes just below the code page, out of the regions' way;
         // the restore moves it to the process's old place.
         let kernel: Vec<(u64, u64)> = child_maps(c.pid)?
@@ -157,7 +177,7 @@ impl Shell {
             any_broken: AtomicBool::new(false),
         });
         let mut shell = Shell {
-            c,
+            c: Some(c),
             code,
             table: Vec::new(),
             dropped: Vec::new(),
@@ -175,7 +195,11 @@ impl Shell {
     /// whose start is unchanged keeps its data (resized); a new one starts
     /// empty; the others go.
     pub fn follow(&mut self, table: &[RegionEntry]) -> Result<(), String> {
-        let kernel: Vec<(u64, u64)> = child_maps(self.c.pid)?
+        let c = self
+            .c
+            .as_mut()
+            .expect("a shell holds its child until taken");
+        let kernel: Vec<(u64, u64)> = child_maps(c.pid)?
             .into_iter()
             .filter(|(_, _, n)| n.starts_with("[vdso") || n.starts_with("[vvar"))
             .map(|(a, b, _)| (a, b))
@@ -198,7 +222,7 @@ impl Shell {
                 }
             }
         }
-        let pid = self.c.pid;
+        let pid = c.pid;
         let call = |c: &mut Child, nr: i64, args: [u64; 6], what: &str| {
             c.call(pid, nr, args).map_err(|e| format!("{what}: {e}"))
         };
@@ -208,7 +232,7 @@ impl Shell {
         for o in self.table.iter().filter(|o| wants(o)) {
             if same_start(table, o.start).is_none() {
                 call(
-                    &mut self.c,
+                    c,
                     libc::SYS_munmap,
                     [o.start, o.end - o.start, 0, 0, 0, 0],
                     "munmap",
@@ -225,7 +249,7 @@ impl Shell {
                 Some(o) if o.end >= e.end => {
                     if o.end > e.end {
                         call(
-                            &mut self.c,
+                            c,
                             libc::SYS_munmap,
                             [e.end, o.end - e.end, 0, 0, 0, 0],
                             "munmap",
@@ -237,7 +261,7 @@ impl Shell {
                 None => (e.start, e.end),
             };
             call(
-                &mut self.c,
+                c,
                 libc::SYS_mmap,
                 [from, to - from, rw, flags, u64::MAX, 0],
                 &format!("mapping {from:#x}-{to:#x}"),
@@ -264,15 +288,19 @@ impl Shell {
         if ranges.is_empty() {
             return Ok(());
         }
-        self.c
-            .dont_need(self.code + 4096, super::build::SCRATCH_LEN, &ranges)?;
+        let c = self
+            .c
+            .as_mut()
+            .expect("a shell holds its child until taken");
+        c.dont_need(self.code + 4096, super::build::SCRATCH_LEN, &ranges)?;
         self.dropped.extend(ranges);
         self.dropped = merged(&self.dropped);
         Ok(())
     }
 
     /// Hand the shell to the restore of `st`, or say why it cannot serve.
-    pub(super) fn take(self, st: &ProcessState) -> Result<Prebuilt, String> {
+    /// From here on the workers no longer copy into it.
+    pub(super) fn take(mut self, st: &ProcessState) -> Result<Prebuilt, String> {
         if let Some(why) = self.mirror.broken() {
             return Err(why);
         }
@@ -289,11 +317,13 @@ impl Shell {
             .filter(|e| wants(e))
             .map(|e| (e.start, e.end))
             .collect();
+        // Out of the shell (which has a Drop): the child and the lists.
+        let c = self.c.take().expect("a shell holds its child until taken");
         Ok(Prebuilt {
-            c: self.c,
+            c,
             code: self.code,
             filled,
-            dropped: self.dropped,
+            dropped: std::mem::take(&mut self.dropped),
         })
     }
 }

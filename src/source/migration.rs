@@ -273,10 +273,21 @@ impl<'a> Migration<'a> {
             // (the injected calls make the kernel update rseq areas).
             self.capture_state(c)?;
         }
+        let plan = RoundPlan::whole(&c.state);
+        self.round_zero(c, &plan, live)
+    }
+
+    /// The region table, then round 0 with the pages of `plan`; reading
+    /// `lenient`ly while the process runs (a page may vanish meanwhile).
+    fn round_zero(
+        &mut self,
+        c: &mut Copy,
+        plan: &RoundPlan,
+        lenient: bool,
+    ) -> Result<(), SendError> {
         self.pipeline_mut()
             .control(Control::Regions(c.state.table()))?;
-        self.pipeline_mut().lenient = live;
-        let plan = RoundPlan::whole(&c.state);
+        self.pipeline_mut().lenient = lenient;
         let facts = RoundFacts {
             round: 0,
             dirty_pages: 0,
@@ -284,30 +295,31 @@ impl<'a> Migration<'a> {
             expected_downtime: Duration::ZERO,
             throttle_percent: 0,
         };
-        let r = self.send_planned(c, &plan, facts)?;
+        let r = self.send_planned(c, plan, facts)?;
         c.rounds.push(r);
         Ok(())
     }
 
     /// `--postcopy-after start`: no bulk copy; an empty round 0, and every
-    /// page carried to the switch, where the private anonymous ones are
-    /// left for post-copy.
+    /// populated page carried to the switch, where the private anonymous
+    /// ones are left for post-copy.
     fn switch_at_start(&mut self, c: &mut Copy) -> Result<Carried, SendError> {
         self.handle.set_status(Status::Active);
-        self.pipeline_mut()
-            .control(Control::Regions(c.state.table()))?;
-        self.pipeline_mut().lenient = true;
-        let facts = RoundFacts {
-            round: 0,
-            dirty_pages: 0,
-            dirty_rate: 0.0,
-            expected_downtime: Duration::ZERO,
-            throttle_percent: 0,
-        };
-        let r = self.send_planned(c, &RoundPlan::default(), facts)?;
-        c.rounds.push(r);
+        self.round_zero(c, &RoundPlan::default(), true)?;
         c.postcopy = true;
-        Ok(RoundPlan::whole(&c.state).carry(&c.state))
+        // Only what the process populated, as a bulk copy would read: the
+        // rest of its address space is zero, served there locally.
+        let ps = self.page_size;
+        let mut carried = Carried::default();
+        for (i, t) in c.state.list.iter().enumerate() {
+            let mut whole = Vec::new();
+            crate::pages::push_run(&mut whole, 0, t.region.len() / ps);
+            let (runs, _) = c.state.populated(&c.pagemap, i, &whole)?;
+            for r in runs {
+                carried.push(t.region.start, r);
+            }
+        }
+        Ok(carried)
     }
 
     /// Rounds of dirty pages until the planner says stop (the pages then

@@ -130,6 +130,7 @@ impl Server<'_> {
                 });
             }
             drop(out_tx);
+            drop(job_rx);
             let mut in_flight = 0usize;
             let r = (|| -> Result<(), SendError> {
                 loop {
@@ -226,7 +227,16 @@ impl Server<'_> {
                     if in_flight == 0 {
                         break;
                     }
-                    if let Ok(r) = out_rx.recv_timeout(Duration::from_millis(5)) {
+                    let r = match out_rx.recv_timeout(Duration::from_millis(5)) {
+                        Ok(r) => Some(r),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => None,
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                            return Err(SendError::Connection(
+                                "post-copy: the compression workers stopped".into(),
+                            ))
+                        }
+                    };
+                    if let Some(r) = r {
                         in_flight -= 1;
                         let (f, pages) = r.map_err(broken)?;
                         writer
