@@ -462,6 +462,35 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
         "{}",
         text(&wrong.stderr)
     );
+    // The right token with another (stopped) process: refused too, or a
+    // stranger's memory would fill the restored process.
+    let other = Kill(spawn_clean(
+        Command::new("sleep")
+            .arg("60")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    ));
+    let other_pid = other.0.id() as i32;
+    // SAFETY: plain kill of our own child.
+    unsafe { libc::kill(other_pid, libc::SIGSTOP) };
+    wait_for(10, "sleep to stop", || {
+        proc_state(other_pid).is_some_and(|s| s.0 == 'T')
+    });
+    let stranger = run(&[
+        "send",
+        "--resume",
+        &token,
+        "--pid",
+        &other_pid.to_string(),
+        "--to",
+        &recv.addr(),
+    ]);
+    assert!(!stranger.status.success());
+    assert!(
+        text(&stranger.stderr).contains("this paused migration is of process"),
+        "{}",
+        text(&stranger.stderr)
+    );
     let r = run(&[
         "send",
         "--resume",

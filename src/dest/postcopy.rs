@@ -111,6 +111,9 @@ pub struct Link<'a> {
 pub struct Recovery<'a> {
     pub listener: &'a crate::protocol::transport::Listener,
     pub token: u64,
+    /// The source process of this migration: a resuming sender must serve
+    /// that one.
+    pub source_pid: u32,
     pub tls: Option<&'a crate::protocol::tls::TlsServer>,
     pub wait: Duration,
     /// The command that resumes it, for the message.
@@ -318,17 +321,46 @@ fn recover(
     cancel: &AtomicBool,
 ) -> Result<(Reader, Writer, Closer), String> {
     let token = rec.token;
-    let is_it = |c: &Control| matches!(c, Control::Resume { token: t } if *t == token);
+    let pid = std::cell::Cell::new(0u32);
+    let is_it = |c: &Control| match c {
+        Control::Resume { token: t, pid: p } if *t == token => {
+            pid.set(*p);
+            true
+        }
+        _ => false,
+    };
     let deadline = Instant::now() + rec.wait;
-    let (reader, mut writer, closer) =
-        super::gate::accept_tagged(rec.listener, deadline, timeout, rec.tls, cancel, is_it)
-            .map_err(|e| match e {
-                super::gate::Tagged::Cancelled => "cancelled by signal while paused".to_string(),
-                super::gate::Tagged::Failed(e) => format!(
-                    "no source resumed post-copy within --recover-timeout {} ({e})",
-                    crate::units::human_duration(rec.wait)
-                ),
-            })?;
+    let (reader, mut writer, closer) = loop {
+        let (r, mut w, c) =
+            super::gate::accept_tagged(rec.listener, deadline, timeout, rec.tls, cancel, is_it)
+                .map_err(|e| match e {
+                    super::gate::Tagged::Cancelled => {
+                        "cancelled by signal while paused".to_string()
+                    }
+                    super::gate::Tagged::Failed(e) => format!(
+                        "no source resumed post-copy within --recover-timeout {} ({e})",
+                        crate::units::human_duration(rec.wait)
+                    ),
+                })?;
+        if pid.get() == rec.source_pid {
+            break (r, w, c);
+        }
+        // The right token with another process would fill the restored
+        // process with a stranger's memory.
+        let message = format!(
+            "this paused migration is of process {} on the source, not {}",
+            rec.source_pid,
+            pid.get()
+        );
+        eprintln!("procmig recv: refused a resuming source: {message}");
+        let _ = protocol::write_control(
+            &mut w,
+            &Control::Error {
+                code: protocol::error_code::FAILED,
+                message,
+            },
+        );
+    };
     let ps = regions.page_size;
     let pages: BTreeSet<u64> = shared.lock().expect("not poisoned").image.clone();
     let send = |w: &mut Writer, c: &Control| {

@@ -770,6 +770,7 @@ impl<'a> Session<'a> {
                     Some(listener) if self.token != 0 => Some(super::postcopy::Recovery {
                         listener,
                         token: self.token,
+                        source_pid: self.source.pid,
                         tls: self.cfg.tls.as_ref(),
                         wait: self.cfg.recover_timeout,
                         hint: format!(

@@ -289,6 +289,8 @@ pub enum Control {
     /// [`Kind::Resume`]).
     Resume {
         token: u64,
+        /// The stopped source process the resuming sender serves.
+        pid: u32,
     },
     /// Every page is applied and the totals match; the image is being
     /// committed. Ends the downtime.
@@ -396,8 +398,11 @@ impl Control {
             Control::PostcopyDone { pages } => {
                 p.u64(*pages);
             }
-            Control::Channel { token } | Control::Resume { token } => {
+            Control::Channel { token } => {
                 p.u64(*token);
+            }
+            Control::Resume { token, pid } => {
+                p.u64(*token).u32(*pid);
             }
             Control::Ack(a) => {
                 p.u64(a.normal_pages)
@@ -511,7 +516,10 @@ impl Control {
             },
             Kind::PostcopyDone => Control::PostcopyDone { pages: g.u64()? },
             Kind::Channel => Control::Channel { token: g.u64()? },
-            Kind::Resume => Control::Resume { token: g.u64()? },
+            Kind::Resume => Control::Resume {
+                token: g.u64()?,
+                pid: g.u32()?,
+            },
             Kind::Ack => Control::Ack(AckInfo {
                 normal_pages: g.u64()?,
                 zero_pages: g.u64()?,
@@ -875,7 +883,10 @@ mod tests {
         });
         roundtrip(Control::PostcopyDone { pages: 99 });
         roundtrip(Control::Channel { token: 0xfeed });
-        roundtrip(Control::Resume { token: 0xbeef });
+        roundtrip(Control::Resume {
+            token: 0xbeef,
+            pid: 1234,
+        });
         // Welcome: the token is there in version 4, absent before.
         for token in [0, 7] {
             roundtrip(Control::Welcome(Welcome {

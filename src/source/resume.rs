@@ -86,8 +86,11 @@ pub fn resume(cfg: &SendConfig, token: u64) -> Result<ResumeReport, SendError> {
         to: cfg.to.clone(),
         reason: e,
     };
-    protocol::write_control(&mut writer, &Control::Resume { token })
-        .map_err(|e| fail(e.to_string()))?;
+    let resume = Control::Resume {
+        token,
+        pid: pid as u32,
+    };
+    protocol::write_control(&mut writer, &resume).map_err(|e| fail(e.to_string()))?;
     reader.set_deadline(Some(Instant::now() + cfg.timeout));
     let missing = read_missing(&mut reader).map_err(fail)?;
     reader.set_deadline(None);
