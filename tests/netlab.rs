@@ -394,12 +394,7 @@ fn post_copy_paused_by_a_dead_link_is_resumed_over_a_new_connection() {
     assert!(paused.is_some(), "the receiver did not pause");
     assert_running(restored);
     assert!(!img.exists());
-    let token = serr
-        .split("--resume ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no resume command in: {serr}"))
-        .to_string();
+    let token = resume_token(&serr);
     lab.link(true);
     let r = lab
         .procmig(

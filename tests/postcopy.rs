@@ -444,12 +444,7 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
     let out = sender.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
-    let token = err
-        .split("--resume ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no resume command in: {err}"))
-        .to_string();
+    let token = resume_token(&err);
     // Paused: the restored copy runs on, nothing is committed, the source
     // is stopped with all of its memory.
     assert_running(restored);

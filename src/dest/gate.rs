@@ -200,7 +200,7 @@ pub fn accept_channel(
     let deadline = Instant::now() + timeout;
     let is_it = |c: &Control| matches!(c, Control::Channel { token: t } if *t == token);
     accept_tagged(listener, deadline, timeout, tls, cancel, is_it)
-        .map(|(reader, _, closer)| (reader, closer))
+        .map(|(reader, _, closer, _)| (reader, closer))
         .map_err(|e| match e {
             Tagged::Cancelled => "cancelled by signal".into(),
             Tagged::Failed(e) => format!("the source's preempt channel did not come: {e}"),
@@ -214,8 +214,9 @@ pub enum Tagged {
 }
 
 /// The first connection before `deadline` whose first frame `is_it`
-/// accepts (a preempt channel, a resuming source); `timeout` for its
-/// liveness and TLS. Other clients arriving meanwhile are told "busy".
+/// accepts (a preempt channel, a resuming source), with that frame;
+/// `timeout` for its liveness and TLS. Other clients arriving meanwhile
+/// are told "busy".
 pub fn accept_tagged(
     listener: &transport::Listener,
     deadline: Instant,
@@ -223,7 +224,7 @@ pub fn accept_tagged(
     tls: Option<&TlsServer>,
     cancel: &AtomicBool,
     is_it: impl Fn(&Control) -> bool,
-) -> Result<(Reader, Writer, Closer), Tagged> {
+) -> Result<(Reader, Writer, Closer, Control), Tagged> {
     loop {
         let conn = match listener.accept(cancel, Some(deadline)) {
             Ok(Some(c)) => c,
@@ -247,7 +248,7 @@ pub fn accept_tagged(
         match protocol::read_control(&mut reader) {
             Ok(c) if is_it(&c) => {
                 reader.set_deadline(None);
-                return Ok((reader, writer, closer));
+                return Ok((reader, writer, closer, c));
             }
             other => {
                 let why = match other {

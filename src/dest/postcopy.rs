@@ -321,17 +321,10 @@ fn recover(
     cancel: &AtomicBool,
 ) -> Result<(Reader, Writer, Closer), String> {
     let token = rec.token;
-    let pid = std::cell::Cell::new(0u32);
-    let is_it = |c: &Control| match c {
-        Control::Resume { token: t, pid: p } if *t == token => {
-            pid.set(*p);
-            true
-        }
-        _ => false,
-    };
+    let is_it = |c: &Control| matches!(c, Control::Resume { token: t, .. } if *t == token);
     let deadline = Instant::now() + rec.wait;
     let (reader, mut writer, closer) = loop {
-        let (r, mut w, c) =
+        let (r, mut w, c, frame) =
             super::gate::accept_tagged(rec.listener, deadline, timeout, rec.tls, cancel, is_it)
                 .map_err(|e| match e {
                     super::gate::Tagged::Cancelled => {
@@ -342,15 +335,18 @@ fn recover(
                         crate::units::human_duration(rec.wait)
                     ),
                 })?;
-        if pid.get() == rec.source_pid {
+        // `is_it` let only a Resume through.
+        let Control::Resume { pid, .. } = frame else {
+            continue;
+        };
+        if pid == rec.source_pid {
             break (r, w, c);
         }
         // The right token with another process would fill the restored
         // process with a stranger's memory.
         let message = format!(
             "this paused migration is of process {} on the source, not {}",
-            rec.source_pid,
-            pid.get()
+            rec.source_pid, pid
         );
         eprintln!("procmig recv: refused a resuming source: {message}");
         let _ = protocol::write_control(

@@ -692,8 +692,7 @@ impl<'a> Session<'a> {
                 })
                 .collect();
             if let Err(e) = shell.drop_pages(&ranges) {
-                self.shell = None;
-                self.shell_note = Some(format!("not built during pre-copy: {e}"));
+                self.drop_shell(e);
             }
         }
         Ok(())
@@ -922,9 +921,15 @@ impl<'a> Session<'a> {
             }
         };
         if let Err(e) = r {
-            self.shell = None;
-            self.shell_note = Some(format!("not built during pre-copy: {e}"));
+            self.drop_shell(e);
         }
+    }
+
+    /// The shell cannot serve: kill it (it never ran) and say why in the
+    /// restore's notes; the restore builds the process from the image.
+    fn drop_shell(&mut self, why: String) {
+        self.shell = None;
+        self.shell_note = Some(format!("not built during pre-copy: {why}"));
     }
 
     /// Check a run list against the region table and this round's map.

@@ -584,14 +584,7 @@ pub(super) fn shift_kernel_mappings(
     if delta == 0 {
         return Ok(());
     }
-    let kernel = |c: &Child| -> Result<Vec<(u64, u64)>, String> {
-        Ok(child_maps(c.pid)?
-            .into_iter()
-            .filter(|(_, _, n)| is_kernel_name(n))
-            .map(|(a, b, _)| (a, b))
-            .collect())
-    };
-    let mine = kernel(c)?;
+    let mine = kernel_ranges(c.pid)?;
     let (Some(&(lo, _)), Some(&(_, hi))) = (mine.first(), mine.last()) else {
         return Ok(());
     };
@@ -604,7 +597,7 @@ pub(super) fn shift_kernel_mappings(
     };
     let pid = c.pid;
     for via in vias {
-        for (a, b) in kernel(c)? {
+        for (a, b) in kernel_ranges(c.pid)? {
             let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
             c.call(
                 pid,
@@ -615,6 +608,15 @@ pub(super) fn shift_kernel_mappings(
         }
     }
     Ok(())
+}
+
+/// Where the child's vDSO and vvar pages are, in order.
+pub(super) fn kernel_ranges(pid: i32) -> Result<Vec<(u64, u64)>, String> {
+    Ok(child_maps(pid)?
+        .into_iter()
+        .filter(|(_, _, n)| is_kernel_name(n))
+        .map(|(a, b, _)| (a, b))
+        .collect())
 }
 
 fn is_kernel_name(n: &str) -> bool {

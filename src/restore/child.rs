@@ -217,8 +217,23 @@ impl Child {
 
     /// As [`Child::call`], the raw result.
     pub fn call_raw(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64, String> {
-        let t = Pid::from_raw(tid);
         let regs = syscall_regs(self.template, self.code, nr, args);
+        let after = self.run_to_trap(tid, regs)?;
+        if after.rip != self.code + 3 {
+            return Err(format!("injected call trapped at {:#x}", after.rip));
+        }
+        Ok(after.rax as i64)
+    }
+
+    /// Let thread `tid` run from `regs` until it traps (the int3 after
+    /// the injected code); threads it clones meanwhile are recorded.
+    /// Returns its registers then.
+    fn run_to_trap(
+        &mut self,
+        tid: i32,
+        regs: libc::user_regs_struct,
+    ) -> Result<libc::user_regs_struct, String> {
+        let t = Pid::from_raw(tid);
         ptrace::setregs(t, regs).map_err(perr("setregs"))?;
         ptrace::cont(t, None).map_err(perr("cont"))?;
         loop {
@@ -239,11 +254,7 @@ impl Child {
                 Err(e) => return Err(perr("wait")(e)),
             }
         }
-        let after = ptrace::getregs(t).map_err(perr("getregs"))?;
-        if after.rip != self.code + 3 {
-            return Err(format!("injected call trapped at {:#x}", after.rip));
-        }
-        Ok(after.rax as i64)
+        ptrace::getregs(t).map_err(perr("getregs"))
     }
 
     /// madvise(`advice`) over `count` (start, len) pairs of u64 at `list`
@@ -255,28 +266,12 @@ impl Child {
         }
         let at = self.code + MADVISE_EACH_AT;
         self.write(at, &MADVISE_EACH)?;
-        let t = Pid::from_raw(self.pid);
         let mut regs = self.template;
         regs.rip = at;
         regs.rbx = list;
         regs.r12 = count as u64;
         regs.r13 = advice as u64;
-        ptrace::setregs(t, regs).map_err(perr("setregs"))?;
-        ptrace::cont(t, None).map_err(perr("cont"))?;
-        loop {
-            match waitpid(t, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) => break,
-                Ok(WaitStatus::Stopped(_, sig)) => {
-                    return Err(format!("the restored process got {sig} in madvise"))
-                }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
-                    return Err("the restored process died while being built".into())
-                }
-                Err(nix::errno::Errno::EINTR) | Ok(_) => {}
-                Err(e) => return Err(perr("wait")(e)),
-            }
-        }
-        let after = ptrace::getregs(t).map_err(perr("getregs"))?;
+        let after = self.run_to_trap(self.pid, regs)?;
         if after.rip != at + MADVISE_EACH.len() as u64 {
             return Err(format!("the madvise loop trapped at {:#x}", after.rip));
         }

@@ -22,7 +22,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::build::{child_maps, free_range_among, shift_kernel_mappings, strip};
+use super::build::{free_range_among, kernel_ranges, shift_kernel_mappings, strip};
 use super::child::Child;
 use super::state::ProcessState;
 use crate::protocol::{RegionEntry, PROT_SHARED};
@@ -160,11 +160,7 @@ impl Shell {
         .map_err(|e| format!("prctl(PR_SET_THP_DISABLE): {e}"))?;
         // The vDSO goes just below the code page, out of the regions' way;
         // the restore moves it to the process's old place.
-        let kernel: Vec<(u64, u64)> = child_maps(c.pid)?
-            .into_iter()
-            .filter(|(_, _, n)| n.starts_with("[vdso") || n.starts_with("[vvar"))
-            .map(|(a, b, _)| (a, b))
-            .collect();
+        let kernel = kernel_ranges(c.pid)?;
         if let (Some(&(lo, _)), Some(&(_, hi))) = (kernel.first(), kernel.last()) {
             let mut away = used.clone();
             away.push((code, code + CODE_LEN));
@@ -199,12 +195,8 @@ impl Shell {
             .c
             .as_mut()
             .expect("a shell holds its child until taken");
-        let kernel: Vec<(u64, u64)> = child_maps(c.pid)?
-            .into_iter()
-            .filter(|(_, _, n)| n.starts_with("[vdso") || n.starts_with("[vvar"))
-            .map(|(a, b, _)| (a, b))
-            .chain([(self.code, self.code + CODE_LEN)])
-            .collect();
+        let mut kernel = kernel_ranges(c.pid)?;
+        kernel.push((self.code, self.code + CODE_LEN));
         for e in table.iter().filter(|e| wants(e)) {
             if kernel.iter().any(|&(a, b)| a < e.end && e.start < b) {
                 return Err(format!(

@@ -613,3 +613,14 @@ pub fn wait_for_child_running(recv_pid: i32) -> i32 {
     });
     child().unwrap()
 }
+
+/// The token in the `procmig send --resume TOKEN ...` command a sender
+/// prints when post-copy breaks.
+pub fn resume_token(stderr: &str) -> String {
+    stderr
+        .split("--resume ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no resume command in: {stderr}"))
+        .to_string()
+}
