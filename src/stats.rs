@@ -228,6 +228,9 @@ pub struct PostcopyReport {
     pub pauses: u32,
     /// Time spent paused, waiting for a source to resume.
     pub paused_ms: f64,
+    /// Children the process forked while pages were missing, each served
+    /// through its own userfaultfd (UFFD_EVENT_FORK).
+    pub forked: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -267,6 +270,7 @@ impl PostcopyReport {
             to_last_page_ms: took.as_secs_f64() * 1000.0,
             pauses: 0,
             paused_ms: 0.0,
+            forked: 0,
         }
     }
 }
@@ -285,6 +289,13 @@ impl fmt::Display for PostcopyReport {
             self.blocked_ms,
             self.to_last_page_ms
         )?;
+        if self.forked > 0 {
+            writeln!(
+                f,
+                "postcopy: {} child(ren) forked while pages were missing, served too",
+                self.forked
+            )?;
+        }
         if self.pauses > 0 {
             writeln!(
                 f,

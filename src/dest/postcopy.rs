@@ -262,6 +262,7 @@ pub fn run(
         PostcopyReport::new(pages, m.latencies_us.clone(), m.zero_filled, t0.elapsed());
     report.pauses = pauses;
     report.paused_ms = paused.as_secs_f64() * 1000.0;
+    report.forked = m.next_id - 1;
     Ok(report)
 }
 
