@@ -207,8 +207,8 @@ mod tests {
     #[test]
     fn events_are_parsed_by_kind() {
         let mut fds = [0; 2];
-        // SAFETY: a pipe of our own.
         assert_eq!(
+            // SAFETY: a pipe of our own.
             unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
             0
         );
