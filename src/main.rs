@@ -64,6 +64,12 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         qmp: PathBuf,
     },
+    /// Pause a running post-copy on purpose (QMP migrate-pause): the link is shut, the destination waits, the sender exits with the command that resumes it.
+    Pause {
+        /// Either side's control socket (`send --qmp PATH` or `recv --qmp PATH`).
+        #[arg(long, value_name = "PATH")]
+        qmp: PathBuf,
+    },
     /// Change a running migration's parameters (QMP migrate-set-parameters).
     Set {
         /// The migration's control socket (`send --qmp PATH`).
@@ -182,11 +188,14 @@ struct SendArgs {
 #[derive(Args)]
 struct RecvArgs {
     /// Address to listen on: PORT (loopback only) or ADDR:PORT, e.g. 0.0.0.0:4444 for every interface (port 0 picks a free port).
-    #[arg(long, value_name = "[ADDR:]PORT")]
-    listen: String,
+    #[arg(long, value_name = "[ADDR:]PORT", required_unless_present = "recover")]
+    listen: Option<String>,
     /// Image directory to create.
-    #[arg(long, value_name = "DIR")]
-    out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "recover")]
+    out: Option<PathBuf>,
+    /// Not a receiver: tell the receiver whose control socket is --qmp, its post-copy paused, to wait for the resuming source on this address too (QMP migrate-recover), and exit.
+    #[arg(long, value_name = "[ADDR:]PORT", requires = "qmp", conflicts_with_all = ["listen", "out", "restore"])]
+    recover: Option<String>,
     /// Decompression worker threads.
     #[arg(long, value_name = "N", default_value_t = dest::DEFAULT_DECOMPRESS_THREADS)]
     decompress_threads: usize,
@@ -217,7 +226,7 @@ struct RecvArgs {
     /// With --restore: when post-copy's link breaks, keep the restored process and wait this long on the listening address for `procmig send --resume` (QEMU: postcopy-paused, migrate-recover); 0: kill it at once.
     #[arg(long, value_name = "TIME", default_value = "120s", value_parser = parse_duration)]
     recover_timeout: Duration,
-    /// Serve QMP on this Unix socket while receiving (query-migrate, query-status, migrate_cancel, MIGRATION events).
+    /// Serve QMP on this Unix socket while receiving (query-migrate, query-status, migrate_cancel, migrate-pause, migrate-recover, MIGRATION events).
     #[arg(long, value_name = "PATH")]
     qmp: Option<PathBuf>,
     /// TLS 1.3: directory with server-cert.pem, server-key.pem and ca-cert.pem (QEMU's tls-creds-x509 layout); plain clients are refused.
@@ -435,12 +444,23 @@ fn parse_token(s: &str) -> Result<u64, String> {
 }
 
 fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
+    if let (Some(addr), Some(qmp)) = (&a.recover, &a.qmp) {
+        return control(qmp, |c| {
+            let r = c.execute("migrate-recover", serde_json::json!({"uri": addr}))?;
+            let at = r["uri"].as_str().unwrap_or(addr);
+            println!("the receiver waits for the resuming source on {at} too");
+            Ok(())
+        });
+    }
+    let (Some(listen), Some(out)) = (a.listen, a.out) else {
+        anyhow::bail!("--listen and --out are needed");
+    };
     if a.decompress_threads == 0 || a.decompress_threads > 255 {
         anyhow::bail!("--decompress-threads must be 1..=255");
     }
     let cfg = RecvConfig {
-        listen: a.listen,
-        out: a.out,
+        listen,
+        out,
         decompress_threads: a.decompress_threads,
         force: a.force,
         progress: Display::choose(std::io::stderr().is_terminal(), a.progress),
@@ -744,6 +764,10 @@ fn main() -> ExitCode {
                 print_status(&r);
             }
             Ok(())
+        }),
+        Command::Pause { qmp } => control(&qmp, |c| {
+            c.execute("migrate-pause", serde_json::json!({}))
+                .map(|_| ())
         }),
         Command::Cancel { qmp } => control(&qmp, |c| {
             c.execute("migrate_cancel", serde_json::json!({}))

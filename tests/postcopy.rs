@@ -514,3 +514,133 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
     std::thread::sleep(Duration::from_millis(300));
     agent_checks_out(restored, &dir);
 }
+
+/// QMP migrate-pause and migrate-recover (`procmig pause`, `procmig recv
+/// --recover`): paused on purpose from the source's control socket, the
+/// destination told to wait on a second address, resumed there; paused
+/// again from the destination's socket, resumed again: every page arrives
+/// once and the agent checks out.
+#[test]
+fn migrate_pause_and_recover_on_another_address() {
+    if !can_restore("post-copy, migrate-pause and migrate-recover") {
+        return;
+    }
+    let dir = TempDir::new("postcopy-qmp-pause");
+    let (dsock, ssock) = (dir.join("dest.sock"), dir.join("src.sock"));
+    let agent = Agent::start(&["--size", "32M", "--dirty-rate", "20000"]);
+    let recv = Recv::start(
+        &dir.join("img"),
+        &[
+            "--restore",
+            "--json",
+            "--recover-timeout",
+            "60s",
+            "--qmp",
+            dsock.to_str().unwrap(),
+        ],
+    );
+    let recv_pid = recv.child.id() as i32;
+    let pid = agent.pid.to_string();
+    let status = |sock: &Path| -> String {
+        let o = run(&["status", "--json", "--qmp", sock.to_str().unwrap()]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["status"].as_str().unwrap_or("").to_string()
+    };
+    // Not paused yet: nothing to recover, and a receiver is not paused
+    // before post-copy either.
+    let early = run(&["pause", "--qmp", dsock.to_str().unwrap()]);
+    assert!(!early.status.success());
+    assert!(
+        text(&early.stderr).contains("migrate-pause pauses post-copy"),
+        "{}",
+        text(&early.stderr)
+    );
+    // No bulk copy, uncompressed at 2 MB/s: post-copy lasts many seconds.
+    let sender = Command::new(procmig())
+        .args(["send", "--pid", &pid, "--to", &recv.addr()])
+        .args(["--postcopy-after", "start", "--compress", "none"])
+        .args(["--max-bandwidth", "2M", "--qmp", ssock.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let restored = wait_for_child_running(recv_pid);
+    let _killed_at_the_end = Pid(restored);
+    wait_for(30, "post-copy on both sides", || {
+        status(&ssock) == "postcopy-active" && status(&dsock) == "postcopy-active"
+    });
+    let not_yet = run(&[
+        "recv",
+        "--recover",
+        "127.0.0.1:0",
+        "--qmp",
+        dsock.to_str().unwrap(),
+    ]);
+    assert!(!not_yet.status.success());
+    assert!(
+        text(&not_yet.stderr).contains("needs a paused post-copy"),
+        "{}",
+        text(&not_yet.stderr)
+    );
+    let p = run(&["pause", "--qmp", ssock.to_str().unwrap()]);
+    assert!(p.status.success(), "{}", text(&p.stderr));
+    let out = sender.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("paused by migrate-pause"), "{err}");
+    let token = resume_token(&err);
+    wait_for(10, "the destination to pause", || {
+        status(&dsock) == "postcopy-paused"
+    });
+    assert_running(restored);
+    // A second address to wait on (QEMU: migrate-recover).
+    let r = run(&[
+        "recv",
+        "--recover",
+        "127.0.0.1:0",
+        "--qmp",
+        dsock.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let second = text(&r.stdout)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("tcp:").map(str::to_string))
+        .unwrap_or_else(|| panic!("no address in {:?}", text(&r.stdout)));
+    assert_ne!(second, recv.addr());
+    let resume = |to: &str| {
+        Command::new(procmig())
+            .args([
+                "send", "--resume", &token, "--pid", &pid, "--to", to, "--json",
+            ])
+            .args(["--compress", "none", "--max-bandwidth", "2M"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let first = resume(&second);
+    wait_for(30, "the destination to go on", || {
+        status(&dsock) == "postcopy-active"
+    });
+    // Paused again, from the destination's side this time.
+    let p = run(&["pause", "--qmp", dsock.to_str().unwrap()]);
+    assert!(p.status.success(), "{}", text(&p.stderr));
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    wait_for(10, "the destination to pause again", || {
+        status(&dsock) == "postcopy-paused"
+    });
+    let last = run(&[
+        "send", "--resume", &token, "--pid", &pid, "--to", &second, "--json",
+    ]);
+    assert!(last.status.success(), "{}", text(&last.stderr));
+    let (ok, rout, rerr) = recv.wait();
+    assert!(ok, "{rout}{rerr}");
+    assert!(rerr.contains("paused by migrate-pause"), "{rerr}");
+    let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
+    assert_eq!(rj["postcopy"]["pauses"], 2, "{rj}");
+    let (ok, v) = agent_verify(&dir.join("img"));
+    assert!(ok, "image after two resumes: {v}");
+    std::thread::sleep(Duration::from_millis(300));
+    agent_checks_out(restored, &dir);
+}

@@ -1,15 +1,18 @@
 //! The receiving side of the control socket (`recv --qmp PATH`): what
 //! QEMU's destination answers (`query-migrate` with its status and the
-//! bytes received, `query-status`, `migrate_cancel`), from a
-//! [`RecvHandle`] the receiver keeps up to date.
+//! bytes received, `query-status`, `migrate_cancel`, and in post-copy
+//! `migrate-pause` and `migrate-recover`), from a [`RecvHandle`] the
+//! receiver keeps up to date.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
 use super::Controlled;
+use crate::dest::postcopy::Pausable;
+use crate::protocol::transport::{Closer, Listener};
 use crate::stats::Counters;
 
 /// Where a receiver is, with QEMU's incoming names.
@@ -60,6 +63,12 @@ pub struct RecvHandle {
     counters: Arc<Counters>,
     cancel: Arc<AtomicBool>,
     started: Instant,
+    /// Post-copy's connections while it can pause (migrate-pause).
+    link: Mutex<Vec<Closer>>,
+    /// The last break was migrate-pause.
+    pause_asked: AtomicBool,
+    /// Addresses migrate-recover added to wait on.
+    recover_on: Mutex<Vec<Listener>>,
 }
 
 impl RecvHandle {
@@ -69,6 +78,9 @@ impl RecvHandle {
             counters: Arc::new(Counters::new(0)),
             cancel,
             started: Instant::now(),
+            link: Mutex::new(Vec::new()),
+            pause_asked: AtomicBool::new(false),
+            recover_on: Mutex::new(Vec::new()),
         })
     }
 
@@ -83,6 +95,28 @@ impl RecvHandle {
     /// The counters the session adds to (bytes received and applied).
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+}
+
+impl Pausable for RecvHandle {
+    fn paused(&self, paused: bool) {
+        self.set_status(if paused {
+            RecvStatus::PostcopyPaused
+        } else {
+            RecvStatus::PostcopyActive
+        });
+    }
+
+    fn linked(&self, link: Vec<Closer>) {
+        *self.link.lock().expect("not poisoned") = link;
+    }
+
+    fn more_listeners(&self) -> Option<&Mutex<Vec<Listener>>> {
+        Some(&self.recover_on)
+    }
+
+    fn pause_asked(&self) -> bool {
+        self.pause_asked.swap(false, Relaxed)
     }
 }
 
@@ -141,5 +175,50 @@ impl Controlled for RecvHandle {
 
     fn start_postcopy(&self) -> Result<(), String> {
         Err("migrate-start-postcopy is the source's command (procmig send --qmp)".into())
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        let s = self.get_status();
+        if s != RecvStatus::PostcopyActive {
+            return Err(format!(
+                "migrate-pause pauses post-copy; this migration is {}",
+                s.as_str()
+            ));
+        }
+        let link = self.link.lock().expect("not poisoned");
+        if link.is_empty() {
+            return Err("this post-copy cannot be resumed (an older source, or --recover-timeout 0): pausing it would kill the restored process".into());
+        }
+        self.pause_asked.store(true, Relaxed);
+        for c in link.iter() {
+            c.close();
+        }
+        Ok(())
+    }
+
+    fn recover(&self, uri: &str) -> Result<String, String> {
+        let s = self.get_status();
+        if s != RecvStatus::PostcopyPaused {
+            return Err(format!(
+                "migrate-recover needs a paused post-copy; this migration is {}",
+                s.as_str()
+            ));
+        }
+        let addr = match uri.split_once(':') {
+            Some(("tcp", rest)) => rest,
+            Some((scheme, _))
+                if ["unix", "exec", "fd", "rdma", "file", "vsock"].contains(&scheme) =>
+            {
+                return Err(format!(
+                    "migrate-recover takes tcp:HOST:PORT, not a {scheme}: URI"
+                ))
+            }
+            _ => uri,
+        };
+        let addr = crate::dest::parse_listen(addr).map_err(|e| e.to_string())?;
+        let l = Listener::bind(&addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = l.local_addr().map_or(addr, |a| a.to_string());
+        self.recover_on.lock().expect("not poisoned").push(l);
+        Ok(bound)
     }
 }

@@ -23,4 +23,10 @@ pub trait Controlled: Send + Sync {
     fn set_parameters(&self, args: &Map<String, Value>) -> Result<(), String>;
     fn cancel(&self);
     fn start_postcopy(&self) -> Result<(), String>;
+    /// migrate-pause: break post-copy's link on purpose; both sides pause
+    /// (the sender exits with the command that resumes it).
+    fn pause(&self) -> Result<(), String>;
+    /// migrate-recover (the destination, paused): wait for the resuming
+    /// source on `uri` too; returns the address bound.
+    fn recover(&self, uri: &str) -> Result<String, String>;
 }

@@ -359,6 +359,8 @@ const COMMANDS: &[&str] = &[
     "migrate-set-parameters",
     "migrate_cancel",
     "migrate-start-postcopy",
+    "migrate-pause",
+    "migrate-recover",
 ];
 
 fn command(v: &Value, client: &Client, handle: &dyn Controlled) -> Value {
@@ -414,6 +416,18 @@ fn command(v: &Value, client: &Client, handle: &dyn Controlled) -> Value {
         ("migrate-start-postcopy", true) => match handle.start_postcopy() {
             Ok(()) => json!({"return": {}}),
             Err(e) => error("GenericError", e),
+        },
+        ("migrate-pause", true) => match handle.pause() {
+            Ok(()) => json!({"return": {}}),
+            Err(e) => error("GenericError", e),
+        },
+        ("migrate-recover", true) => match args.get("uri").and_then(Value::as_str) {
+            None => error("GenericError", "Parameter 'uri' is missing"),
+            // QEMU returns {}; the address bound is added (port 0 picks one).
+            Some(uri) => match handle.recover(uri) {
+                Ok(addr) => json!({"return": {"uri": format!("tcp:{addr}")}}),
+                Err(e) => error("GenericError", e),
+            },
         },
         (other, true) => error(
             "CommandNotFound",

@@ -45,6 +45,14 @@ impl Controlled for MigrationHandle {
     fn start_postcopy(&self) -> Result<(), String> {
         MigrationHandle::start_postcopy(self)
     }
+
+    fn pause(&self) -> Result<(), String> {
+        MigrationHandle::pause(self)
+    }
+
+    fn recover(&self, _uri: &str) -> Result<String, String> {
+        Err("migrate-recover is the destination's command (procmig recv --qmp); the source resumes with procmig send --resume".into())
+    }
 }
 
 fn query_status(handle: &MigrationHandle) -> Value {

@@ -199,7 +199,7 @@ pub fn accept_channel(
 ) -> Result<(Reader, Closer), String> {
     let deadline = Instant::now() + timeout;
     let is_it = |c: &Control| matches!(c, Control::Channel { token: t } if *t == token);
-    accept_tagged(listener, deadline, timeout, tls, cancel, is_it)
+    accept_tagged((listener, None), deadline, timeout, tls, cancel, is_it)
         .map(|(reader, _, closer, _)| (reader, closer))
         .map_err(|e| match e {
             Tagged::Cancelled => "cancelled by signal".into(),
@@ -216,9 +216,13 @@ pub enum Tagged {
 /// The first connection before `deadline` whose first frame `is_it`
 /// accepts (a preempt channel, a resuming source), with that frame;
 /// `timeout` for its liveness and TLS. Other clients arriving meanwhile
-/// are told "busy".
+/// are told "busy". Connections come on `listeners.0`, and on those
+/// `listeners.1` holds (migrate-recover adds them while this waits).
 pub fn accept_tagged(
-    listener: &transport::Listener,
+    listeners: (
+        &transport::Listener,
+        Option<&std::sync::Mutex<Vec<transport::Listener>>>,
+    ),
     deadline: Instant,
     timeout: Duration,
     tls: Option<&TlsServer>,
@@ -226,7 +230,8 @@ pub fn accept_tagged(
     is_it: impl Fn(&Control) -> bool,
 ) -> Result<(Reader, Writer, Closer, Control), Tagged> {
     loop {
-        let conn = match listener.accept(cancel, Some(deadline)) {
+        let accepted = transport::accept_any(&[listeners.0], listeners.1, cancel, Some(deadline));
+        let conn = match accepted {
             Ok(Some(c)) => c,
             Ok(None) => return Err(Tagged::Cancelled),
             Err(e) => return Err(Tagged::Failed(e)),

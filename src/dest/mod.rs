@@ -9,7 +9,7 @@
 //! on disk is `staging`, and `report` builds the final report.
 
 mod gate;
-mod postcopy;
+pub mod postcopy;
 mod report;
 mod session;
 mod staging;
@@ -194,7 +194,7 @@ pub struct Listener {
     staging: Staging,
 }
 
-fn parse_listen(s: &str) -> Result<String, RecvError> {
+pub(crate) fn parse_listen(s: &str) -> Result<String, RecvError> {
     // A bare port listens on loopback only: anyone who can reach the port
     // can write an image, so other interfaces must be asked for by address.
     if s.parse::<u16>().is_ok() {
@@ -272,6 +272,7 @@ impl Listener {
             staging,
         } = self;
         let a = gate::admit(&listener, &cfg, cancel)?;
+        let closer = a.closer.clone();
         let _watch = CloseOnCancel::new(cancel.clone(), a.closer);
         // Kept for the preempt channel of a post-copy migration.
         let listener = cfg.restore.is_some().then_some(listener);
@@ -279,7 +280,7 @@ impl Listener {
             h.set_status(RecvStatus::Active);
         }
         Session::new(&cfg, a.peer, a.reader, a.writer, staging, cancel)
-            .with_listener(listener)
+            .with_listener(listener, closer, cancel.clone())
             .with_handle(handle)
             .run(a.hello)
     }

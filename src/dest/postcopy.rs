@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use super::workers::Regions;
 use crate::codec::Decompressor;
-use crate::protocol::transport::{Closer, Reader, Writer};
+use crate::protocol::transport::{CloseOnCancel, Closer, Reader, Writer};
 use crate::protocol::{self, Control, Kind, ReadError, POSTCOPY_ROUND};
 use crate::stats::PostcopyReport;
 use crate::userfault::{self, Event, Filled};
@@ -110,6 +110,9 @@ pub struct Link<'a> {
 /// finishes it.
 pub struct Recovery<'a> {
     pub listener: &'a crate::protocol::transport::Listener,
+    /// The receiver's cancel flag: a resumed connection is shut when it
+    /// is set (a thread blocked reading it returns at once).
+    pub cancel: Arc<AtomicBool>,
     pub token: u64,
     /// The source process of this migration: a resuming sender must serve
     /// that one.
@@ -118,9 +121,36 @@ pub struct Recovery<'a> {
     pub wait: Duration,
     /// The command that resumes it, for the message.
     pub hint: String,
-    /// Told when post-copy pauses (true) and goes on (false).
-    pub paused: &'a (dyn Fn(bool) + Sync),
+    /// The control socket, if any: told when post-copy pauses and on
+    /// which connections it runs; may add listeners while it is paused.
+    pub control: &'a dyn Pausable,
 }
+
+/// What a control socket does with a post-copy that can pause: the
+/// receiver's QMP handle implements it (migrate-pause, migrate-recover);
+/// [`NoControl`] when there is none.
+pub trait Pausable: Sync {
+    /// Post-copy paused (true) or went on (false).
+    fn paused(&self, _paused: bool) {}
+    /// The connections post-copy runs on now, which migrate-pause shuts
+    /// (empty: none, it cannot be paused).
+    fn linked(&self, _link: Vec<Closer>) {}
+    /// Listeners added while paused (migrate-recover): a resuming source
+    /// may come on any of them too.
+    fn more_listeners(&self) -> Option<&Mutex<Vec<crate::protocol::transport::Listener>>> {
+        None
+    }
+    /// Whether the last break was asked for (migrate-pause); reading it
+    /// clears it.
+    fn pause_asked(&self) -> bool {
+        false
+    }
+}
+
+/// No control socket.
+pub struct NoControl;
+
+impl Pausable for NoControl {}
 
 /// How receiving post-copy pages stopped short.
 enum Broke {
@@ -198,7 +228,8 @@ pub fn run(
     };
     let mut pauses = 0u32;
     let mut paused = Duration::ZERO;
-    // Connections that resumed it, kept open until the end.
+    // Connections that resumed it, kept open until the end (and shut on
+    // cancel).
     let mut closers = Vec::new();
     let pages = loop {
         let r = receive_all(reader, channel.take(), &shared, regions, timeout, cancel);
@@ -210,13 +241,18 @@ pub fn run(
         let Some(rec) = recovery.as_ref().filter(|r| !r.wait.is_zero()) else {
             break Err(e);
         };
+        let e = if rec.control.pause_asked() {
+            "paused by migrate-pause".to_string()
+        } else {
+            e
+        };
         *slot.lock().expect("not poisoned") = None;
         eprintln!(
             "procmig recv: post-copy paused: {e}. The restored process runs on (a thread that needs a missing page waits); waiting {} for the source: {}",
             crate::units::human_duration(rec.wait),
             rec.hint
         );
-        (rec.paused)(true);
+        rec.control.paused(true);
         let t = Instant::now();
         let resumed = recover(rec, &shared, regions, timeout, cancel);
         paused += t.elapsed();
@@ -230,7 +266,8 @@ pub fn run(
             Ok(c) => c,
             Err(e) => break Err(format!("post-copy: {e}")),
         };
-        closers.push(closer);
+        rec.control.linked(vec![closer.clone()]);
+        closers.push(CloseOnCancel::new(rec.cancel.clone(), closer));
         // Ask again for what threads wait on, then let the fault thread
         // ask on the new connection (under its lock, so no request falls
         // in between).
@@ -248,9 +285,12 @@ pub fn run(
         }
         *guard = Some(w);
         drop(guard);
-        (rec.paused)(false);
+        rec.control.paused(false);
         eprintln!("procmig recv: post-copy resumed");
     };
+    if let Some(rec) = &recovery {
+        rec.control.linked(Vec::new());
+    }
     stop.store(true, Ordering::Relaxed);
     let fault_result = faults
         .join()
@@ -325,17 +365,21 @@ fn recover(
     let is_it = |c: &Control| matches!(c, Control::Resume { token: t, .. } if *t == token);
     let deadline = Instant::now() + rec.wait;
     let (reader, mut writer, closer) = loop {
-        let (r, mut w, c, frame) =
-            super::gate::accept_tagged(rec.listener, deadline, timeout, rec.tls, cancel, is_it)
-                .map_err(|e| match e {
-                    super::gate::Tagged::Cancelled => {
-                        "cancelled by signal while paused".to_string()
-                    }
-                    super::gate::Tagged::Failed(e) => format!(
-                        "no source resumed post-copy within --recover-timeout {} ({e})",
-                        crate::units::human_duration(rec.wait)
-                    ),
-                })?;
+        let (r, mut w, c, frame) = super::gate::accept_tagged(
+            (rec.listener, rec.control.more_listeners()),
+            deadline,
+            timeout,
+            rec.tls,
+            cancel,
+            is_it,
+        )
+        .map_err(|e| match e {
+            super::gate::Tagged::Cancelled => "cancelled by signal while paused".to_string(),
+            super::gate::Tagged::Failed(e) => format!(
+                "no source resumed post-copy within --recover-timeout {} ({e})",
+                crate::units::human_duration(rec.wait)
+            ),
+        })?;
         // `is_it` let only a Resume through.
         let Control::Resume { pid, .. } = frame else {
             continue;

@@ -214,6 +214,11 @@ pub struct Session<'a> {
     channel: Option<(Reader, Closer)>,
     /// `recv --qmp`: the control socket's view of this session.
     handle: Option<Arc<crate::control::dest::RecvHandle>>,
+    /// Shuts the main connection (migrate-pause during post-copy).
+    closer: Option<Closer>,
+    /// The cancel flag, shared: a resumed post-copy's connection is shut
+    /// when it is set, as the first one is.
+    cancel_flag: Option<Arc<AtomicBool>>,
 }
 
 impl<'a> Session<'a> {
@@ -255,6 +260,8 @@ impl<'a> Session<'a> {
             token: 0,
             channel: None,
             handle: None,
+            closer: None,
+            cancel_flag: None,
         }
     }
 
@@ -267,9 +274,18 @@ impl<'a> Session<'a> {
         self
     }
 
-    /// Keep `listener` for the preempt channel a post-copy source opens.
-    pub fn with_listener(mut self, listener: Option<crate::protocol::transport::Listener>) -> Self {
+    /// Keep `listener` for the preempt channel a post-copy source opens,
+    /// `closer` of the main connection (migrate-pause shuts it), and the
+    /// cancel flag (a resumed post-copy's connection is shut on cancel).
+    pub fn with_listener(
+        mut self,
+        listener: Option<crate::protocol::transport::Listener>,
+        closer: Closer,
+        cancel: Arc<AtomicBool>,
+    ) -> Self {
         self.listener = listener;
+        self.closer = Some(closer);
+        self.cancel_flag = Some(cancel);
         self
     }
 
@@ -754,36 +770,41 @@ impl<'a> Session<'a> {
                 if let Some(h) = &self.handle {
                     h.set_status(crate::control::dest::RecvStatus::PostcopyActive);
                 }
-                let handle = self.handle.clone();
-                let paused = move |p: bool| {
-                    if let Some(h) = &handle {
-                        use crate::control::dest::RecvStatus;
-                        h.set_status(if p {
-                            RecvStatus::PostcopyPaused
-                        } else {
-                            RecvStatus::PostcopyActive
-                        });
-                    }
+                let control: &dyn super::postcopy::Pausable = match &self.handle {
+                    Some(h) => &**h,
+                    None => &super::postcopy::NoControl,
                 };
-                let recovery = match &self.listener {
-                    Some(listener) if self.token != 0 => Some(super::postcopy::Recovery {
-                        listener,
-                        token: self.token,
-                        source_pid: self.source.pid,
-                        tls: self.cfg.tls.as_ref(),
-                        wait: self.cfg.recover_timeout,
-                        hint: format!(
-                            "procmig send --resume {:016x} --pid {} --to {}",
-                            self.token,
-                            self.source.pid,
-                            listener
-                                .local_addr()
-                                .map_or(self.cfg.listen.clone(), |a| a.to_string())
-                        ),
-                        paused: &paused,
-                    }),
+                let elsewhere = match &self.handle {
+                    Some(_) => " (or, to wait on another address: `procmig recv --recover ADDR:PORT --qmp SOCKET`, QMP migrate-recover)",
+                    None => "",
+                };
+                let recovery = match (&self.listener, &self.cancel_flag) {
+                    (Some(listener), Some(cancel)) if self.token != 0 => {
+                        Some(super::postcopy::Recovery {
+                            listener,
+                            cancel: cancel.clone(),
+                            token: self.token,
+                            source_pid: self.source.pid,
+                            tls: self.cfg.tls.as_ref(),
+                            wait: self.cfg.recover_timeout,
+                            hint: format!(
+                                "procmig send --resume {:016x} --pid {} --to {}{elsewhere}",
+                                self.token,
+                                self.source.pid,
+                                listener
+                                    .local_addr()
+                                    .map_or(self.cfg.listen.clone(), |a| a.to_string())
+                            ),
+                            control,
+                        })
+                    }
                     _ => None,
                 };
+                if recovery.as_ref().is_some_and(|r| !r.wait.is_zero()) {
+                    let mut link: Vec<Closer> = self.closer.iter().cloned().collect();
+                    link.extend(self.channel.as_ref().map(|(_, c)| c.clone()));
+                    control.linked(link);
+                }
                 let link = super::postcopy::Link {
                     reader: &mut self.reader,
                     writer: &mut self.writer,

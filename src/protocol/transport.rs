@@ -500,25 +500,53 @@ impl Listener {
         cancel: &AtomicBool,
         deadline: Option<Instant>,
     ) -> io::Result<Option<Connection>> {
+        accept_any(&[self], None, cancel, deadline)
+    }
+
+    /// A connection waiting in the backlog, if any (never blocks).
+    pub fn try_accept(&self) -> io::Result<Option<Connection>> {
         loop {
-            if cancel.load(Ordering::Relaxed) {
-                return Ok(None);
-            }
             match self.tcp.accept() {
                 Ok((tcp, _)) => return Connection::from_tcp(tcp).map(Some),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "no connection before the deadline",
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+/// [`Listener::accept`] on several listeners: `fixed`, and those `more`
+/// holds when looked at (listeners may be added while this waits).
+pub fn accept_any(
+    fixed: &[&Listener],
+    more: Option<&std::sync::Mutex<Vec<Listener>>>,
+    cancel: &AtomicBool,
+    deadline: Option<Instant>,
+) -> io::Result<Option<Connection>> {
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        for l in fixed {
+            if let Some(c) = l.try_accept()? {
+                return Ok(Some(c));
+            }
+        }
+        if let Some(more) = more {
+            for l in more.lock().expect("not poisoned").iter() {
+                if let Some(c) = l.try_accept()? {
+                    return Ok(Some(c));
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no connection before the deadline",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

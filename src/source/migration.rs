@@ -586,9 +586,20 @@ impl<'a> Migration<'a> {
             threads: self.cfg.compress_threads,
         };
         let answers = link.channel.take();
-        let (answer, served, w) = server
-            .run(reader, writer, answers, timeout)
-            .map_err(|e| broken(e.to_string()))?;
+        if link.resume_token != 0 {
+            let mut closers = vec![link.closer.clone()];
+            closers.extend(link.channel_closer.clone());
+            self.handle.set_postcopy_link(closers);
+        }
+        let served = server.run(reader, writer, answers, timeout);
+        self.handle.set_postcopy_link(Vec::new());
+        let (answer, served, w) = served.map_err(|e| {
+            if self.handle.pause_asked() {
+                broken("paused by migrate-pause".into())
+            } else {
+                broken(e.to_string())
+            }
+        })?;
         link.writer = Some(w);
         c.served = Some(served);
         Ok(answer)

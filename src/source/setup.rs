@@ -36,6 +36,8 @@ pub struct Link {
     pub channel: Option<Writer>,
     /// Closes the channel on cancel, like `watch` the main connection.
     channel_watch: Option<CloseOnCancel>,
+    /// Shuts the channel (migrate-pause).
+    pub channel_closer: Option<Closer>,
     /// The address the main connection reached.
     peer_addr: Option<String>,
     /// Closes the link on cancel; taken away at the handover, after
@@ -98,6 +100,7 @@ impl Link {
             tls_peer,
             channel: None,
             channel_watch: None,
+            channel_closer: None,
             peer_addr,
         };
         let token = link.handshake(cfg, page_size)?;
@@ -132,6 +135,7 @@ impl Link {
         let (_reader, mut writer, closer) = conn.split().map_err(|e| fail(e.to_string()))?;
         protocol::write_control(&mut writer, &Control::Channel { token })
             .map_err(|e| fail(e.to_string()))?;
+        self.channel_closer = Some(closer.clone());
         self.channel_watch = Some(CloseOnCancel::new(handle.cancel_flag().clone(), closer));
         self.channel = Some(writer);
         Ok(())
