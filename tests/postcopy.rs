@@ -503,16 +503,22 @@ fn a_broken_link_pauses_and_send_resume_finishes() {
     assert_eq!(s["restored_pid"].as_i64(), Some(restored as i64), "{s}");
     assert!(s["missing_pages"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["missing_pages"], s["pages"], "{s}");
+    resumed_and_whole(recv, &dir, restored, "post-copy paused", 1);
+}
+
+/// The end of a paused and resumed post-copy: the receiver committed,
+/// said `why` (it paused), counts `pauses`; the image is whole (every page
+/// the resumed sources sent is in it) and so is the running agent.
+fn resumed_and_whole(recv: Recv, dir: &TempDir, restored: i32, why: &str, pauses: u32) {
     let (ok, rout, rerr) = recv.wait();
     assert!(ok, "{rout}{rerr}");
-    assert!(rerr.contains("post-copy paused"), "{rerr}");
+    assert!(rerr.contains(why), "{rerr}");
     let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
-    assert_eq!(rj["postcopy"]["pauses"], 1, "{rj}");
-    // The image is whole too: every page the resumed source sent is in it.
+    assert_eq!(rj["postcopy"]["pauses"], pauses, "{rj}");
     let (ok, v) = agent_verify(&dir.join("img"));
-    assert!(ok, "image after a resumed post-copy: {v}");
+    assert!(ok, "image after {pauses} resume(s): {v}");
     std::thread::sleep(Duration::from_millis(300));
-    agent_checks_out(restored, &dir);
+    agent_checks_out(restored, dir);
 }
 
 /// QMP migrate-pause and migrate-recover (`procmig pause`, `procmig recv
@@ -634,13 +640,5 @@ fn migrate_pause_and_recover_on_another_address() {
         "send", "--resume", &token, "--pid", &pid, "--to", &second, "--json",
     ]);
     assert!(last.status.success(), "{}", text(&last.stderr));
-    let (ok, rout, rerr) = recv.wait();
-    assert!(ok, "{rout}{rerr}");
-    assert!(rerr.contains("paused by migrate-pause"), "{rerr}");
-    let rj: serde_json::Value = serde_json::from_str(&rout).unwrap();
-    assert_eq!(rj["postcopy"]["pauses"], 2, "{rj}");
-    let (ok, v) = agent_verify(&dir.join("img"));
-    assert!(ok, "image after two resumes: {v}");
-    std::thread::sleep(Duration::from_millis(300));
-    agent_checks_out(restored, &dir);
+    resumed_and_whole(recv, &dir, restored, "paused by migrate-pause", 2);
 }
