@@ -437,6 +437,11 @@ impl<'a> Session<'a> {
                 self.channel = Some((reader, closer));
             }
         }
+        if token == 0 || self.cfg.recover_timeout.is_zero() {
+            // Nothing more will be accepted (no resuming source): close
+            // the port rather than let clients wait in its backlog.
+            self.listener = None;
+        }
         self.source = Source {
             pid: hello.pid,
             comm: hello.comm,
