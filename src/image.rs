@@ -148,8 +148,39 @@ fn add_pages(h: &mut xxhash_rust::xxh3::Xxh3, first: u64, bytes: &[u8], page_siz
 pub fn digest_file(file: &File, page_size: u64) -> std::io::Result<u64> {
     use std::os::unix::fs::FileExt;
     let len = file.metadata()?.len();
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 1 << 20];
+    digest_extents(file, len, page_size, |h, at, n| {
+        file.read_exact_at(&mut buf[..n], at)?;
+        add_pages(h, at / page_size, &buf[..n], page_size as usize);
+        Ok(())
+    })
+}
+
+/// [`digest_file`] of a file whose whole length `mem` maps (the receiver's
+/// image): the same extents, hashed where they are mapped instead of read
+/// into a buffer (one copy of every byte less at the commit).
+pub fn digest_mapped(file: &File, mem: &[u8], page_size: u64) -> std::io::Result<u64> {
+    digest_extents(file, mem.len() as u64, page_size, |h, at, n| {
+        let at = at as usize;
+        add_pages(
+            h,
+            at as u64 / page_size,
+            &mem[at..at + n],
+            page_size as usize,
+        );
+        Ok(())
+    })
+}
+
+/// Walk the data extents of the first `len` bytes of `file` in whole
+/// pages, at most 1 MiB at a time: `add(h, offset, bytes)`.
+fn digest_extents(
+    file: &File,
+    len: u64,
+    page_size: u64,
+    mut add: impl FnMut(&mut xxhash_rust::xxh3::Xxh3, u64, usize) -> std::io::Result<()>,
+) -> std::io::Result<u64> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
     let mut off = 0u64;
     while off < len {
         let Some((start, end)) = data_extent(file, off, len)? else {
@@ -159,9 +190,8 @@ pub fn digest_file(file: &File, page_size: u64) -> std::io::Result<u64> {
         let mut at = start / page_size * page_size;
         let end = end.div_ceil(page_size).saturating_mul(page_size).min(len);
         while at < end {
-            let n = (buf.len() as u64).min(end - at) as usize;
-            file.read_exact_at(&mut buf[..n], at)?;
-            add_pages(&mut h, at / page_size, &buf[..n], page_size as usize);
+            let n = (1u64 << 20).min(end - at) as usize;
+            add(&mut h, at, n)?;
             at += n as u64;
         }
         off = end.max(off + 1);
@@ -341,6 +371,11 @@ mod tests {
             .unwrap();
         f.write_all_at(&vec![0u8; ps], 0).unwrap();
         assert_eq!(digest_file(&f, ps as u64).unwrap(), d);
+        // Hashed where it is mapped (the receiver's commit): the same.
+        let m = memmap2::MmapRaw::map_raw(&f).unwrap();
+        // SAFETY: the mapping covers the file; nothing writes it now.
+        let mem = unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) };
+        assert_eq!(digest_mapped(&f, mem, ps as u64).unwrap(), d);
         // A page that moved changes it.
         let mut moved = vec![0u8; 8 * ps];
         moved[2 * ps + 5] = 7;

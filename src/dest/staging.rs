@@ -270,7 +270,17 @@ impl Staging {
         }
         // Only the data extents are read: a region declared huge but sent
         // few pages costs what was sent.
-        let digest = image::digest_file(&r.file, page_size).map_err(write_err(&path))?;
+        let digest = match &r.map {
+            // SAFETY: the mapping covers the whole file and nothing writes
+            // it any more (the workers are finished before the commit).
+            Some(m) => image::digest_mapped(
+                &r.file,
+                unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) },
+                page_size,
+            ),
+            None => image::digest_file(&r.file, page_size),
+        }
+        .map_err(write_err(&path))?;
         Ok(RegionRecord {
             start: r.entry.start,
             end: r.entry.end,
