@@ -62,6 +62,19 @@ impl RegionFile {
         self.entry.end - self.entry.start
     }
 
+    /// Make `[at, at+len)` of the mapping present and writable in one
+    /// call (MADV_POPULATE_WRITE) before it is written, instead of one
+    /// page fault per page: on tmpfs (/dev/shm) it cut the receiver's CPU
+    /// by about a quarter (docs/benchmarks.md); on ext4 it changed
+    /// nothing measurable. Best effort: a kernel without it (before 5.14)
+    /// or a failure leaves the faults to the copy, as before.
+    pub fn populate(&self, at: usize, len: usize) {
+        debug_assert!((at + len) as u64 <= self.len());
+        // SAFETY: the range lies inside our own mapping (the caller's
+        // check); populating changes no byte of it.
+        unsafe { libc::madvise(self.ptr().add(at).cast(), len, libc::MADV_POPULATE_WRITE) };
+    }
+
     fn map(file: &File, len: u64) -> std::io::Result<Option<MmapRaw>> {
         if len == 0 {
             return Ok(None);

@@ -251,6 +251,10 @@ impl Worker {
     }
 }
 
+/// Runs at least this long are populated in one call before the copy
+/// (one fault per page otherwise).
+const POPULATE_AHEAD: u32 = 16;
+
 fn apply(
     regions: &Regions,
     d: &mut Decompressor,
@@ -293,6 +297,9 @@ fn apply(
     for run in &h.runs {
         let len = run.count as usize * ps;
         let at = run.first as usize * ps;
+        if run.count >= POPULATE_AHEAD {
+            rf.populate(at, len);
+        }
         // The dispatcher checked that the run lies inside the region.
         debug_assert!(at + len <= rf.len() as usize);
         // SAFETY: [at, at+len) lies inside the mapping (checked by the
