@@ -355,3 +355,51 @@ fn progress_lines_for_logs_never_pass_100_percent() {
         "{rerr}"
     );
 }
+
+/// A 1 GiB private anonymous region with one page written: the bulk copy
+/// reads its populated pages, not its size. (With uffd-wp tracking armed
+/// first, the never-touched pages carry markers that pagemap shows as
+/// swapped; they were read and sent as 262 k zero pages.) The image still
+/// matches the process page for page.
+#[test]
+fn a_sparse_region_costs_its_populated_pages() {
+    if !have("python3", "sparse region") {
+        return;
+    }
+    let dir = TempDir::new("sparse");
+    let script = "import mmap, sys, time\n\
+                  m = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n\
+                  m[4096 * 1000] = 7\n\
+                  print('ready', flush=True)\n\
+                  time.sleep(300)\n";
+    let mut child = spawn_clean(
+        std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let pid = child.id() as i32;
+    let _kill = Kill(child);
+    let recv = Recv::start(&dir.join("img"), &[]);
+    let out = send(pid, &recv, &["--json", "--on-complete", "stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (ok, _, err) = recv.wait();
+    assert!(ok, "{err}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // python itself has a few thousand pages; the region alone 262144.
+    let zero = s["duplicate"].as_u64().unwrap();
+    let normal = s["normal"].as_u64().unwrap();
+    assert!(
+        zero + normal < 50_000,
+        "{zero} zero and {normal} normal pages sent: {s}"
+    );
+    let v = verify(pid, &dir.join("img"));
+    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
+}

@@ -314,7 +314,7 @@ impl<'a> Migration<'a> {
         for (i, t) in c.state.list.iter().enumerate() {
             let mut whole = Vec::new();
             crate::pages::push_run(&mut whole, 0, t.region.len() / ps);
-            let (runs, _) = c.state.populated(&c.pagemap, i, &whole)?;
+            let (runs, _) = c.state.populated(&c.pagemap, i, &whole, true)?;
             for r in runs {
                 carried.push(t.region.start, r);
             }
@@ -934,7 +934,7 @@ impl<'a> Migration<'a> {
             region: region as u32,
         };
         for (i, runs) in plan.per_region() {
-            let (runs, skipped) = c.state.populated(&c.pagemap, i, &runs)?;
+            let (runs, skipped) = c.state.populated(&c.pagemap, i, &runs, facts.round == 0)?;
             Counters::add(&counters.skipped_pages, skipped);
             let region = c.state.list[i].region.clone();
             let mut src = PageSource {

@@ -5,7 +5,7 @@
 use super::SendError;
 use crate::dirty::Dirty;
 use crate::pages::{push_run, union, PageSet, Run};
-use crate::process::{Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
+use crate::process::{holds_data, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::RegionEntry;
 
 /// One region and the pages the receiver may hold data for.
@@ -139,13 +139,18 @@ impl RegionState {
 
     /// The pages of `runs` in region `i` that hold data: for private
     /// anonymous memory those present or swapped; elsewhere all (absent
-    /// pages of file or shared mappings still have contents). Returns the
-    /// populated runs and the number of pages skipped.
+    /// pages of file or shared mappings still have contents). In the
+    /// `first` round (nothing sent yet) a uffd-wp marker on a page never
+    /// populated holds nothing either, so a sparse region costs its
+    /// populated pages, not its size; later, a marker may stand for a page
+    /// dropped since it was sent, which must go again (as zeros), so it
+    /// counts. Returns the populated runs and the number of pages skipped.
     pub fn populated(
         &self,
         pagemap: &Pagemap,
         i: usize,
         runs: &[Run],
+        first: bool,
     ) -> Result<(Vec<Run>, u64), SendError> {
         let t = &self.list[i];
         if t.region.kind != RegionKind::PrivateAnon {
@@ -162,7 +167,12 @@ impl RegionState {
                 let n = (end - p).min(SCAN as u64) as usize;
                 pagemap.read(t.region.start + p * ps, &mut entries[..n])?;
                 for (j, e) in entries[..n].iter().enumerate() {
-                    if e & (PM_PRESENT | PM_SWAPPED) != 0 {
+                    let data = if first {
+                        holds_data(*e)
+                    } else {
+                        e & (PM_PRESENT | PM_SWAPPED) != 0
+                    };
+                    if data {
                         push_run(&mut out, p + j as u64, 1);
                     } else {
                         skipped += 1;
@@ -266,24 +276,54 @@ impl RoundPlan {
         (RoundPlan { runs: a }, RoundPlan { runs: b })
     }
 
-    /// This plan without the pages `drop` (region index, run).
+    /// This plan without the pages `drop` (region index, run): one pass
+    /// over each plan run and the sorted drops of its region (at the switch
+    /// to post-copy, inside the downtime, both can be long).
     pub fn without(self, drop: &[(usize, Run)]) -> RoundPlan {
-        let runs = self
-            .runs
-            .into_iter()
-            .flat_map(|(i, r)| {
-                let mut out = Vec::new();
-                for p in r.first..r.end() {
-                    if !drop
-                        .iter()
-                        .any(|(j, d)| *j == i && d.first <= p && p < d.end())
-                    {
-                        push_run(&mut out, p, 1);
+        let mut by: std::collections::HashMap<usize, Vec<Run>> = Default::default();
+        for &(i, r) in drop {
+            by.entry(i).or_default().push(r);
+        }
+        // Sorted and disjoint, so that their ends are sorted too.
+        for v in by.values_mut() {
+            v.sort_by_key(|r| r.first);
+            let mut merged: Vec<Run> = Vec::with_capacity(v.len());
+            for r in v.iter() {
+                match merged.last_mut() {
+                    Some(m) if r.first <= m.end() => {
+                        m.count = (m.end().max(r.end()) - m.first) as u32;
+                    }
+                    _ => merged.push(*r),
+                }
+            }
+            *v = merged;
+        }
+        let mut runs = Vec::new();
+        for (i, r) in self.runs {
+            let Some(d) = by.get(&i) else {
+                runs.push((i, r));
+                continue;
+            };
+            let mut k = d.partition_point(|x| x.end() <= r.first);
+            let mut p = r.first;
+            while p < r.end() {
+                match d.get(k) {
+                    Some(x) if x.first < r.end() => {
+                        if x.first > p {
+                            let count = (x.first - p) as u32;
+                            runs.push((i, Run { first: p, count }));
+                        }
+                        p = p.max(x.end());
+                        k += 1;
+                    }
+                    _ => {
+                        let count = (r.end() - p) as u32;
+                        runs.push((i, Run { first: p, count }));
+                        p = r.end();
                     }
                 }
-                out.into_iter().map(move |r| (i, r))
-            })
-            .collect();
+            }
+        }
         RoundPlan { runs }
     }
 
@@ -347,6 +387,34 @@ mod tests {
             prot: PROT_R,
             name: String::new(),
             kind: RegionKind::PrivateAnon,
+        }
+    }
+
+    proptest::proptest! {
+        /// `without` keeps exactly the plan's pages that no drop covers,
+        /// whatever the drops' order and overlaps.
+        #[test]
+        fn without_removes_exactly_the_dropped_pages(
+            plan in proptest::collection::vec((0usize..3, 0u64..200, 1u32..40), 0..12),
+            drop in proptest::collection::vec((0usize..3, 0u64..200, 1u32..40), 0..12),
+        ) {
+            let run = |(i, first, count): (usize, u64, u32)| (i, Run { first, count });
+            let plan: Vec<(usize, Run)> = plan.into_iter().map(run).collect();
+            let drop: Vec<(usize, Run)> = drop.into_iter().map(run).collect();
+            let pages = |v: &[(usize, Run)]| {
+                let mut set = std::collections::BTreeSet::new();
+                for &(i, r) in v {
+                    for p in r.first..r.end() {
+                        set.insert((i, p));
+                    }
+                }
+                set
+            };
+            let want: std::collections::BTreeSet<_> =
+                pages(&plan).difference(&pages(&drop)).copied().collect();
+            let got = RoundPlan { runs: plan.clone() }.without(&drop);
+            proptest::prop_assert_eq!(pages(&got.runs), want);
+            proptest::prop_assert!(got.runs.iter().all(|(_, r)| r.count > 0));
         }
     }
 
