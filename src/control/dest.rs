@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use super::Controlled;
+use super::{Controlled, PauseLink};
 use crate::dest::postcopy::Pausable;
 use crate::protocol::transport::{Closer, Listener};
 use crate::stats::Counters;
@@ -64,9 +64,7 @@ pub struct RecvHandle {
     cancel: Arc<AtomicBool>,
     started: Instant,
     /// Post-copy's connections while it can pause (migrate-pause).
-    link: Mutex<Vec<Closer>>,
-    /// The last break was migrate-pause.
-    pause_asked: AtomicBool,
+    pause: PauseLink,
     /// Addresses migrate-recover added to wait on.
     recover_on: Mutex<Vec<Listener>>,
 }
@@ -78,8 +76,7 @@ impl RecvHandle {
             counters: Arc::new(Counters::new(0)),
             cancel,
             started: Instant::now(),
-            link: Mutex::new(Vec::new()),
-            pause_asked: AtomicBool::new(false),
+            pause: PauseLink::default(),
             recover_on: Mutex::new(Vec::new()),
         })
     }
@@ -108,7 +105,7 @@ impl Pausable for RecvHandle {
     }
 
     fn linked(&self, link: Vec<Closer>) {
-        *self.link.lock().expect("not poisoned") = link;
+        self.pause.set(link);
     }
 
     fn more_listeners(&self) -> Option<&Mutex<Vec<Listener>>> {
@@ -116,7 +113,7 @@ impl Pausable for RecvHandle {
     }
 
     fn pause_asked(&self) -> bool {
-        self.pause_asked.swap(false, Relaxed)
+        self.pause.asked()
     }
 }
 
@@ -185,15 +182,7 @@ impl Controlled for RecvHandle {
                 s.as_str()
             ));
         }
-        let link = self.link.lock().expect("not poisoned");
-        if link.is_empty() {
-            return Err("this post-copy cannot be resumed (an older source, or --recover-timeout 0): pausing it would kill the restored process".into());
-        }
-        self.pause_asked.store(true, Relaxed);
-        for c in link.iter() {
-            c.close();
-        }
-        Ok(())
+        self.pause.shut("this post-copy cannot be resumed (an older source, or --recover-timeout 0): pausing it would kill the restored process")
     }
 
     fn recover(&self, uri: &str) -> Result<String, String> {

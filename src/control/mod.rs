@@ -8,7 +8,12 @@ pub mod dest;
 pub mod qmp;
 mod source;
 
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Mutex;
+
 use serde_json::{Map, Value};
+
+use crate::protocol::transport::Closer;
 
 /// What the control socket drives: a sending or a receiving migration.
 pub trait Controlled: Send + Sync {
@@ -29,4 +34,38 @@ pub trait Controlled: Send + Sync {
     /// migrate-recover (the destination, paused): wait for the resuming
     /// source on `uri` too; returns the address bound.
     fn recover(&self, uri: &str) -> Result<String, String>;
+}
+
+/// Post-copy's connections while it can be resumed, and whether the last
+/// break was asked for (migrate-pause): kept by both sides' handles.
+#[derive(Default)]
+pub struct PauseLink {
+    closers: Mutex<Vec<Closer>>,
+    asked: AtomicBool,
+}
+
+impl PauseLink {
+    /// The connections post-copy runs on now (empty: it cannot pause).
+    pub fn set(&self, closers: Vec<Closer>) {
+        *self.closers.lock().expect("not poisoned") = closers;
+    }
+
+    /// migrate-pause: shut them; refused with `cannot` when there are
+    /// none (pausing would lose the restored process).
+    pub fn shut(&self, cannot: &str) -> Result<(), String> {
+        let closers = self.closers.lock().expect("not poisoned");
+        if closers.is_empty() {
+            return Err(cannot.into());
+        }
+        self.asked.store(true, Relaxed);
+        for c in closers.iter() {
+            c.close();
+        }
+        Ok(())
+    }
+
+    /// Whether the last break was migrate-pause; reading clears it.
+    pub fn asked(&self) -> bool {
+        self.asked.swap(false, Relaxed)
+    }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use super::{Dirty, DirtyError, DirtyTracker, Tracking};
-use crate::process::{holds_data, Attachment, MemReader, Pagemap, Region, RegionKind};
+use crate::process::{Attachment, MemReader, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::Run;
 
 /// Pages read per pass.
@@ -68,7 +68,10 @@ impl CompareTracker {
                     self.pagemap.read(addr, &mut self.entries[..n as usize])?;
                 }
                 // Read the whole chunk when anything in it may hold data.
-                let any = !skip_absent || self.entries[..n as usize].iter().any(|&e| holds_data(e));
+                let any = !skip_absent
+                    || self.entries[..n as usize]
+                        .iter()
+                        .any(|e| e & (PM_PRESENT | PM_SWAPPED) != 0);
                 if any {
                     self.mem.read(addr, &mut self.buf[..(n * ps) as usize])?;
                 }

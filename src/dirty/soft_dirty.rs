@@ -7,7 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 
 use super::{Dirty, DirtyError, DirtyTracker, Tracking};
-use crate::process::{holds_data, Attachment, Leave, Pagemap, Region, RegionKind};
+use crate::process::{Attachment, Leave, Pagemap, Region, RegionKind, PM_PRESENT, PM_SWAPPED};
 use crate::protocol::Run;
 
 /// pagemap bit 55: page written since the last clear.
@@ -71,7 +71,8 @@ impl SoftDirtyTracker {
                     // New mappings report every page soft-dirty, populated
                     // or not; an absent anonymous page is zero and was
                     // either never sent or is caught as a discard.
-                    let holds = r.kind != RegionKind::PrivateAnon || holds_data(*e);
+                    let holds =
+                        r.kind != RegionKind::PrivateAnon || e & (PM_PRESENT | PM_SWAPPED) != 0;
                     if e & PM_SOFT_DIRTY != 0 && holds {
                         crate::pages::push_run(&mut dirty.runs[i], page + j as u64, 1);
                     }

@@ -16,7 +16,7 @@ pub use maps::{
     RegionKind,
 };
 pub use mem::MemReader;
-pub use pagemap::{holds_data, swapped, Pagemap, PM_PRESENT, PM_SWAPPED};
+pub use pagemap::{holds_data, Pagemap, PM_PRESENT, PM_SWAPPED};
 
 use nix::errno::Errno;
 

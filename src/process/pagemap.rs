@@ -28,7 +28,7 @@ pub fn holds_data(e: u64) -> bool {
 }
 
 /// Whether a pagemap entry is a page swapped out (not a PTE marker).
-pub fn swapped(e: u64) -> bool {
+fn swapped(e: u64) -> bool {
     e & PM_SWAPPED != 0 && e & PM_FRAME & 0x1f != MARKER_SWAP_TYPE
 }
 

@@ -17,7 +17,7 @@ use procfs::process::{MMPermissions, MMapPath, Process};
 use super::fds::read_fds;
 use super::state::*;
 use super::sys;
-use crate::process::{swapped, Attachment, MemReader, Pagemap, PM_PRESENT};
+use crate::process::{Attachment, MemReader, Pagemap, PM_PRESENT, PM_SWAPPED};
 
 /// A page of a file mapping that is file-backed (not a private copy).
 const PM_FILE: u64 = 1 << 61;
@@ -371,7 +371,7 @@ fn extra_pages(pid: i32, mappings: &[Mapping]) -> Result<Vec<PageData>, String> 
                 .read(at, &mut entries[..n])
                 .map_err(|e| e.to_string())?;
             for (i, e) in entries[..n].iter().enumerate() {
-                let private = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || swapped(*e);
+                let private = (e & PM_PRESENT != 0 && e & PM_FILE == 0) || e & PM_SWAPPED != 0;
                 if !private {
                     continue;
                 }

@@ -110,7 +110,7 @@ struct Shared {
     postcopy_enabled: bool,
     /// `migrate-start-postcopy` was asked.
     start_postcopy: AtomicBool,
-    pause: PauseLink,
+    pause: crate::control::PauseLink,
 }
 
 /// Figures of the round in progress, for progress displays and queries.
@@ -126,14 +126,6 @@ struct Live {
     /// Pages dirtied per second before the round (f64 bits).
     dirty_rate: AtomicU64,
     expected_downtime_us: AtomicU64,
-}
-
-/// Post-copy's connections while it can be resumed, and whether the last
-/// break was asked for (migrate-pause).
-#[derive(Default)]
-struct PauseLink {
-    closers: Mutex<Vec<crate::protocol::transport::Closer>>,
-    asked: AtomicBool,
 }
 
 /// A cheap, cloneable handle on one migration.
@@ -163,7 +155,7 @@ impl MigrationHandle {
                 times: Mutex::new(None),
                 postcopy_enabled: cfg.postcopy_after.is_some(),
                 start_postcopy: AtomicBool::new(false),
-                pause: PauseLink::default(),
+                pause: Default::default(),
             }),
         }
     }
@@ -303,25 +295,17 @@ impl MigrationHandle {
                 "migrate-pause pauses post-copy; this migration is {s}"
             ));
         }
-        let closers = self.shared.pause.closers.lock().expect("not poisoned");
-        if closers.is_empty() {
-            return Err("this post-copy cannot be resumed (the destination does not wait for a resume): pausing it would lose the restored process".into());
-        }
-        self.shared.pause.asked.store(true, Relaxed);
-        for c in closers.iter() {
-            c.close();
-        }
-        Ok(())
+        self.shared.pause.shut("this post-copy cannot be resumed (the destination does not wait for a resume): pausing it would lose the restored process")
     }
 
     /// The connections post-copy runs on (empty: it cannot pause).
     pub(crate) fn set_postcopy_link(&self, closers: Vec<crate::protocol::transport::Closer>) {
-        *self.shared.pause.closers.lock().expect("not poisoned") = closers;
+        self.shared.pause.set(closers);
     }
 
     /// Whether the last break was migrate-pause; reading clears it.
     pub(crate) fn pause_asked(&self) -> bool {
-        self.shared.pause.asked.swap(false, Relaxed)
+        self.shared.pause.asked()
     }
 
     /// Time since the migration began, or its total once finished; its

@@ -276,54 +276,24 @@ impl RoundPlan {
         (RoundPlan { runs: a }, RoundPlan { runs: b })
     }
 
-    /// This plan without the pages `drop` (region index, run): one pass
-    /// over each plan run and the sorted drops of its region (at the switch
-    /// to post-copy, inside the downtime, both can be long).
+    /// This plan without the pages `drop` (region index, run).
     pub fn without(self, drop: &[(usize, Run)]) -> RoundPlan {
-        let mut by: std::collections::HashMap<usize, Vec<Run>> = Default::default();
-        for &(i, r) in drop {
-            by.entry(i).or_default().push(r);
-        }
-        // Sorted and disjoint, so that their ends are sorted too.
-        for v in by.values_mut() {
-            v.sort_by_key(|r| r.first);
-            let mut merged: Vec<Run> = Vec::with_capacity(v.len());
-            for r in v.iter() {
-                match merged.last_mut() {
-                    Some(m) if r.first <= m.end() => {
-                        m.count = (m.end().max(r.end()) - m.first) as u32;
-                    }
-                    _ => merged.push(*r),
-                }
-            }
-            *v = merged;
-        }
-        let mut runs = Vec::new();
-        for (i, r) in self.runs {
-            let Some(d) = by.get(&i) else {
-                runs.push((i, r));
-                continue;
-            };
-            let mut k = d.partition_point(|x| x.end() <= r.first);
-            let mut p = r.first;
-            while p < r.end() {
-                match d.get(k) {
-                    Some(x) if x.first < r.end() => {
-                        if x.first > p {
-                            let count = (x.first - p) as u32;
-                            runs.push((i, Run { first: p, count }));
-                        }
-                        p = p.max(x.end());
-                        k += 1;
-                    }
-                    _ => {
-                        let count = (r.end() - p) as u32;
-                        runs.push((i, Run { first: p, count }));
-                        p = r.end();
+        let runs = self
+            .runs
+            .into_iter()
+            .flat_map(|(i, r)| {
+                let mut out = Vec::new();
+                for p in r.first..r.end() {
+                    if !drop
+                        .iter()
+                        .any(|(j, d)| *j == i && d.first <= p && p < d.end())
+                    {
+                        push_run(&mut out, p, 1);
                     }
                 }
-            }
-        }
+                out.into_iter().map(move |r| (i, r))
+            })
+            .collect();
         RoundPlan { runs }
     }
 
