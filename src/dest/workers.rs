@@ -1,6 +1,7 @@
 //! The worker pool: decompression workers that each decompress a Pages
-//! frame with their own context, check the raw checksum, and copy the pages
-//! into the region's shared mapping; and [`WorkerPool`], the dispatcher's
+//! frame with their own context into the region's shared mapping (a frame
+//! of one run straight into place, others through a bounce buffer), and
+//! check the raw checksum; and [`WorkerPool`], the dispatcher's
 //! handle on them (spawn, submit, poll, barrier, finish).
 //!
 //! Ordering: the dispatcher never hands out two frames that touch the same
@@ -232,10 +233,10 @@ impl Worker {
                 return;
             }
         };
-        let mut raw = Vec::new();
+        let mut bounce = Vec::new();
         for job in self.jobs.iter() {
             let t = Instant::now();
-            let r = apply(&job.regions, &mut d, &job.header, &job.payload, &mut raw);
+            let r = apply(&job.regions, &mut d, &job.header, &job.payload, &mut bounce);
             self.busy_ns[self.index].fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
             // Release the region files before reporting, so the
             // dispatcher owns them alone after a barrier.
@@ -260,23 +261,53 @@ fn apply(
     d: &mut Decompressor,
     h: &PagesHeader,
     payload: &[u8],
-    raw: &mut Vec<u8>,
+    bounce: &mut Vec<u8>,
 ) -> Result<(), ApplyError> {
     let data = &payload[h.data_offset..];
-    // Stored pages are checked and copied straight from the payload.
-    let raw: &[u8] = if h.codec == WireCodec::Raw {
-        data
-    } else {
-        raw.resize(h.raw_len as usize, 0);
-        d.decompress(h.codec, data, raw)
+    let rf = &regions.files[h.region as usize];
+    let ps = regions.page_size as usize;
+    let page = h.runs[0].first;
+    let decompress = |d: &mut Decompressor, out: &mut [u8]| {
+        d.decompress(h.codec, data, out)
             .map_err(|source| ApplyError::Decompress {
                 region: h.region,
                 round: h.round,
                 source,
-            })?;
-        raw
+            })
     };
-    let page = h.runs[0].first;
+    // The decoder header checked that the runs make `raw_len` bytes.
+    debug_assert_eq!(
+        h.runs.iter().map(|r| r.count as usize).sum::<usize>() * ps,
+        h.raw_len as usize
+    );
+    // Where the pages end up before they are checked: a frame of one run
+    // (the bulk copy's usual case) is decompressed straight into the
+    // image's mapping; stored pages are checked in the payload; other
+    // frames go through a bounce buffer and are copied run by run. Pages
+    // that fail the check may already be in the image: the session then
+    // fails, and a failed session commits nothing.
+    let (raw, direct): (&[u8], bool) = match &h.runs[..] {
+        _ if h.codec == WireCodec::Raw => (data, false),
+        [run] => {
+            let at = run.first as usize * ps;
+            let len = h.raw_len as usize;
+            debug_assert!(at + len <= rf.len() as usize);
+            if run.count >= POPULATE_AHEAD {
+                rf.populate(at, len);
+            }
+            // SAFETY: [at, at+len) lies inside the mapping (checked by the
+            // dispatcher against the region's page count), and no other
+            // thread touches these pages now (RoundMap + round barrier).
+            let out = unsafe { std::slice::from_raw_parts_mut(rf.ptr().add(at), len) };
+            decompress(d, out)?;
+            (out, true)
+        }
+        _ => {
+            bounce.resize(h.raw_len as usize, 0);
+            decompress(d, bounce)?;
+            (bounce, false)
+        }
+    };
     if raw.len() != h.raw_len as usize {
         return Err(ApplyError::Size {
             region: h.region,
@@ -291,20 +322,15 @@ fn apply(
             page,
         });
     }
-    let rf = &regions.files[h.region as usize];
-    let ps = regions.page_size as usize;
     let mut off = 0;
-    for run in &h.runs {
+    for run in h.runs.iter().filter(|_| !direct) {
         let len = run.count as usize * ps;
         let at = run.first as usize * ps;
         if run.count >= POPULATE_AHEAD {
             rf.populate(at, len);
         }
-        // The dispatcher checked that the run lies inside the region.
         debug_assert!(at + len <= rf.len() as usize);
-        // SAFETY: [at, at+len) lies inside the mapping (checked by the
-        // dispatcher against the region's page count), and no other thread
-        // writes these pages now (RoundMap + round barrier).
+        // SAFETY: as above.
         unsafe {
             std::ptr::copy_nonoverlapping(raw[off..].as_ptr(), rf.ptr().add(at), len);
         }
