@@ -14,6 +14,7 @@ mod report;
 mod session;
 mod staging;
 mod workers;
+mod writeback;
 
 use std::io;
 use std::net::SocketAddr;

@@ -179,6 +179,7 @@ pub struct Session<'a> {
     /// when dropped the workers stop before those go.
     pool: WorkerPool,
     regions: Arc<Regions>,
+    writeback: super::writeback::Writeback,
     staging: Staging,
     /// Pages seen in the current round.
     round_map: RoundMap,
@@ -239,6 +240,7 @@ impl<'a> Session<'a> {
             source: Source::default(),
             pool: WorkerPool::spawn(cfg.decompress_threads.max(1)),
             regions: Arc::new(Regions::empty(0)),
+            writeback: super::writeback::Writeback::spawn(),
             staging,
             round_map: RoundMap::default(),
             received: Received::default(),
@@ -546,11 +548,16 @@ impl<'a> Session<'a> {
             .populated
             .fetch_add(pages, Ordering::Relaxed);
         Counters::add(&self.counters.read_bytes, h.raw_len as u64);
+        let raw_len = h.raw_len as u64;
         self.pool.submit(ApplyJob {
             header: h,
             payload,
             regions: self.regions.clone(),
         })?;
+        let regions = &self.regions;
+        self.writeback.handed(raw_len, || {
+            regions.files.iter().filter_map(|f| f.dup()).collect()
+        });
         Ok(State::InRound {
             round,
             started: true,

@@ -75,6 +75,11 @@ impl RegionFile {
         unsafe { libc::madvise(self.ptr().add(at).cast(), len, libc::MADV_POPULATE_WRITE) };
     }
 
+    /// Another descriptor of the region's file.
+    pub fn dup(&self) -> Option<File> {
+        self.file.try_clone().ok()
+    }
+
     fn map(file: &File, len: u64) -> std::io::Result<Option<MmapRaw>> {
         if len == 0 {
             return Ok(None);
