@@ -3,6 +3,7 @@
 //! Dropped without a commit, it removes everything it wrote.
 
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,12 @@ impl RegionFile {
         unsafe { libc::madvise(self.ptr().add(at).cast(), len, libc::MADV_POPULATE_WRITE) };
     }
 
+    /// Ask the kernel to start writing the file's dirty pages back, without
+    /// waiting (best effort: the commit's sync waits for all of them).
+    pub fn start_writeback(&self) {
+        start_writeback(&self.file)
+    }
+
     /// Another descriptor of the region's file.
     pub fn dup(&self) -> Option<File> {
         self.file.try_clone().ok()
@@ -98,6 +105,14 @@ impl RegionFile {
         self.pages = len / page_size;
         Ok(())
     }
+}
+
+/// Ask the kernel to start writing `file`'s dirty pages back, without
+/// waiting for them (a no-op on tmpfs).
+pub fn start_writeback(file: &File) {
+    // SAFETY: a plain syscall on a descriptor we own; offset 0 and length 0
+    // mean the whole file.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Free space kept back for pages queued to the workers but not yet
@@ -244,6 +259,11 @@ impl Staging {
         comm: &str,
         page_size: u64,
     ) -> Result<(), StagingError> {
+        // Start writing every region back before the digests, so that the
+        // disk works while they are computed; finish_region then waits.
+        for r in regions {
+            r.start_writeback();
+        }
         let mut records = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
             records.push(self.finish_region(i, r, page_size)?);
@@ -283,9 +303,6 @@ impl Staging {
     ) -> Result<RegionRecord, StagingError> {
         let path = self.dir.join(image::region_file_name(i));
         fs::rename(&r.path, &path).map_err(write_err(&path))?;
-        if let Some(m) = &r.map {
-            m.flush().map_err(write_err(&path))?;
-        }
         // Only the data extents are read: a region declared huge but sent
         // few pages costs what was sent.
         let digest = match &r.map {
@@ -299,6 +316,9 @@ impl Staging {
             None => image::digest_file(&r.file, page_size),
         }
         .map_err(write_err(&path))?;
+        if let Some(m) = &r.map {
+            m.flush().map_err(write_err(&path))?;
+        }
         Ok(RegionRecord {
             start: r.entry.start,
             end: r.entry.end,

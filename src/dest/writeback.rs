@@ -10,7 +10,6 @@
 //! slower, since a worker then waited for the disk's queue.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Sender};
@@ -35,13 +34,7 @@ impl Writeback {
             .name("writeback".into())
             .spawn(move || {
                 for files in rx.iter() {
-                    for f in &files {
-                        // SAFETY: a plain syscall on a descriptor we own;
-                        // offset 0 and length 0 mean the whole file.
-                        unsafe {
-                            libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-                        };
-                    }
+                    files.iter().for_each(super::staging::start_writeback);
                 }
             })
             .ok();
