@@ -22,6 +22,10 @@ use crate::protocol::{self, error_code, Control, DecodeError, Hello, ReadError};
 /// Clients waiting for their Hello to be read, at most.
 pub const MAX_PENDING: usize = 8;
 
+/// How long admission waits for a connection before it looks again for
+/// the Hellos being read (a new connection wakes it at once).
+const HELLO_POLL: Duration = Duration::from_millis(2);
+
 /// A client whose Hello checked out.
 pub struct Admitted {
     pub peer: String,
@@ -43,7 +47,14 @@ pub fn admit(
         if let Ok(a) = rx.try_recv() {
             return Ok(a);
         }
-        let deadline = Instant::now() + Duration::from_millis(50);
+        // While Hellos are being read, look for them often, so that the
+        // one that checks out is taken up at once.
+        let wait = if pending.load(Ordering::Relaxed) > 0 {
+            HELLO_POLL
+        } else {
+            Duration::from_millis(50)
+        };
+        let deadline = Instant::now() + wait;
         let conn = match listener.accept(cancel, Some(deadline)) {
             Ok(Some(c)) => c,
             Ok(None) => return Err(RecvError::Cancelled),

@@ -540,15 +540,45 @@ pub fn accept_any(
                 }
             }
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 "no connection before the deadline",
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Sleep until a listener has a connection (at once, not at the
+        // next tick), the deadline, or a tick to look at `cancel` and
+        // `more` again.
+        let wait = deadline.map_or(ACCEPT_TICK, |d| (d - now).min(ACCEPT_TICK));
+        let mut fds: Vec<libc::pollfd> = fixed
+            .iter()
+            .map(|l| l.tcp.as_raw_fd())
+            .chain(more.into_iter().flat_map(|m| {
+                let ls = m.lock().expect("not poisoned");
+                ls.iter().map(|l| l.tcp.as_raw_fd()).collect::<Vec<_>>()
+            }))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of its length; the descriptors
+        // stay open while we wait (the listeners outlive this call, and a
+        // closed one only makes poll report POLLNVAL).
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                wait.as_millis().max(1) as libc::c_int,
+            )
+        };
     }
 }
+
+/// How often [`accept_any`] looks at `cancel` and `more` while waiting.
+const ACCEPT_TICK: Duration = Duration::from_millis(20);
 
 #[cfg(test)]
 mod tests {
