@@ -14,6 +14,14 @@
 //! the start and then one batch in [`PROBE_EVERY`], and the estimates are
 //! moving averages, so the choice follows the data and the link. Batches
 //! that do not shrink go raw whatever was chosen.
+//!
+//! Between two neighbours on the ladder the best is often a mix: lz4 leaves
+//! a 1 Gbit/s link full and the CPU half idle, zstd-1 the reverse. So the
+//! chosen candidate gives a share of its batches to a neighbour, steered
+//! by the link meter window by window: a link busy most of the time moves
+//! the share toward the neighbour that compresses more, a link waiting on
+//! the workers toward the faster one, until both are about busy (see
+//! [`Adaptive::link_busy`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -83,6 +91,36 @@ const PROBE_BYTES: usize = 64 << 10;
 const ALPHA: f64 = 0.3;
 /// memcpy-like speed assumed for sending raw (bytes/s per thread).
 const RAW_SPEED: f64 = 8e9;
+/// The neighbour's share of the batches moves in steps of 1/MIX_STEPS.
+pub const MIX_STEPS: i32 = 16;
+/// The writer found the next batch already compressed for at least this
+/// share of a window's batches: the link is the limit, and the mix moves
+/// toward more compression; below it, toward more speed.
+const LINK_FULL: f64 = 0.8;
+/// Batches in one window of [`QueueMeter`].
+pub const QUEUE_WINDOW: u32 = 16;
+
+/// The writer's view of who waits on whom: of the batches it wrote, how
+/// many were already there when it came for them. Time on the socket would
+/// not say it: a rate limit or a qdisc lets a burst out at once after a
+/// pause, so a link kept full looks half idle.
+#[derive(Default)]
+pub struct QueueMeter {
+    batches: u32,
+    ready: u32,
+}
+
+impl QueueMeter {
+    /// The writer came for a batch, and it was `ready` or not.
+    pub fn took(&mut self, ctl: &Adaptive, ready: bool) {
+        self.batches += 1;
+        self.ready += ready as u32;
+        if self.batches >= QUEUE_WINDOW {
+            ctl.link_busy(self.ready as f64 / self.batches as f64);
+            *self = QueueMeter::default();
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Estimate {
@@ -117,6 +155,12 @@ pub struct Adaptive {
     /// Link estimate, bytes/s, as f64 bits (0 = unknown).
     link: AtomicU64,
     choice: AtomicUsize,
+    /// The mix: the candidate it belongs to (the last one [`Self::decide`]
+    /// settled on) in the high half, and the share of that candidate's
+    /// batches given to a neighbour in the low half, in steps of
+    /// 1/[`MIX_STEPS`] as an i32: above 0 to the next candidate (more
+    /// compression), below 0 to the previous one (faster).
+    mix: AtomicU64,
     batches: AtomicU64,
     /// How many batches each candidate was chosen for.
     pub chosen: [AtomicU64; CANDIDATES.len()],
@@ -132,6 +176,7 @@ impl Adaptive {
             link: AtomicU64::new(0),
             // zstd-1 until something is measured.
             choice: AtomicUsize::new(2),
+            mix: AtomicU64::new(pack_mix(2, 0)),
             batches: AtomicU64::new(0),
             chosen: Default::default(),
         }
@@ -198,7 +243,55 @@ impl Adaptive {
         }
         if let Some((i, _)) = best {
             self.choice.store(i, Relaxed);
+            // A new home starts unmixed; the same one keeps its share.
+            let (home, _) = unpack_mix(self.mix.load(Relaxed));
+            if home != i {
+                self.mix.store(pack_mix(i, 0), Relaxed);
+            }
         }
+    }
+
+    /// The writer found `busy` of a window's batches ready. While
+    /// the settled candidate is in use (not a window given to another
+    /// to check the model), move its neighbour's share one step: toward
+    /// more compression when the link is full (the workers have time to
+    /// spare, or the link would not be the limit), toward more speed when
+    /// the link waits on them. At the balance both are about busy, and the
+    /// share wanders a step either side of it.
+    pub fn link_busy(&self, busy: f64) {
+        let (home, share) = unpack_mix(self.mix.load(Relaxed));
+        if home != self.choice() {
+            return;
+        }
+        // Sending raw is never mixed, with or into: where raw is the
+        // choice, the "link" is often memory on this very machine, and
+        // taking CPU from it to compress did not pay (measured on loopback).
+        let lo = if home > 1 { -MIX_STEPS + 1 } else { 0 };
+        let hi = if home > 0 && home + 1 < CANDIDATES.len() {
+            MIX_STEPS - 1
+        } else {
+            0
+        };
+        let step = if busy >= LINK_FULL { 1 } else { -1 };
+        self.mix
+            .store(pack_mix(home, (share + step).clamp(lo, hi)), Relaxed);
+    }
+
+    /// The choice, and the candidate for a worker's next batch: the choice
+    /// itself, or its neighbour for the mix's share of the batches (`acc`
+    /// is the worker's running share, so that the two alternate evenly).
+    fn pick(&self, acc: &mut i32) -> (usize, usize) {
+        let i = self.choice();
+        let (home, share) = unpack_mix(self.mix.load(Relaxed));
+        if home != i || share == 0 {
+            return (i, i);
+        }
+        *acc += share.abs();
+        if *acc < MIX_STEPS {
+            return (i, i);
+        }
+        *acc -= MIX_STEPS;
+        (i, if share > 0 { i + 1 } else { i - 1 })
     }
 
     /// The writer saw the pipeline move `rate` raw bytes/s while candidate
@@ -272,6 +365,14 @@ impl Adaptive {
     }
 }
 
+fn pack_mix(home: usize, share: i32) -> u64 {
+    ((home as u64) << 32) | share as u32 as u64
+}
+
+fn unpack_mix(v: u64) -> (usize, i32) {
+    ((v >> 32) as usize, v as u32 as i32)
+}
+
 pub fn name(m: Compression, level: i32) -> String {
     match m {
         Compression::Zstd | Compression::Zlib => format!("{m}-{level}"),
@@ -281,8 +382,12 @@ pub fn name(m: Compression, level: i32) -> String {
 
 /// A worker's contexts for every candidate.
 pub struct AutoWorker {
-    /// Candidate used for the last batch.
+    /// The choice the last batch was made under (its neighbour may have
+    /// compressed it, for the mix): the writer's observations are the
+    /// choice's, mix included.
     pub last: usize,
+    /// Running share of the mix (see [`Adaptive::pick`]).
+    mixed: i32,
     contexts: Vec<Compressor>,
     scratch: Vec<u8>,
     batches: u64,
@@ -293,6 +398,7 @@ impl AutoWorker {
     pub fn new() -> Result<AutoWorker, crate::codec::CodecError> {
         Ok(AutoWorker {
             last: 0,
+            mixed: 0,
             contexts: CANDIDATES
                 .iter()
                 .map(|&(m, l)| Compressor::new(m, l))
@@ -331,8 +437,8 @@ impl AutoWorker {
             ctl.decide();
         }
         self.batches += 1;
-        let i = ctl.choice();
-        self.last = i;
+        let (choice, i) = ctl.pick(&mut self.mixed);
+        self.last = choice;
         ctl.chosen[i].fetch_add(1, Relaxed);
         let t = Instant::now();
         let start = out.len();
@@ -386,6 +492,104 @@ mod tests {
         }
         ctl3.set_link(10e9); // loopback: raw copying wins
         assert_eq!(CANDIDATES[ctl3.choice()], (Compression::None, 0));
+    }
+
+    /// Settle `ctl` on candidate `i` as decide() would.
+    fn settle(ctl: &Adaptive, i: usize) {
+        ctl.choice.store(i, Relaxed);
+        ctl.mix.store(pack_mix(i, 0), Relaxed);
+    }
+
+    /// Which candidates 16 batches of one worker go to.
+    fn batches(ctl: &Adaptive) -> Vec<usize> {
+        let mut acc = 0;
+        (0..MIX_STEPS)
+            .map(|_| {
+                let (choice, used) = ctl.pick(&mut acc);
+                assert_eq!(choice, ctl.choice());
+                used
+            })
+            .collect()
+    }
+
+    fn count(v: &[usize], i: usize) -> usize {
+        v.iter().filter(|&&x| x == i).count()
+    }
+
+    #[test]
+    fn a_full_link_mixes_in_more_compression_a_waiting_one_more_speed() {
+        let ctl = Adaptive::new(2);
+        settle(&ctl, 1); // lz4
+        assert_eq!(batches(&ctl), vec![1; 16]);
+        for _ in 0..4 {
+            ctl.link_busy(0.95);
+        }
+        let b = batches(&ctl);
+        assert_eq!((count(&b, 2), count(&b, 1)), (4, 12), "{b:?}");
+        // The link waits on the workers: back toward lz4, and never into
+        // sending raw.
+        for _ in 0..10 {
+            ctl.link_busy(0.2);
+        }
+        assert_eq!(batches(&ctl), vec![1; 16]);
+        settle(&ctl, 2); // zstd-1
+        for _ in 0..3 {
+            ctl.link_busy(0.5);
+        }
+        let b = batches(&ctl);
+        assert_eq!((count(&b, 1), count(&b, 2)), (3, 13), "{b:?}");
+        // The share is bounded: the choice keeps at least one batch in 16.
+        for _ in 0..40 {
+            ctl.link_busy(1.0);
+        }
+        let b = batches(&ctl);
+        assert_eq!((count(&b, 3), count(&b, 2)), (15, 1), "{b:?}");
+    }
+
+    #[test]
+    fn raw_is_never_mixed() {
+        let ctl = Adaptive::new(2);
+        settle(&ctl, 0);
+        for _ in 0..5 {
+            ctl.link_busy(1.0);
+        }
+        assert_eq!(batches(&ctl), vec![0; 16]);
+    }
+
+    #[test]
+    fn exploring_keeps_the_mix_and_a_new_choice_drops_it() {
+        let ctl = Adaptive::new(2);
+        settle(&ctl, 1);
+        ctl.link_busy(1.0);
+        ctl.link_busy(1.0);
+        // A window given to another candidate to check the model: pure,
+        // and its link measurements do not move the mix.
+        ctl.choice.store(3, Relaxed);
+        ctl.link_busy(1.0);
+        assert_eq!(batches(&ctl), vec![3; 16]);
+        ctl.choice.store(1, Relaxed);
+        assert_eq!(count(&batches(&ctl), 2), 2);
+        // decide() settling elsewhere starts that choice unmixed.
+        set(&ctl, 1, 2.5, 900e6);
+        set(&ctl, 2, 4.0, 450e6);
+        ctl.set_link(125e6);
+        assert_eq!(ctl.choice(), 2);
+        assert_eq!(batches(&ctl), vec![2; 16]);
+    }
+
+    #[test]
+    fn the_queue_meter_reports_the_share_of_batches_found_ready() {
+        let ctl = Adaptive::new(2);
+        settle(&ctl, 1);
+        let mut q = QueueMeter::default();
+        for k in 0..QUEUE_WINDOW {
+            q.took(&ctl, k < 13); // 13 of 16 ready: 0.81, the link is full
+        }
+        assert_eq!(count(&batches(&ctl), 2), 1);
+        for k in 0..QUEUE_WINDOW {
+            q.took(&ctl, k < 12); // 0.75: the link waits
+        }
+        assert_eq!(batches(&ctl), vec![1; 16]);
     }
 
     #[test]

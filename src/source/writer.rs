@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::adaptive::{Adaptive, LinkMeter};
+use super::adaptive::{Adaptive, LinkMeter, QueueMeter};
 use super::batch::Out;
 use super::handle::Tunables;
 use crate::protocol::{transport, Control, Totals};
@@ -70,6 +70,7 @@ struct Writer {
     sock: BufWriter<transport::Writer>,
     shared: WriterShared,
     link: LinkMeter,
+    queue: QueueMeter,
     /// Auto: the candidate of the current observation window, the raw
     /// bytes moved with it, and when the window began.
     observing: Option<(usize, u64, Instant)>,
@@ -167,9 +168,19 @@ impl Writer {
 
     fn write_all(&mut self, q: WriterQueues) -> io::Result<Option<Totals>> {
         let mut waiting: VecDeque<Out> = VecDeque::new();
-        for msg in q.rx.iter() {
+        loop {
+            let (msg, ready) = match q.rx.try_recv() {
+                Ok(m) => (m, true),
+                Err(_) => match q.rx.recv() {
+                    Ok(m) => (m, false),
+                    Err(_) => break,
+                },
+            };
             match msg {
                 Out::Frames(enc) => {
+                    if let Some(a) = &self.shared.adaptive {
+                        self.queue.took(a, ready);
+                    }
                     self.put(&enc.bytes)?;
                     self.observe(enc.candidate, enc.raw_bytes);
                     let t = enc.totals;
@@ -210,6 +221,7 @@ pub fn spawn_writer(
         sock: BufWriter::with_capacity(256 << 10, sock),
         shared,
         link: LinkMeter::default(),
+        queue: QueueMeter::default(),
         observing: None,
         limiter: RateLimiter::default(),
         totals: Totals::default(),
