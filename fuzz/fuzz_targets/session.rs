@@ -29,6 +29,16 @@ fn scratch() -> &'static PathBuf {
         } else {
             std::env::temp_dir()
         };
+        // libFuzzer exits without running destructors, so each run leaves
+        // its (empty) directory: remove those of runs that are gone.
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("procmig-fuzz-") {
+                if !std::path::Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let d = base.join(format!("procmig-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
