@@ -33,8 +33,9 @@ fn scratch() -> &'static PathBuf {
         // its (empty) directory: remove those of runs that are gone.
         for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("procmig-fuzz-") {
-                if !std::path::Path::new("/proc").join(pid).exists() {
+            let pid = name.strip_prefix("procmig-fuzz-").and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }

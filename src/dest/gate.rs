@@ -23,8 +23,10 @@ use crate::protocol::{self, error_code, Control, DecodeError, Hello, ReadError};
 pub const MAX_PENDING: usize = 8;
 
 /// How long admission waits for a connection before it looks again for
-/// the Hellos being read (a new connection wakes it at once).
+/// the Hellos being read (a new connection wakes it at once)...
 const HELLO_POLL: Duration = Duration::from_millis(2);
+/// ... for this long after the last connection (a TLS handshake included).
+const HELLO_SOON: Duration = Duration::from_secs(1);
 
 /// A client whose Hello checked out.
 pub struct Admitted {
@@ -43,13 +45,15 @@ pub fn admit(
 ) -> Result<Admitted, RecvError> {
     let (tx, rx) = unbounded::<Admitted>();
     let pending = Arc::new(AtomicUsize::new(0));
+    let mut last = Instant::now();
     loop {
         if let Ok(a) = rx.try_recv() {
             return Ok(a);
         }
-        // While Hellos are being read, look for them often, so that the
-        // one that checks out is taken up at once.
-        let wait = if pending.load(Ordering::Relaxed) > 0 {
+        // Just after a connection, look for its Hello often, so that a
+        // sender (which says Hello at once) is taken up at once; a client
+        // that stays silent does not keep it up.
+        let wait = if pending.load(Ordering::Relaxed) > 0 && last.elapsed() < HELLO_SOON {
             HELLO_POLL
         } else {
             Duration::from_millis(50)
@@ -69,6 +73,7 @@ pub fn admit(
             continue;
         }
         pending.fetch_add(1, Ordering::Relaxed);
+        last = Instant::now();
         let (tx, pending, timeout) = (tx.clone(), pending.clone(), cfg.timeout);
         let tls = cfg.tls.clone();
         std::thread::Builder::new()

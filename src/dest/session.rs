@@ -548,15 +548,15 @@ impl<'a> Session<'a> {
             .populated
             .fetch_add(pages, Ordering::Relaxed);
         Counters::add(&self.counters.read_bytes, h.raw_len as u64);
-        let raw_len = h.raw_len as u64;
+        let (region, raw_len) = (h.region, h.raw_len as u64);
         self.pool.submit(ApplyJob {
             header: h,
             payload,
             regions: self.regions.clone(),
         })?;
         let regions = &self.regions;
-        self.writeback.handed(raw_len, || {
-            regions.files.iter().filter_map(|f| f.dup()).collect()
+        self.writeback.handed(region, raw_len, |r| {
+            regions.files.get(r as usize).and_then(|f| f.dup())
         });
         Ok(State::InRound {
             round,
@@ -926,6 +926,7 @@ impl<'a> Session<'a> {
         self.pool.barrier()?;
         let old = self.take_regions()?;
         let files = self.staging.reconcile(old.files, table, ps)?;
+        self.writeback.new_table();
         self.follow_table(table);
         self.regions = Arc::new(Regions {
             files,

@@ -259,8 +259,8 @@ impl Staging {
         comm: &str,
         page_size: u64,
     ) -> Result<(), StagingError> {
-        // Start writing every region back before the digests, so that the
-        // disk works while they are computed; finish_region then waits.
+        // Start writing every region back, so that the disk works on the
+        // later regions while the first are synced and digested.
         for r in regions {
             r.start_writeback();
         }
@@ -303,6 +303,12 @@ impl Staging {
     ) -> Result<RegionRecord, StagingError> {
         let path = self.dir.join(image::region_file_name(i));
         fs::rename(&r.path, &path).map_err(write_err(&path))?;
+        // Synced before the digest: the digest finds the data by
+        // SEEK_DATA, and a filesystem may not count pages dirtied through
+        // the mapping as data before they are written.
+        if let Some(m) = &r.map {
+            m.flush().map_err(write_err(&path))?;
+        }
         // Only the data extents are read: a region declared huge but sent
         // few pages costs what was sent.
         let digest = match &r.map {
@@ -316,9 +322,6 @@ impl Staging {
             None => image::digest_file(&r.file, page_size),
         }
         .map_err(write_err(&path))?;
-        if let Some(m) = &r.map {
-            m.flush().map_err(write_err(&path))?;
-        }
         Ok(RegionRecord {
             start: r.entry.start,
             end: r.entry.end,

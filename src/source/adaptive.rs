@@ -244,10 +244,9 @@ impl Adaptive {
         if let Some((i, _)) = best {
             self.choice.store(i, Relaxed);
             // A new home starts unmixed; the same one keeps its share.
-            let (home, _) = unpack_mix(self.mix.load(Relaxed));
-            if home != i {
-                self.mix.store(pack_mix(i, 0), Relaxed);
-            }
+            let _ = self.mix.fetch_update(Relaxed, Relaxed, |v| {
+                (unpack_mix(v).0 != i).then_some(pack_mix(i, 0))
+            });
         }
     }
 
@@ -259,22 +258,26 @@ impl Adaptive {
     /// the link waits on them. At the balance both are about busy, and the
     /// share wanders a step either side of it.
     pub fn link_busy(&self, busy: f64) {
-        let (home, share) = unpack_mix(self.mix.load(Relaxed));
-        if home != self.choice() {
-            return;
-        }
-        // Sending raw is never mixed, with or into: where raw is the
-        // choice, the "link" is often memory on this very machine, and
-        // taking CPU from it to compress did not pay (measured on loopback).
-        let lo = if home > 1 { -MIX_STEPS + 1 } else { 0 };
-        let hi = if home > 0 && home + 1 < CANDIDATES.len() {
-            MIX_STEPS - 1
-        } else {
-            0
-        };
         let step = if busy >= LINK_FULL { 1 } else { -1 };
-        self.mix
-            .store(pack_mix(home, (share + step).clamp(lo, hi)), Relaxed);
+        let choice = self.choice();
+        // One atomic update: a decide() settling elsewhere meanwhile wins.
+        let _ = self.mix.fetch_update(Relaxed, Relaxed, |v| {
+            let (home, share) = unpack_mix(v);
+            if home != choice {
+                return None;
+            }
+            // Sending raw is never mixed, with or into: where raw is the
+            // choice, the "link" is often memory on this very machine, and
+            // taking CPU from it to compress did not pay (measured on
+            // loopback).
+            let lo = if home > 1 { -MIX_STEPS + 1 } else { 0 };
+            let hi = if home > 0 && home + 1 < CANDIDATES.len() {
+                MIX_STEPS - 1
+            } else {
+                0
+            };
+            Some(pack_mix(home, (share + step).clamp(lo, hi)))
+        });
     }
 
     /// The choice, and the candidate for a worker's next batch: the choice
