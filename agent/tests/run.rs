@@ -10,8 +10,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use procmig::image::{
-    digest, hex_digest, region_file_name, Manifest, RegionRecord, FORMAT_NAME, FORMAT_VERSION,
-    MANIFEST_NAME,
+    digest_pages, hex_digest, region_file_name, Manifest, RegionRecord, FORMAT_NAME,
+    FORMAT_VERSION, MANIFEST_NAME,
 };
 
 const AGENT: &str = env!("CARGO_BIN_EXE_procmig-agent");
@@ -116,7 +116,7 @@ fn snapshot(agent: &Agent, dir: &Path) {
             name: String::new(),
             file,
             populated_pages: agent.size / 4096,
-            xxh3: hex_digest(digest(&bytes)),
+            xxh3: hex_digest(digest_pages(&bytes, 4096)),
         }],
     };
     fs::write(

@@ -9,6 +9,7 @@
 //! on disk is `staging`, and `report` builds the final report.
 
 mod gate;
+mod hashes;
 pub mod postcopy;
 mod report;
 mod session;

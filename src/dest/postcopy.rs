@@ -530,11 +530,18 @@ fn fill(
     // SAFETY: the run lies inside the region (checked by the caller), so
     // inside its mapping.
     let at = unsafe { image.0.ptr().add(image.1 as usize) };
+    let first = image.1 / ps;
     match data {
-        // SAFETY: `at` has `len` writable bytes; `d` is `len` long.
-        Some(d) => unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), at, len) },
-        // SAFETY: as above.
-        None => unsafe { std::ptr::write_bytes(at, 0, len) },
+        Some(d) => {
+            // SAFETY: `at` has `len` writable bytes; `d` is `len` long.
+            unsafe { std::ptr::copy_nonoverlapping(d.as_ptr(), at, len) };
+            image.0.record(first, d);
+        }
+        None => {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_bytes(at, 0, len) };
+            image.0.forget(first, n);
+        }
     }
     loop {
         let mut m = shared.lock().expect("not poisoned");

@@ -1030,6 +1030,7 @@ fn zero_pages(rf: &RegionFile, runs: &[Run], ps: u64) {
         // SAFETY: the run was checked against the region's page count, and
         // no worker writes these pages now (RoundMap).
         unsafe { std::ptr::write_bytes(rf.ptr().add(at), 0, len) };
+        rf.forget(run.first, run.count as u64);
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapRaw;
 
+use super::hashes::PageHashes;
 use crate::image::{self, Manifest, RegionRecord};
 use crate::protocol::RegionEntry;
 
@@ -49,6 +50,8 @@ pub struct RegionFile {
     path: PathBuf,
     /// Pages received (normal or zero) for this region.
     pub populated: AtomicU64,
+    /// The hash of every page written, for the commit's digest.
+    hashes: PageHashes,
 }
 
 impl RegionFile {
@@ -61,6 +64,18 @@ impl RegionFile {
 
     pub fn len(&self) -> u64 {
         self.entry.end - self.entry.start
+    }
+
+    /// Pages `first..` of the region were written with `bytes` (whole
+    /// pages): note their hashes for the commit's digest. Every writer of
+    /// the image calls it, for the pages it wrote.
+    pub fn record(&self, first: u64, bytes: &[u8]) {
+        self.hashes.record(first, bytes);
+    }
+
+    /// Pages `first..first+count` were written with zeros.
+    pub fn forget(&self, first: u64, count: u64) {
+        self.hashes.forget(first, count);
     }
 
     /// Make `[at, at+len)` of the mapping present and writable in one
@@ -103,6 +118,7 @@ impl RegionFile {
         self.map = Self::map(&self.file, len).map_err(write_err(&self.path))?;
         self.entry = entry.clone();
         self.pages = len / page_size;
+        self.hashes.resize(self.pages);
         Ok(())
     }
 }
@@ -197,6 +213,7 @@ impl Staging {
             file,
             path,
             populated: AtomicU64::new(0),
+            hashes: PageHashes::new(len / page_size, page_size as usize),
         })
     }
 
@@ -266,7 +283,7 @@ impl Staging {
         }
         let mut records = Vec::with_capacity(regions.len());
         for (i, r) in regions.iter().enumerate() {
-            records.push(self.finish_region(i, r, page_size)?);
+            records.push(self.finish_region(i, r)?);
         }
         let manifest = Manifest {
             format: image::FORMAT_NAME.into(),
@@ -295,33 +312,15 @@ impl Staging {
 
     /// Give region `i` its final name, sync it, and describe it for the
     /// manifest.
-    fn finish_region(
-        &self,
-        i: usize,
-        r: &RegionFile,
-        page_size: u64,
-    ) -> Result<RegionRecord, StagingError> {
+    fn finish_region(&self, i: usize, r: &RegionFile) -> Result<RegionRecord, StagingError> {
         let path = self.dir.join(image::region_file_name(i));
         fs::rename(&r.path, &path).map_err(write_err(&path))?;
-        // Synced before the digest: the digest finds the data by
-        // SEEK_DATA, and a filesystem may not count pages dirtied through
-        // the mapping as data before they are written.
         if let Some(m) = &r.map {
             m.flush().map_err(write_err(&path))?;
         }
-        // Only the data extents are read: a region declared huge but sent
-        // few pages costs what was sent.
-        let digest = match &r.map {
-            // SAFETY: the mapping covers the whole file and nothing writes
-            // it any more (the workers are finished before the commit).
-            Some(m) => image::digest_mapped(
-                &r.file,
-                unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) },
-                page_size,
-            ),
-            None => image::digest_file(&r.file, page_size),
-        }
-        .map_err(write_err(&path))?;
+        // From the hashes taken as the pages arrived (nothing writes the
+        // image any more: the workers are finished before the commit).
+        let digest = r.hashes.digest();
         Ok(RegionRecord {
             start: r.entry.start,
             end: r.entry.end,

@@ -322,6 +322,14 @@ fn apply(
             page,
         });
     }
+    // Each page hashed once more while it is hot, so that the commit
+    // digests the image without reading it again.
+    let mut off = 0;
+    for run in &h.runs {
+        let len = run.count as usize * ps;
+        rf.record(run.first, &raw[off..off + len]);
+        off += len;
+    }
     let mut off = 0;
     for run in h.runs.iter().filter(|_| !direct) {
         let len = run.count as usize * ps;

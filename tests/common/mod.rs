@@ -307,7 +307,21 @@ pub fn agent_verify(image: &Path) -> (bool, String) {
         .arg(image)
         .output()
         .unwrap();
-    (out.status.success(), text(&out.stdout) + &text(&out.stderr))
+    let said = text(&out.stdout) + &text(&out.stderr);
+    // The manifest's digests too: the receiver builds them from the pages
+    // as they arrived, whichever way they came (rounds, zero runs,
+    // post-copy), and they must match what the files hold.
+    let bad = procmig::image::Image::open(image)
+        .map_err(|e| e.to_string())
+        .and_then(|i| i.check_digests().map_err(|e| e.to_string()));
+    match bad {
+        Ok(bad) if bad.is_empty() => (out.status.success(), said),
+        Ok(bad) => (
+            false,
+            format!("{said}manifest digests differ in regions {bad:?}"),
+        ),
+        Err(e) => (false, format!("{said}manifest: {e}")),
+    }
 }
 
 /// Both checks of an image of `agent`: the agent's own ledger (no stale or
