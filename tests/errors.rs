@@ -184,17 +184,23 @@ fn pages_frame(first: u64, xxh3: u64) -> Vec<u8> {
 fn complete_stream() -> Vec<u8> {
     let mut b = start_of_stream();
     b.extend(pages_frame(3, good_xxh3()));
-    Control::RoundEnd(0).encode(&mut b);
+    end_of_stream(&mut b, 1);
+    b
+}
+
+/// End a one-round stream of one Pages frame holding `pages` pages:
+/// RoundEnd, End with the totals, and the handover's Commit.
+fn end_of_stream(b: &mut Vec<u8>, pages: u64) {
+    Control::RoundEnd(0).encode(b);
     Control::End(protocol::Totals {
         rounds: 1,
-        normal_pages: 1,
+        normal_pages: pages,
         zero_pages: 0,
         page_frames: 1,
         zero_frames: 0,
     })
-    .encode(&mut b);
-    Control::Commit.encode(&mut b);
-    b
+    .encode(b);
+    Control::Commit.encode(b);
 }
 
 fn good_xxh3() -> u64 {
@@ -314,16 +320,7 @@ fn compressed_pages_land_where_their_runs_say() {
         let recv = Recv::start(&out, &[]);
         let mut b = start_of_stream();
         b.extend(zstd_pages_frame(runs, &pages, good));
-        Control::RoundEnd(0).encode(&mut b);
-        Control::End(protocol::Totals {
-            rounds: 1,
-            normal_pages: 3,
-            zero_pages: 0,
-            page_frames: 1,
-            zero_frames: 0,
-        })
-        .encode(&mut b);
-        Control::Commit.encode(&mut b);
+        end_of_stream(&mut b, 3);
         let mut s = TcpStream::connect(recv.addr()).unwrap();
         s.write_all(&b).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -340,6 +337,7 @@ fn compressed_pages_land_where_their_runs_say() {
             off += len;
         }
         assert!(region == want, "runs {runs:?} landed elsewhere");
+        assert!(img.check_digests().unwrap().is_empty(), "runs {runs:?}");
     }
 }
 
