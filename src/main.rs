@@ -33,7 +33,8 @@ enum Command {
     Send(SendArgs),
     /// Receive a migration into an image directory.
     Recv(RecvArgs),
-    /// Compare an image with a process, byte for byte.
+    /// Compare an image with a process, byte for byte; without --pid, check
+    /// the image against the digests in its manifest.
     Verify(VerifyArgs),
     /// Run the process an image holds: recreate it from its memory and state.
     Restore(RestoreArgs),
@@ -256,8 +257,10 @@ struct RestoreArgs {
 #[derive(Args)]
 struct VerifyArgs {
     /// Process to compare with (stopped while compared, then left as found).
+    /// Without it, the image's files are checked against the digests its
+    /// manifest recorded when it was committed.
     #[arg(long)]
-    pid: i32,
+    pid: Option<i32>,
     /// Image directory.
     #[arg(long, value_name = "DIR")]
     image: PathBuf,
@@ -520,7 +523,10 @@ fn recv(a: RecvArgs) -> anyhow::Result<ExitCode> {
 
 fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let image = Image::open(&a.image)?;
-    let report = procmig::verify::verify_process(a.pid, &image, 10)?;
+    let Some(pid) = a.pid else {
+        return verify_digests(&image, a.json);
+    };
+    let report = procmig::verify::verify_process(pid, &image, 10)?;
     if a.json {
         println!("{}", json(&report));
     } else if report.identical() {
@@ -550,6 +556,42 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(if report.identical() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `verify --image` alone: every region against its manifest digest.
+fn verify_digests(image: &Image, json_out: bool) -> anyhow::Result<ExitCode> {
+    let bad = image.check_digests()?;
+    let regions = &image.manifest.regions;
+    if json_out {
+        let bad: Vec<_> = bad
+            .iter()
+            .map(|&i| serde_json::json!({"region": i, "start": regions[i].start, "end": regions[i].end}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"regions": regions.len(), "differing": bad})
+        );
+    } else if bad.is_empty() {
+        println!(
+            "verify: intact: {} regions match their digests",
+            regions.len()
+        );
+    } else {
+        println!(
+            "verify: DIFFERENT: {} of {} regions do not match their digests",
+            bad.len(),
+            regions.len()
+        );
+        for &i in &bad {
+            let r = &regions[i];
+            println!("  region {i} {:#x}-{:#x} ({})", r.start, r.end, r.file);
+        }
+    }
+    Ok(if bad.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -645,8 +687,11 @@ fn man_extra(page: &str) -> String {
             ],
         ),
         "verify" => (
-            &[("0", "identical"), ("1", "pages differ"), ("2", "error")],
-            &[("Compare an image with the stopped source:", "procmig verify --pid 1234 --image ./img")],
+            &[("0", "identical (without --pid: every region matches its digest)"), ("1", "pages differ (without --pid: regions differ from their digests)"), ("2", "error")],
+            &[
+                ("Compare an image with the stopped source:", "procmig verify --pid 1234 --image ./img"),
+                ("Check an image against its manifest's digests (after a copy, say):", "procmig verify --image ./img"),
+            ],
         ),
         "restore" => (
             &[("0", "the process runs"), ("2", "failed: nothing runs")],

@@ -311,6 +311,48 @@ fn verify_says_when_the_process_ran_on() {
 }
 
 #[test]
+fn verify_without_a_pid_checks_the_image_against_its_digests() {
+    // The image of a stopped agent checks out; one flipped byte in a
+    // region file, or a page gone, is found and named, exit status 1.
+    let agent = Agent::start(&["--size", "4M"]);
+    let dir = TempDir::new("digests");
+    let out = dir.join("img");
+    let recv = Recv::start(&out, &[]);
+    let sent = send(agent.pid, &recv, &["--mode", "stop-and-copy"]);
+    assert!(sent.status.success(), "{}", text(&sent.stderr));
+    assert!(recv.wait().0);
+    let check = || run(&["verify", "--image", out.to_str().unwrap()]);
+    let v = check();
+    assert!(v.status.success(), "{}{}", text(&v.stdout), text(&v.stderr));
+    assert!(text(&v.stdout).contains("intact"), "{}", text(&v.stdout));
+    let image = procmig::image::Image::open(&out).unwrap();
+    let (i, r) = image
+        .manifest
+        .regions
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, r)| r.populated_pages)
+        .unwrap();
+    let path = out.join(&r.file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.iter().rposition(|&b| b != 0).unwrap();
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let v = check();
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v.stdout));
+    let s = text(&v.stdout);
+    assert!(
+        s.contains("DIFFERENT") && s.contains(&format!("region {i} ")),
+        "{s}"
+    );
+    // The same page all zero (as if a hole): still found.
+    let page = at / 4096 * 4096;
+    bytes[page..page + 4096].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(check().status.code(), Some(1));
+}
+
+#[test]
 fn progress_lines_for_logs_never_pass_100_percent() {
     // 24 MiB at 8 MB/s: about three seconds, long enough for lines.
     let agent = Agent::start(&[
