@@ -163,10 +163,7 @@ impl PageDigest {
 
     /// Page `index` hashes to `hash` (pages in increasing order).
     pub fn add(&mut self, index: u64, hash: u64) {
-        if hash != 0 && hash != self.zero {
-            self.h.update(&index.to_le_bytes());
-            self.h.update(&hash.to_le_bytes());
-        }
+        add_page_hash(&mut self.h, self.zero, index, hash);
     }
 
     pub fn finish(&self) -> u64 {
@@ -192,11 +189,16 @@ fn add_pages(
     }
     let zero = page_hash(&vec![0u8; page_size]);
     for (i, page) in bytes.chunks(page_size).enumerate() {
-        let ph = page_hash(page);
-        if ph != 0 && ph != zero {
-            h.update(&(first + i as u64).to_le_bytes());
-            h.update(&ph.to_le_bytes());
-        }
+        add_page_hash(h, zero, first + i as u64, page_hash(page));
+    }
+}
+
+/// Version 3's one rule: page `index` counts unless its hash is 0 or that
+/// of an all-zero page (`zero`).
+fn add_page_hash(h: &mut xxhash_rust::xxh3::Xxh3, zero: u64, index: u64, hash: u64) {
+    if hash != 0 && hash != zero {
+        h.update(&index.to_le_bytes());
+        h.update(&hash.to_le_bytes());
     }
 }
 

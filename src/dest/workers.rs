@@ -322,27 +322,24 @@ fn apply(
             page,
         });
     }
-    // Each page hashed once more while it is hot, so that the commit
-    // digests the image without reading it again.
     let mut off = 0;
     for run in &h.runs {
         let len = run.count as usize * ps;
-        rf.record(run.first, &raw[off..off + len]);
+        let pages = &raw[off..off + len];
         off += len;
-    }
-    let mut off = 0;
-    for run in h.runs.iter().filter(|_| !direct) {
-        let len = run.count as usize * ps;
+        // Each page hashed once more while it is hot, so that the commit
+        // digests the image without reading it again.
+        rf.record(run.first, pages);
+        if direct {
+            continue;
+        }
         let at = run.first as usize * ps;
         if run.count >= POPULATE_AHEAD {
             rf.populate(at, len);
         }
         debug_assert!(at + len <= rf.len() as usize);
         // SAFETY: as above.
-        unsafe {
-            std::ptr::copy_nonoverlapping(raw[off..].as_ptr(), rf.ptr().add(at), len);
-        }
-        off += len;
+        unsafe { std::ptr::copy_nonoverlapping(pages.as_ptr(), rf.ptr().add(at), len) };
     }
     if let Some(m) = regions.mirror.as_ref().filter(|_| shell_wants(&rf.entry)) {
         let mut off = 0;

@@ -2,10 +2,9 @@
 //! the kernel to start writing the dirty pages of the regions handed pages
 //! lately (sync_file_range without waiting) every [`KICK_EVERY`] bytes
 //! handed to the workers, so that the commit's sync finds little left to
-//! write. Neither the
-//! dispatcher nor the workers ever wait for it (a kick that finds the
-//! thread busy is dropped: the next one covers its pages), and on tmpfs
-//! there is nothing to write back. Measured in docs/benchmarks.md: on ext4
+//! write. Neither the dispatcher nor the workers ever wait for it (a kick
+//! that finds the thread busy is dropped: the next one covers its pages),
+//! and on tmpfs there is nothing to write back. Measured in docs/benchmarks.md: on ext4
 //! the commit of 1 GiB fell from ~1.2 s to 0.35–0.73 s and the whole
 //! migration took ~7% less; kicks in the workers themselves had made it
 //! slower, since a worker then waited for the disk's queue.

@@ -18,10 +18,10 @@
 //! Between two neighbours on the ladder the best is often a mix: lz4 leaves
 //! a 1 Gbit/s link full and the CPU half idle, zstd-1 the reverse. So the
 //! chosen candidate gives a share of its batches to a neighbour, steered
-//! by the link meter window by window: a link busy most of the time moves
-//! the share toward the neighbour that compresses more, a link waiting on
-//! the workers toward the faster one, until both are about busy (see
-//! [`Adaptive::link_busy`]).
+//! window by window by [`QueueMeter`]: a writer that finds the next batch
+//! ready (the link is the limit) moves the share toward the neighbour that
+//! compresses more, one that waits for it (the workers are) toward the
+//! faster one, until both are about busy (see [`Adaptive::batches_ready`]).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -116,7 +116,7 @@ impl QueueMeter {
         self.batches += 1;
         self.ready += ready as u32;
         if self.batches >= QUEUE_WINDOW {
-            ctl.link_busy(self.ready as f64 / self.batches as f64);
+            ctl.batches_ready(self.ready as f64 / self.batches as f64);
             *self = QueueMeter::default();
         }
     }
@@ -250,15 +250,15 @@ impl Adaptive {
         }
     }
 
-    /// The writer found `busy` of a window's batches ready. While
+    /// The writer found the share `ready` of a window's batches ready. While
     /// the settled candidate is in use (not a window given to another
     /// to check the model), move its neighbour's share one step: toward
     /// more compression when the link is full (the workers have time to
     /// spare, or the link would not be the limit), toward more speed when
     /// the link waits on them. At the balance both are about busy, and the
     /// share wanders a step either side of it.
-    pub fn link_busy(&self, busy: f64) {
-        let step = if busy >= LINK_FULL { 1 } else { -1 };
+    pub fn batches_ready(&self, ready: f64) {
+        let step = if ready >= LINK_FULL { 1 } else { -1 };
         let choice = self.choice();
         // One atomic update: a decide() settling elsewhere meanwhile wins.
         let _ = self.mix.fetch_update(Relaxed, Relaxed, |v| {
@@ -525,25 +525,25 @@ mod tests {
         settle(&ctl, 1); // lz4
         assert_eq!(batches(&ctl), vec![1; 16]);
         for _ in 0..4 {
-            ctl.link_busy(0.95);
+            ctl.batches_ready(0.95);
         }
         let b = batches(&ctl);
         assert_eq!((count(&b, 2), count(&b, 1)), (4, 12), "{b:?}");
         // The link waits on the workers: back toward lz4, and never into
         // sending raw.
         for _ in 0..10 {
-            ctl.link_busy(0.2);
+            ctl.batches_ready(0.2);
         }
         assert_eq!(batches(&ctl), vec![1; 16]);
         settle(&ctl, 2); // zstd-1
         for _ in 0..3 {
-            ctl.link_busy(0.5);
+            ctl.batches_ready(0.5);
         }
         let b = batches(&ctl);
         assert_eq!((count(&b, 1), count(&b, 2)), (3, 13), "{b:?}");
         // The share is bounded: the choice keeps at least one batch in 16.
         for _ in 0..40 {
-            ctl.link_busy(1.0);
+            ctl.batches_ready(1.0);
         }
         let b = batches(&ctl);
         assert_eq!((count(&b, 3), count(&b, 2)), (15, 1), "{b:?}");
@@ -554,7 +554,7 @@ mod tests {
         let ctl = Adaptive::new(2);
         settle(&ctl, 0);
         for _ in 0..5 {
-            ctl.link_busy(1.0);
+            ctl.batches_ready(1.0);
         }
         assert_eq!(batches(&ctl), vec![0; 16]);
     }
@@ -563,12 +563,12 @@ mod tests {
     fn exploring_keeps_the_mix_and_a_new_choice_drops_it() {
         let ctl = Adaptive::new(2);
         settle(&ctl, 1);
-        ctl.link_busy(1.0);
-        ctl.link_busy(1.0);
+        ctl.batches_ready(1.0);
+        ctl.batches_ready(1.0);
         // A window given to another candidate to check the model: pure,
         // and its link measurements do not move the mix.
         ctl.choice.store(3, Relaxed);
-        ctl.link_busy(1.0);
+        ctl.batches_ready(1.0);
         assert_eq!(batches(&ctl), vec![3; 16]);
         ctl.choice.store(1, Relaxed);
         assert_eq!(count(&batches(&ctl), 2), 2);
