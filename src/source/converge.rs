@@ -63,7 +63,7 @@ impl AutoConverge {
     }
 }
 
-/// An expected downtime this short is not worth another round.
+/// Sending the rest this quickly is not worth another round.
 pub const NOT_WORTH_A_ROUND: Duration = Duration::from_millis(2);
 
 /// Expected downtime for `dirty_bytes` at `wire_rate` bytes/s, given the
@@ -150,20 +150,25 @@ impl Planner {
     }
 
     pub fn decide(&mut self, i: &PlanInputs, l: &Limits) -> Plan {
-        let expected =
-            expected_downtime(i.pending_bytes, i.ratio, i.wire_rate).saturating_add(i.fixed_cost);
+        let sending = expected_downtime(i.pending_bytes, i.ratio, i.wire_rate);
+        let expected = sending.saturating_add(i.fixed_cost);
         // Within the limit, one more round is still worth it when it would
         // at least halve the pause: sending P bytes takes P / T seconds,
         // during which rate × P / T bytes get dirty. Both in theory and as
-        // observed since the last sync (whose fixed costs the theory does
-        // not see).
+        // observed since the last sync. A round shrinks only the sending
+        // part: the fixed costs stay, so once they are half the pause no
+        // round can halve it (an idle process would otherwise run rounds
+        // of nothing to the iteration cap).
         let raw_rate = i.wire_rate * i.ratio;
         let shrink = if raw_rate > 0.0 {
             i.dirty_rate / raw_rate
         } else {
             1.0
         };
-        let halving = shrink < 0.5 && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
+        let after_a_round = i.fixed_cost.as_secs_f64() + sending.as_secs_f64() * shrink;
+        let halving = shrink < 0.5
+            && after_a_round * 2.0 <= expected.as_secs_f64()
+            && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
         // Outrun: dirtied at least as fast as we send, or the rest shrank
         // by less than a tenth since the last sync (a working set
         // rewritten every round: its size wobbles by a few pages).
@@ -182,7 +187,7 @@ impl Planner {
         let hopeless = l.stop_early && l.auto_converge.is_none() && self.outrun >= HOPELESS_SYNCS;
         let at_cap = i.round >= l.max_iterations || hopeless;
         let decision = if expected <= l.downtime_limit
-            && (!halving || expected <= NOT_WORTH_A_ROUND || at_cap)
+            && (!halving || sending <= NOT_WORTH_A_ROUND || at_cap)
         {
             Decision::Downtime
         } else if at_cap {
@@ -278,6 +283,39 @@ mod tests {
         let mut p = Planner::default();
         let plan = p.decide(&inputs(1, 100_000, 0.0), &limits());
         assert_eq!(plan.decision, Decision::Downtime);
+    }
+
+    #[test]
+    fn fixed_costs_a_round_cannot_shrink_end_the_rounds() {
+        // An idle process: nothing (or next to nothing) left to send, and
+        // 6 ms of stop, sync and answer that no round removes: go now.
+        for pending in [0, 4096, 100_000] {
+            let mut p = Planner::default();
+            let i = PlanInputs {
+                fixed_cost: Duration::from_millis(6),
+                ..inputs(1, pending, 0.0)
+            };
+            assert_eq!(p.decide(&i, &limits()).decision, Decision::Downtime);
+        }
+        // 4 ms to send next to 6 ms fixed: even a round that sent it all
+        // would leave 6 of 10 ms.
+        let mut p = Planner::default();
+        let i = PlanInputs {
+            fixed_cost: Duration::from_millis(6),
+            ..inputs(1, 400_000, 0.0)
+        };
+        assert_eq!(p.decide(&i, &limits()).decision, Decision::Downtime);
+        // 20 ms to send next to 6 ms fixed, dirtying slowly: 26 ms now,
+        // about 8 after a round: iterate.
+        let mut p = Planner::default();
+        let i = PlanInputs {
+            fixed_cost: Duration::from_millis(6),
+            ..inputs(1, 2_000_000, 10e6)
+        };
+        assert!(matches!(
+            p.decide(&i, &limits()).decision,
+            Decision::Iterate { .. }
+        ));
     }
 
     #[test]
