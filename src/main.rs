@@ -136,7 +136,7 @@ struct SendArgs {
     /// Longest acceptable pause of the process (QEMU: downtime-limit), e.g. 300ms, 1s.
     #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
     downtime_limit: Duration,
-    /// Rounds after the bulk copy before giving up (or forcing downtime) [default: 30, and give up after 3 rounds in a row that the process dirties memory faster than it can be sent].
+    /// Rounds after the bulk copy before giving up (or forcing downtime) [default: 30, and give up after 3 rounds in a row that the process dirties memory faster than it can be sent, or that stopping it and the last dirty sync alone exceed the downtime limit].
     #[arg(long, value_name = "N")]
     max_iterations: Option<u32>,
     /// Throttle a process that dirties memory faster than the link drains it (QEMU: auto-converge).

@@ -171,14 +171,17 @@ impl Planner {
             && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
         // Outrun: dirtied at least as fast as we send, or the rest shrank
         // by less than a tenth since the last sync (a working set
-        // rewritten every round: its size wobbles by a few pages).
+        // rewritten every round: its size wobbles by a few pages), or
+        // the fixed costs alone are over the limit (`compare` hashing a
+        // large process in each sync), which no round shortens.
         // The bulk round says little about the dirty rate: count from the
         // first iterate round on.
         let stuck = self
             .prev_pending
             .is_some_and(|p| i.pending_bytes as f64 > p as f64 * 0.9);
         self.prev_pending = Some(i.pending_bytes);
-        self.outrun = if i.round > 0 && (shrink >= 1.0 || stuck) {
+        let fixed_over = i.fixed_cost > l.downtime_limit;
+        self.outrun = if i.round > 0 && (shrink >= 1.0 || stuck || fixed_over) {
             self.outrun + 1
         } else {
             0
@@ -425,6 +428,38 @@ mod tests {
         }
         let d = p.decide(&inputs(HOPELESS_SYNCS, 100_000_000, 200e6), &forced);
         assert_eq!(d.decision, Decision::Downtime);
+    }
+
+    #[test]
+    fn fixed_costs_over_the_limit_are_hopeless() {
+        // Nothing left to send, but stopping and the last sync take
+        // 500 ms against a 300 ms limit: no round helps.
+        let l = Limits {
+            stop_early: true,
+            max_iterations: 30,
+            ..limits()
+        };
+        let i = |round| PlanInputs {
+            fixed_cost: Duration::from_millis(500),
+            ..inputs(round, 0, 0.0)
+        };
+        let mut p = Planner::default();
+        let d: Vec<_> = (0..=HOPELESS_SYNCS)
+            .map(|r| p.decide(&i(r), &l).decision)
+            .collect();
+        assert!(d[..HOPELESS_SYNCS as usize]
+            .iter()
+            .all(|d| matches!(d, Decision::Iterate { .. })));
+        assert_eq!(d[HOPELESS_SYNCS as usize], Decision::GiveUp);
+        let forced = Limits {
+            force_downtime: true,
+            ..l
+        };
+        let mut p = Planner::default();
+        let d = (0..=HOPELESS_SYNCS)
+            .map(|r| p.decide(&i(r), &forced).decision)
+            .last();
+        assert_eq!(d, Some(Decision::Downtime));
     }
 
     #[test]

@@ -375,6 +375,7 @@ impl<'a> Migration<'a> {
                         rounds: c.round,
                         dirty_pages: plan.pages(),
                         expected_ms: p.expected_downtime.as_secs_f64() * 1000.0,
+                        fixed_ms: inputs.fixed_cost.as_secs_f64() * 1000.0,
                         limit_ms: limits.downtime_limit.as_millis(),
                         rate: c.dirty_rate,
                         send_rate: inputs.wire_rate * inputs.ratio / self.page_size as f64,
