@@ -155,32 +155,34 @@ impl Planner {
         // Within the limit, one more round is still worth it when it would
         // at least halve the pause: sending P bytes takes P / T seconds,
         // during which rate × P / T bytes get dirty. Both in theory and as
-        // observed since the last sync. A round shrinks only the sending
-        // part: the fixed costs stay, so once they are half the pause no
-        // round can halve it (an idle process would otherwise run rounds
-        // of nothing to the iteration cap).
+        // observed since the last sync (whose costs the theory does not
+        // see). A round shrinks only the sending part, so a round is
+        // never worth it when that part is already negligible, however
+        // long the pause's other parts: an idle process would otherwise
+        // run rounds of nothing to the iteration cap. (The other parts
+        // are not fixed either: the sync and the round's tail grow with
+        // the dirty set, so they do not bound what a round can gain.)
         let raw_rate = i.wire_rate * i.ratio;
         let shrink = if raw_rate > 0.0 {
             i.dirty_rate / raw_rate
         } else {
             1.0
         };
-        let after_a_round = i.fixed_cost.as_secs_f64() + sending.as_secs_f64() * shrink;
-        let halving = shrink < 0.5
-            && after_a_round * 2.0 <= expected.as_secs_f64()
-            && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
+        let halving = shrink < 0.5 && self.prev_pending.is_none_or(|p| i.pending_bytes * 2 <= p);
         // Outrun: dirtied at least as fast as we send, or the rest shrank
         // by less than a tenth since the last sync (a working set
         // rewritten every round: its size wobbles by a few pages), or
-        // the fixed costs alone are over the limit (`compare` hashing a
-        // large process in each sync), which no round shortens.
+        // nothing is left to send and the other costs alone are over the
+        // limit (`compare` hashing a large process in each sync): no
+        // round shortens them. (With pages to send they may be a big
+        // round's tail, which a smaller round shortens.)
         // The bulk round says little about the dirty rate: count from the
         // first iterate round on.
         let stuck = self
             .prev_pending
             .is_some_and(|p| i.pending_bytes as f64 > p as f64 * 0.9);
         self.prev_pending = Some(i.pending_bytes);
-        let fixed_over = i.fixed_cost > l.downtime_limit;
+        let fixed_over = sending <= NOT_WORTH_A_ROUND && i.fixed_cost > l.downtime_limit;
         self.outrun = if i.round > 0 && (shrink >= 1.0 || stuck || fixed_over) {
             self.outrun + 1
         } else {
@@ -289,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn fixed_costs_a_round_cannot_shrink_end_the_rounds() {
+    fn nothing_worth_sending_ends_the_rounds_whatever_the_fixed_costs() {
         // An idle process: nothing (or next to nothing) left to send, and
         // 6 ms of stop, sync and answer that no round removes: go now.
         for pending in [0, 4096, 100_000] {
@@ -300,14 +302,6 @@ mod tests {
             };
             assert_eq!(p.decide(&i, &limits()).decision, Decision::Downtime);
         }
-        // 4 ms to send next to 6 ms fixed: even a round that sent it all
-        // would leave 6 of 10 ms.
-        let mut p = Planner::default();
-        let i = PlanInputs {
-            fixed_cost: Duration::from_millis(6),
-            ..inputs(1, 400_000, 0.0)
-        };
-        assert_eq!(p.decide(&i, &limits()).decision, Decision::Downtime);
         // 20 ms to send next to 6 ms fixed, dirtying slowly: 26 ms now,
         // about 8 after a round: iterate.
         let mut p = Planner::default();
@@ -460,6 +454,29 @@ mod tests {
             .map(|r| p.decide(&i(r), &forced).decision)
             .last();
         assert_eq!(d, Some(Decision::Downtime));
+    }
+
+    #[test]
+    fn a_long_tail_with_pages_to_send_is_not_hopeless() {
+        // A slow link: the last round's tail (its queued batches) took
+        // 400 ms, over the limit, but 20 MB are still to send and a
+        // smaller round has a shorter tail: keep iterating.
+        let l = Limits {
+            stop_early: true,
+            max_iterations: 30,
+            ..limits()
+        };
+        let mut p = Planner::default();
+        let mut pending = 20_000_000f64;
+        for round in 0..6 {
+            let i = PlanInputs {
+                fixed_cost: Duration::from_millis(400),
+                ..inputs(round, pending as u64, 10e6)
+            };
+            let d = p.decide(&i, &l).decision;
+            assert!(matches!(d, Decision::Iterate { .. }), "{round}");
+            pending *= 0.4;
+        }
     }
 
     #[test]
