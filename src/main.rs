@@ -252,6 +252,9 @@ struct RestoreArgs {
     /// Keep the process's pid and thread ids (they must be free here); default: new ones.
     #[arg(long)]
     same_pid: bool,
+    /// Run it without first checking the image's files against the digests its manifest recorded (the check reads the whole image once).
+    #[arg(long)]
+    no_verify: bool,
 }
 
 #[derive(Args)]
@@ -604,7 +607,7 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         same_pid: a.same_pid,
     };
     let t = std::time::Instant::now();
-    let r = procmig::restore::restore_image(&a.image, &opts)
+    let r = procmig::restore::restore_image(&a.image, &opts, !a.no_verify)
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
     let built = t.elapsed();
     let notes = r.notes.clone();

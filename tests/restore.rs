@@ -361,6 +361,62 @@ fn restore_later_from_an_image_on_disk() {
 }
 
 #[test]
+fn a_damaged_image_is_not_run() {
+    if !can_restore("damaged image") {
+        return;
+    }
+    let dir = TempDir::new("restore-damaged");
+    let Some(prog) = compile("pipe_epoll.c", &dir) else {
+        return;
+    };
+    let log = dir.join("log.txt");
+    let src = Kill(spawn_clean(Command::new(&prog).arg(&log)));
+    wait_for(10, "first lines", || lines(&log).len() > 2);
+    let img = dir.join("img");
+    let recv = Recv::start(&img, &[]);
+    let out = send(src.0.id() as i32, &recv, &["--on-complete", "kill"]);
+    assert!(recv.wait().0 && out.status.success());
+    // One byte of the image's largest region file changes on disk.
+    let file = std::fs::read_dir(&img)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "bin"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .expect("a byte that is not zero");
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let before = lines(&log).len();
+    let r = run(&["restore", "--image", img.to_str().unwrap()]);
+    assert_one_line_error(&r, "the image is damaged");
+    assert!(
+        text(&r.stderr).contains(file.file_name().unwrap().to_str().unwrap()),
+        "{}",
+        text(&r.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(lines(&log).len(), before, "nothing ran");
+    // Mended, it runs.
+    bytes[at] ^= 0x40;
+    std::fs::write(&file, &bytes).unwrap();
+    let r = run(&["restore", "--image", img.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", text(&r.stderr));
+    let pid: i32 = text(&r.stdout)
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&r.stdout)));
+    let _restored = Pid(pid);
+    wait_for(20, "the restored process to go on", || {
+        lines(&log).len() > before + 3
+    });
+}
+
+#[test]
 fn refusals_are_one_line_and_leave_the_source_running() {
     if !can_restore("refusals") || !have("python3", "refusals") {
         return;

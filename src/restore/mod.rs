@@ -24,10 +24,40 @@ pub use check::{check, privileges};
 pub use shell::{wants as shell_wants, Mirror, Shell};
 pub use state::{ProcessState, STATE_NAME};
 
-/// Restore from an image directory holding `state.json`.
-pub fn restore_image(dir: &std::path::Path, opts: &RestoreOptions) -> Result<Restored, String> {
+/// Restore from an image directory holding `state.json`; with `check`,
+/// only once every region matches the digest its manifest recorded (an
+/// image damaged on disk would otherwise run with wrong memory).
+pub fn restore_image(
+    dir: &std::path::Path,
+    opts: &RestoreOptions,
+    check: bool,
+) -> Result<Restored, String> {
     privileges()?;
     let image = crate::image::Image::open(dir).map_err(|e| e.to_string())?;
+    if check {
+        let bad = image.check_digests().map_err(|e| e.to_string())?;
+        if !bad.is_empty() {
+            let regions = &image.manifest.regions;
+            let named: Vec<String> = bad
+                .iter()
+                .take(4)
+                .map(|&i| {
+                    format!(
+                        "{} ({:#x}-{:#x})",
+                        regions[i].file, regions[i].start, regions[i].end
+                    )
+                })
+                .collect();
+            let more = bad.len().saturating_sub(named.len());
+            return Err(format!(
+                "the image is damaged: {} of {} regions do not match the digests its manifest recorded: {}{}; nothing was run (--no-verify runs it anyway)",
+                bad.len(),
+                regions.len(),
+                named.join(", "),
+                if more > 0 { format!(" and {more} more") } else { String::new() }
+            ));
+        }
+    }
     let path = dir.join(STATE_NAME);
     let bytes = std::fs::read(&path).map_err(|e| {
         format!(
