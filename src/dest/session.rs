@@ -846,14 +846,22 @@ impl<'a> Session<'a> {
         let regions = self.take_regions()?;
         let total: u64 = regions.files.iter().map(|f| f.len()).sum();
         let source = &self.source;
-        let written = match &self.state {
-            Some((bytes, _)) => self.staging.add_file(crate::restore::STATE_NAME, bytes),
-            None => Ok(()),
-        }
-        .and_then(|_| {
-            self.staging
-                .commit(&regions.files, source.pid, &source.comm, source.page_size)
-        });
+        let out = &self.cfg.out;
+        let written = self
+            .writeback
+            .finish()
+            .map_err(|source| super::staging::StagingError::Write {
+                path: out.clone(),
+                source,
+            })
+            .and_then(|_| match &self.state {
+                Some((bytes, _)) => self.staging.add_file(crate::restore::STATE_NAME, bytes),
+                None => Ok(()),
+            })
+            .and_then(|_| {
+                self.staging
+                    .commit(&regions.files, source.pid, &source.comm, source.page_size)
+            });
         match written {
             Ok(()) => {}
             // The process runs here already: the source must not get it

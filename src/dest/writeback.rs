@@ -9,11 +9,13 @@
 //! commit of 1 GiB was ~1.2 s without the thread; starting writeback alone
 //! left 0.35–0.8 s, nearly all of it the commit's one device flush (the
 //! host writing out the image its cache had taken); flushing as we go
-//! leaves 20–30 ms. Kicks in the workers themselves had made it slower,
+//! leaves 21–33 ms. Kicks in the workers themselves had made it slower,
 //! since a worker then waited for the disk's queue.
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Sender};
@@ -22,10 +24,18 @@ use crossbeam_channel::{bounded, Sender};
 /// the thread then wrote in long bursts and fell behind).
 pub const KICK_EVERY: u64 = 16 << 20;
 
-/// The writeback thread's handle; dropping it joins the thread.
+/// The writeback thread's handle. [`Writeback::finish`] waits for it and
+/// says whether a write failed; dropping it instead (a receiver giving up)
+/// tells the thread to stop and leaves it to end on its own.
 pub struct Writeback {
     kicks: Option<Sender<Vec<File>>>,
     thread: Option<JoinHandle<()>>,
+    /// The first error a flush returned. The thread's descriptors share
+    /// their open files with the image's own (dup), and the kernel reports
+    /// a writeback error once per open file: once the thread has seen it,
+    /// the commit's sync would not, so it is kept here for the commit.
+    failed: Arc<Mutex<Option<std::io::Error>>>,
+    stop: Arc<AtomicBool>,
     pending: u64,
     /// Regions (indices in the current table) handed pages since the
     /// last kick: only their files are duplicated for the thread, so a
@@ -38,6 +48,9 @@ impl Writeback {
     /// writes everything, as without it).
     pub fn spawn() -> Writeback {
         let (tx, rx) = bounded::<Vec<File>>(1);
+        let failed = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (seen, stopped) = (failed.clone(), stop.clone());
         let thread = std::thread::Builder::new()
             .name("writeback".into())
             .spawn(move || {
@@ -46,10 +59,15 @@ impl Writeback {
                     // Then wait for it and flush the device's cache: a
                     // disk that caches writes (a VM's virtual disk: the
                     // host's page cache) otherwise keeps the whole image
-                    // for the commit's one flush to write out. An error
-                    // here is the commit's to report, which syncs again.
+                    // for the commit's one flush to write out.
                     for f in &files {
-                        let _ = f.sync_data();
+                        if stopped.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if let Err(e) = f.sync_data() {
+                            let mut first = seen.lock().unwrap_or_else(|p| p.into_inner());
+                            first.get_or_insert(e);
+                        }
                     }
                 }
             })
@@ -57,6 +75,8 @@ impl Writeback {
         Writeback {
             kicks: thread.as_ref().map(|_| tx),
             thread,
+            failed,
+            stop,
             pending: 0,
             touched: BTreeSet::new(),
         }
@@ -89,12 +109,27 @@ impl Writeback {
     }
 }
 
-impl Drop for Writeback {
-    fn drop(&mut self) {
+impl Writeback {
+    /// Before the commit: wait until the thread is done (so that no flush
+    /// of its own runs during the commit's) and return the first error a
+    /// flush of the image met.
+    pub fn finish(&mut self) -> std::io::Result<()> {
         self.kicks = None;
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.take().map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Writeback {
+    /// Not committing: the image is being thrown away, so its flushes are
+    /// wasted; the thread stops at its next file and ends by itself (its
+    /// descriptors are its own), the receiver does not wait for the disk.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.kicks = None;
     }
 }
 
@@ -102,6 +137,23 @@ impl Drop for Writeback {
 mod tests {
     use super::*;
     use std::cell::RefCell;
+
+    #[test]
+    fn a_failed_flush_is_kept_for_the_commit() {
+        // A descriptor whose fdatasync fails: a pipe (EINVAL).
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let pipe = File::from(r);
+        let mut w = Writeback::spawn();
+        w.handed(0, KICK_EVERY, |_| pipe.try_clone().ok());
+        assert!(w.finish().is_err(), "the flush's error was lost");
+        // Regular files flush without error.
+        let dir = std::env::temp_dir().join(format!("procmig-wb-{}", std::process::id()));
+        let f = File::create(&dir).unwrap();
+        let mut w = Writeback::spawn();
+        w.handed(0, KICK_EVERY, |_| f.try_clone().ok());
+        assert!(w.finish().is_ok());
+        std::fs::remove_file(&dir).unwrap();
+    }
 
     #[test]
     fn a_kick_duplicates_only_the_regions_touched_since_the_last() {
