@@ -136,7 +136,7 @@ struct SendArgs {
     /// Longest acceptable pause of the process (QEMU: downtime-limit), e.g. 300ms, 1s.
     #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
     downtime_limit: Duration,
-    /// Rounds after the bulk copy before giving up (or forcing downtime) [default: 30, and give up after 3 rounds in a row that the process dirties memory faster than it can be sent, or that stopping it and the last dirty sync alone exceed the downtime limit].
+    /// Rounds after the bulk copy before giving up (or forcing downtime) [default: 30, and give up after 3 rounds in a row that the process dirties memory faster than it can be sent, or that, with nothing left to send, stopping it, the last dirty sync and the receiver's answer alone exceed the downtime limit].
     #[arg(long, value_name = "N")]
     max_iterations: Option<u32>,
     /// Throttle a process that dirties memory faster than the link drains it (QEMU: auto-converge).
@@ -607,16 +607,21 @@ fn restore(a: RestoreArgs) -> anyhow::Result<ExitCode> {
         same_pid: a.same_pid,
     };
     let t = std::time::Instant::now();
-    let r = procmig::restore::restore_image(&a.image, &opts, !a.no_verify)
+    let (r, checked) = procmig::restore::restore_image(&a.image, &opts, !a.no_verify)
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
-    let built = t.elapsed();
+    let built = t.elapsed().saturating_sub(checked);
     let notes = r.notes.clone();
     let copy = r.copy_time;
     let pid = r
         .start()
         .map_err(|e| anyhow::anyhow!("restore failed: {e}"))?;
+    let check = if a.no_verify {
+        "not checked".to_string()
+    } else {
+        format!("image checked in {:.1} ms", checked.as_secs_f64() * 1000.0)
+    };
     println!(
-        "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory)",
+        "restored: pid {pid}, running (built in {:.1} ms, {:.1} ms of it copying memory; {check})",
         built.as_secs_f64() * 1000.0,
         copy.as_secs_f64() * 1000.0
     );

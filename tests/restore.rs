@@ -375,7 +375,12 @@ fn a_damaged_image_is_not_run() {
     let img = dir.join("img");
     let recv = Recv::start(&img, &[]);
     let out = send(src.0.id() as i32, &recv, &["--on-complete", "kill"]);
-    assert!(recv.wait().0 && out.status.success());
+    let (ok, rout, rerr) = recv.wait();
+    assert!(
+        out.status.success() && ok,
+        "{}{rout}{rerr}",
+        text(&out.stderr)
+    );
     // One byte of the image's largest region file changes on disk.
     let file = std::fs::read_dir(&img)
         .unwrap()

@@ -26,38 +26,15 @@ pub use state::{ProcessState, STATE_NAME};
 
 /// Restore from an image directory holding `state.json`; with `check`,
 /// only once every region matches the digest its manifest recorded (an
-/// image damaged on disk would otherwise run with wrong memory).
+/// image damaged on disk would otherwise run with wrong memory). Returns
+/// the process and how long the check took.
 pub fn restore_image(
     dir: &std::path::Path,
     opts: &RestoreOptions,
     check: bool,
-) -> Result<Restored, String> {
+) -> Result<(Restored, std::time::Duration), String> {
     privileges()?;
     let image = crate::image::Image::open(dir).map_err(|e| e.to_string())?;
-    if check {
-        let bad = image.check_digests().map_err(|e| e.to_string())?;
-        if !bad.is_empty() {
-            let regions = &image.manifest.regions;
-            let named: Vec<String> = bad
-                .iter()
-                .take(4)
-                .map(|&i| {
-                    format!(
-                        "{} ({:#x}-{:#x})",
-                        regions[i].file, regions[i].start, regions[i].end
-                    )
-                })
-                .collect();
-            let more = bad.len().saturating_sub(named.len());
-            return Err(format!(
-                "the image is damaged: {} of {} regions do not match the digests its manifest recorded: {}{}; nothing was run (--no-verify runs it anyway)",
-                bad.len(),
-                regions.len(),
-                named.join(", "),
-                if more > 0 { format!(" and {more} more") } else { String::new() }
-            ));
-        }
-    }
     let path = dir.join(STATE_NAME);
     let bytes = std::fs::read(&path).map_err(|e| {
         format!(
@@ -66,6 +43,11 @@ pub fn restore_image(
         )
     })?;
     let st = ProcessState::from_bytes(&bytes)?;
+    let t = std::time::Instant::now();
+    if check {
+        check_digests(&image)?;
+    }
+    let checked = t.elapsed();
     let files: Vec<(u64, u64, std::fs::File)> = image
         .manifest
         .regions
@@ -79,5 +61,33 @@ pub fn restore_image(
     let mem = Memory {
         regions: files.iter().map(|(s, e, f)| (*s, *e, f)).collect(),
     };
-    restore(&st, &mem, opts, None, None)
+    Ok((restore(&st, &mem, opts, None, None)?, checked))
+}
+
+/// Every region against its manifest digest, or one line naming those
+/// that differ.
+fn check_digests(image: &crate::image::Image) -> Result<(), String> {
+    let bad = image.check_digests().map_err(|e| e.to_string())?;
+    if bad.is_empty() {
+        return Ok(());
+    }
+    let regions = &image.manifest.regions;
+    let named: Vec<String> = bad
+        .iter()
+        .take(4)
+        .map(|&i| {
+            let r = &regions[i];
+            format!("{} ({:#x}-{:#x})", r.file, r.start, r.end)
+        })
+        .collect();
+    let more = match bad.len() - named.len() {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    Err(format!(
+        "the image is damaged: {} of {} regions do not match the digests its manifest recorded: {}{more}; nothing was run (--no-verify runs it anyway)",
+        bad.len(),
+        regions.len(),
+        named.join(", "),
+    ))
 }

@@ -291,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn nothing_worth_sending_ends_the_rounds_whatever_the_fixed_costs() {
+    fn nothing_worth_sending_ends_the_rounds_within_the_limit() {
         // An idle process: nothing (or next to nothing) left to send, and
         // 6 ms of stop, sync and answer that no round removes: go now.
         for pending in [0, 4096, 100_000] {

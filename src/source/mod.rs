@@ -118,12 +118,13 @@ pub enum SendError {
     )]
     PostcopyUnsupported,
     /// Pre-copy did not converge within the iteration cap.
-    #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms, {fixed_ms:.0} ms of it stopping the process and its last dirty sync, > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
+    #[error("migration does not converge: after {rounds} rounds {dirty_pages} pages are dirty (expected downtime {expected_ms:.0} ms, {fixed_ms:.0} ms of it stopping the process, its last dirty sync and the receiver's answer, > limit {limit_ms} ms; the process dirties {rate:.0} pages/s, {send_rate:.0} pages/s are sent); use --auto-converge, --force-downtime, more --max-bandwidth or a higher --downtime-limit")]
     NotConverging {
         rounds: u32,
         dirty_pages: u64,
         expected_ms: f64,
-        /// The part of the expected downtime no round shrinks.
+        /// The expected downtime besides sending the pages: stopping,
+        /// the last sync and the receiver's answer, as last measured.
         fixed_ms: f64,
         limit_ms: u128,
         /// Pages dirtied per second.
