@@ -554,10 +554,17 @@ impl<'a> Session<'a> {
             payload,
             regions: self.regions.clone(),
         })?;
-        let regions = &self.regions;
-        self.writeback.handed(region, raw_len, |r| {
-            regions.files.get(r as usize).and_then(|f| f.dup())
-        });
+        // The bulk copy's pages only: a later round's are pages the
+        // process rewrites, and each page written back is write-protected
+        // again, so the next copy of it into the image takes a fault (in
+        // the downtime too): a rewritten python heap on ext4 paused twice
+        // as long with every round written back.
+        if round == 0 {
+            let regions = &self.regions;
+            self.writeback.handed(region, raw_len, |r| {
+                regions.files.get(r as usize).and_then(|f| f.dup())
+            });
+        }
         Ok(State::InRound {
             round,
             started: true,

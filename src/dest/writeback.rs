@@ -10,7 +10,11 @@
 //! left 0.35–0.8 s, nearly all of it the commit's one device flush (the
 //! host writing out the image its cache had taken); flushing as we go
 //! leaves 21–33 ms. Kicks in the workers themselves had made it slower,
-//! since a worker then waited for the disk's queue.
+//! since a worker then waited for the disk's queue. Only the bulk copy's
+//! pages are kicked (the session decides): a page written back is
+//! write-protected again, and the rounds after the bulk carry pages the
+//! process rewrites, each of which would then take a fault on its next
+//! copy, in the downtime too.
 
 use std::collections::BTreeSet;
 use std::fs::File;
