@@ -111,9 +111,7 @@ impl Writeback {
     pub fn new_table(&mut self) {
         self.touched.clear();
     }
-}
 
-impl Writeback {
     /// Before the commit: wait until the thread is done (so that no flush
     /// of its own runs during the commit's) and return the first error a
     /// flush of the image met.

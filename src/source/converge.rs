@@ -253,6 +253,16 @@ mod tests {
         }
     }
 
+    /// What `send` runs with when no --max-iterations is given: 30 rounds,
+    /// but give up as soon as it is hopeless.
+    fn cli_default_limits() -> Limits {
+        Limits {
+            stop_early: true,
+            max_iterations: 30,
+            ..limits()
+        }
+    }
+
     /// 100 MB/s on the wire, ratio 1.
     fn inputs(round: u32, pending: u64, dirty_rate: f64) -> PlanInputs {
         PlanInputs {
@@ -370,11 +380,7 @@ mod tests {
 
     #[test]
     fn gives_up_early_when_the_process_outruns_the_link() {
-        let l = Limits {
-            stop_early: true,
-            max_iterations: 30,
-            ..limits()
-        };
+        let l = cli_default_limits();
         // Dirtying at 200 MB/s against 100 MB/s sent: hopeless.
         let mut p = Planner::default();
         let mut last = None;
@@ -428,11 +434,7 @@ mod tests {
     fn fixed_costs_over_the_limit_are_hopeless() {
         // Nothing left to send, but stopping and the last sync take
         // 500 ms against a 300 ms limit: no round helps.
-        let l = Limits {
-            stop_early: true,
-            max_iterations: 30,
-            ..limits()
-        };
+        let l = cli_default_limits();
         let i = |round| PlanInputs {
             fixed_cost: Duration::from_millis(500),
             ..inputs(round, 0, 0.0)
@@ -461,11 +463,7 @@ mod tests {
         // A slow link: the last round's tail (its queued batches) took
         // 400 ms, over the limit, but 20 MB are still to send and a
         // smaller round has a shorter tail: keep iterating.
-        let l = Limits {
-            stop_early: true,
-            max_iterations: 30,
-            ..limits()
-        };
+        let l = cli_default_limits();
         let mut p = Planner::default();
         let mut pending = 20_000_000f64;
         for round in 0..6 {
